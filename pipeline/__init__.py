@@ -1,0 +1,1 @@
+"""cifake-pipeline: the library the DVC stages in ``src/`` share."""

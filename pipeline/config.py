@@ -1,0 +1,263 @@
+"""params.yaml, loaded and validated once into typed objects.
+
+Every stage calls :func:`load` first; a bad value fails there, before any work, with one line per problem that
+names the key (``tune.learning_rate.low``) and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+# Attack budgets are in 8-bit pixel units: epsilon 8 means 8/255 in the model's [0, 1] pixel space.
+Epsilon255 = Annotated[float, Field(ge=0.0, le=255.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class Base(Section):
+    seed: int = Field(ge=0)
+
+
+class Paths(Section):
+    raw: Path
+    processed: Path
+    preprocess_report: Path
+    features_cache: Path
+    study: Path
+    best_params: Path
+    model: Path
+    model_adv: Path
+    adversarial: Path
+    metrics: Path
+    plots: Path
+    predictions: Path
+
+
+class Data(Section):
+    source: Literal["sample", "local", "kaggle"]
+    path: Path | None = None
+    kaggle_handle: str = Field(min_length=3)
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> Data:
+        if self.source == "local" and self.path is None:
+            raise ValueError("data.source 'local' needs data.path: a folder or .zip in CIFAKE layout")
+        return self
+
+
+class Sample(Section):
+    train_per_class: PositiveInt
+    test_per_class: PositiveInt
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)]
+
+
+class Preprocess(Section):
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
+    resize: Literal["resize", "center_crop", "skip"]
+    max_bad_fraction: Fraction
+    max_pixels: PositiveInt
+
+
+class Model(Section):
+    image_size: Literal[32, 64, 96, 224]
+    weights: str = Field(min_length=1)  # "imagenet", "none", or a path to a weights file
+    trainable_from: str | None = None
+    precision: Literal["float32", "mixed_bfloat16"]
+    l2: Annotated[float, Field(ge=0.0)]
+    batch_size: PositiveInt
+
+    @property
+    def frozen(self) -> bool:
+        return self.trainable_from is None
+
+
+class Range(Section):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+class Attack(Section):
+    name: Literal["fgsm", "pgd"]
+    epsilon: Epsilon255
+    steps: PositiveInt = 10
+    step_size: Epsilon255 = 2.0
+    random_start: bool = True
+
+
+class Tune(Section):
+    n_trials: PositiveInt
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    dropout: Range
+    learning_rate: Range
+    objective: Literal["f1", "weighted_f1"]
+    attack: Attack
+    storage: str = Field(min_length=1)
+    pruner: Literal["median", "none"]
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_in_unit(cls, r: Range) -> Range:
+        if not (0.0 <= r.low and r.high < 1.0):
+            raise ValueError(f"dropout must lie in [0, 1) (got {r.low}..{r.high})")
+        return r
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr_positive(cls, r: Range) -> Range:
+        if r.low <= 0:
+            raise ValueError(f"learning rates must be > 0 (got low={r.low})")
+        return r
+
+
+class Train(Section):
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    patience: PositiveInt
+
+
+class AdvTrain(Section):
+    attack: Attack
+    adv_ratio: Fraction
+    epochs: Annotated[int, Field(ge=0)]
+    learning_rate: Annotated[float, Field(gt=0.0)]
+    batch_size: PositiveInt
+    trainable_from: str | None = None
+
+
+class Weights(Section):
+    clean: Fraction
+    adversarial: Fraction
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> Weights:
+        if abs(self.clean + self.adversarial - 1.0) > 1e-9:
+            raise ValueError(f"clean + adversarial must sum to 1 (got {self.clean} + {self.adversarial})")
+        return self
+
+
+class Evaluate(Section):
+    attack: Attack
+    epsilons: list[Epsilon255] = Field(min_length=1)
+    weights: Weights
+    batch_size: PositiveInt
+
+
+class Predict(Section):
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)]
+    batch_size: PositiveInt
+
+
+class Mlflow(Section):
+    tracking_uri: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
+    model_name: str = Field(min_length=1)
+    timeout_s: Annotated[float, Field(gt=0.0)] = 5.0
+
+
+class Params(Section):
+    base: Base
+    paths: Paths
+    data: Data
+    sample: Sample
+    preprocess: Preprocess
+    model: Model
+    tune: Tune
+    train: Train
+    advtrain: AdvTrain
+    evaluate: Evaluate
+    predict: Predict
+    mlflow: Mlflow
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            msg = "missing key"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        elif "input" in e and e["type"] not in ("model_type", "value_error"):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section of params.yaml")
+        node = node[part]
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` as in ``dvc exp run -S``; the value is read as YAML (``3``, ``null``, ``[1, 2]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def from_dict(tree: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read, apply ``KEY=VALUE`` overrides, validate. Raises :class:`ConfigError` naming each bad key."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (run from the repository root, or pass --params)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        _set(tree, *parse_override(text))
+    return from_dict(tree, str(path))
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """Every value as ``section.key`` -> value, for logging to MLflow."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    walk("", params.model_dump(mode="json"))
+    return out
