@@ -1,0 +1,81 @@
+"""White-box L∞ attacks in pixel space [0, 1]: FGSM and PGD, untargeted, against the true labels.
+
+Epsilon and step size are in 8-bit pixel units (``epsilon: 8`` is 8/255). The loss is binary cross-entropy on the
+model's logit: differentiating the sigmoid output instead gives zero gradients once it saturates, and the attack
+silently does nothing. Each step is one compiled ``tf.function`` over a whole batch; epsilon is a tensor argument,
+so sweeping a list of epsilons never re-traces.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import config
+from pipeline.model import INPUT_SHAPE, logits_model, to_unit
+
+
+def _loss(logits_fn, x, y):
+    logits = tf.cast(logits_fn(x, training=False), tf.float32)
+    return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
+
+
+def input_gradient_sign(logits_fn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = _loss(logits_fn, x, y)
+    return tf.sign(tape.gradient(loss, x))
+
+
+class Attacker:
+    """Perturbs batches against ``model`` (a pixels -> P(FAKE) classifier from :mod:`pipeline.model`)."""
+
+    def __init__(self, model: keras.Model, attack: config.Attack, seed: int = 0):
+        self.attack = attack
+        self.logits = logits_model(model)
+        self.rng = tf.random.Generator.from_seed(seed)
+        x_spec = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
+        y_spec = tf.TensorSpec((None, 1), tf.float32)
+        scalar = tf.TensorSpec((), tf.float32)
+        self._fgsm = tf.function(self._fgsm_step, input_signature=[x_spec, y_spec, scalar])
+        self._pgd = tf.function(self._pgd_attack, input_signature=[x_spec, y_spec, scalar, scalar, scalar, scalar])
+
+    def _fgsm_step(self, x, y, eps):
+        return tf.clip_by_value(x + eps * input_gradient_sign(self.logits, x, y), 0.0, 1.0)
+
+    def _pgd_attack(self, x, y, eps, step, steps, random_start):
+        start = x + random_start * self.rng.uniform(tf.shape(x), -eps, eps)
+        x_adv = tf.clip_by_value(start, 0.0, 1.0)
+        for _ in tf.range(tf.cast(steps, tf.int32)):
+            x_adv = x_adv + step * input_gradient_sign(self.logits, x_adv, y)
+            x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), 0.0, 1.0)
+        return x_adv
+
+    def perturb_batch(self, x: np.ndarray | tf.Tensor, y: np.ndarray | tf.Tensor, epsilon: float | None = None):
+        """One batch: ``x`` in [0, 1] float32, ``y`` 0/1 labels; returns a float32 tensor in [0, 1]."""
+        a = self.attack
+        eps = tf.constant((a.epsilon if epsilon is None else epsilon) / 255.0, tf.float32)
+        x = tf.convert_to_tensor(x, tf.float32)
+        y = tf.reshape(tf.cast(y, tf.float32), (-1, 1))
+        if a.name == "fgsm":
+            return self._fgsm(x, y, eps)
+        return self._pgd(
+            x, y, eps, tf.constant(a.step_size / 255.0), tf.constant(float(a.steps)),
+            tf.constant(float(a.random_start)),
+        )
+
+    def perturb(self, x: np.ndarray, y: np.ndarray, batch_size: int, epsilon: float | None = None,
+                progress: str | None = None) -> np.ndarray:
+        """The whole set, batch by batch; ``x`` uint8 or [0, 1] float. Returns float32 in [0, 1]."""
+        from tqdm import tqdm
+
+        out = np.empty((len(x), *INPUT_SHAPE), np.float32)
+        starts = range(0, len(x), batch_size)
+        for i in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
+            out[i : i + batch_size] = self.perturb_batch(to_unit(x[i : i + batch_size]), y[i : i + batch_size], epsilon)
+        return out
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Round [0, 1] floats to 8-bit pixels, as writing a PNG does: metrics are computed on exactly what is saved."""
+    return np.clip(np.rint(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)

@@ -1,0 +1,63 @@
+"""Backbone features, computed once and cached by content.
+
+With a frozen backbone the pooled features do not depend on the head's hyperparameters, so every tuning trial
+and the final head training read the same cached arrays. The cache key covers everything the features depend
+on: the image bytes, the weights, the image size, the precision and the library versions.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pipeline import config
+from pipeline.io import atomic_path
+from pipeline.model import batched, feature_extractor, forward_fn
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = "1"
+
+
+def _file_digest(path: Path, h: "hashlib._Hash") -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+
+
+def cache_key(x_file: Path, cfg: config.Model) -> str:
+    import tensorflow as tf
+
+    h = hashlib.sha256()
+    _file_digest(x_file, h)
+    h.update(f"|{cfg.weights}|{cfg.image_size}|{cfg.precision}|{keras.__version__}|{tf.__version__}".encode())
+    h.update(f"|{FORMAT_VERSION}".encode())
+    if cfg.weights not in ("imagenet", "none"):
+        _file_digest(Path(cfg.weights), h)
+    return h.hexdigest()[:20]
+
+
+def extract(model: keras.Model, x: np.ndarray, batch_size: int, desc: str = "features") -> np.ndarray:
+    """Pooled backbone features (N×2048 float32) for uint8 images, through one compiled forward pass."""
+    return batched(forward_fn(feature_extractor(model)), x, batch_size, progress=desc)
+
+
+def cached(model: keras.Model, x: np.ndarray, x_file: Path, cfg: config.Model, cache_dir: Path, name: str) -> np.ndarray:
+    """Features of ``x`` (read from ``x_file``), from ``cache_dir`` when a run with the same inputs made them.
+
+    ``model`` must have been built with ``cfg``'s weights (random ones with ``weights: none`` come from the seed,
+    which is why the seed is part of the key the caller passes in ``name``).
+    """
+    target = Path(cache_dir) / f"{name}-{cache_key(Path(x_file), cfg)}.npy"
+    if target.is_file():
+        feats = np.load(target, mmap_mode="r")
+        if feats.shape == (len(x), model.get_layer("gap").output.shape[-1]):
+            log.info("features: cache hit %s", target)
+            return np.asarray(feats)
+    feats = extract(model, x, cfg.batch_size, desc=f"features {name}")
+    with atomic_path(target) as tmp:
+        np.save(tmp, feats)
+    log.info("features: wrote %s %s", target, feats.shape)
+    return feats

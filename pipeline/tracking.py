@@ -1,0 +1,173 @@
+"""MLflow: where runs go, how they are tagged, and the model registry.
+
+DVC owns data and the pipeline; MLflow owns runs, comparisons and model versions. Every run is tagged with its
+stage, the git commit and the DVC hash of the data, so a run in ``mlflow ui`` leads back to the exact inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import config
+from pipeline.errors import TrackingError
+
+log = logging.getLogger(__name__)
+CHAMPION = "champion"
+
+
+def tracking_uri(cfg: config.Mlflow) -> str:
+    """``MLFLOW_TRACKING_URI`` wins over params (queued ``dvc exp`` runs need an absolute location)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+
+
+def _check_reachable(uri: str, timeout_s: float) -> None:
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
+                resp.read()
+        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(
+                f"MLflow tracking server {uri} did not answer within {timeout_s:g} s ({reason}); start it "
+                "(`mlflow server`), fix mlflow.tracking_uri / MLFLOW_TRACKING_URI, or use the local "
+                "store sqlite:///mlruns/mlflow.db"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"cannot create the MLflow store folder {db.parent}: {err}") from None
+        if db.exists() and not os.access(db, os.W_OK):
+            raise TrackingError(f"the MLflow store {db} is not writable; fix its permissions or change the URI")
+
+
+def setup(cfg: config.Mlflow) -> str:
+    """Point MLflow at the store from params (or the environment), fail fast if it is unreachable, select the
+    experiment (created with its artifacts under ``mlruns/`` for a local store). Returns the tracking URI."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    # No retry storms or long hangs against a dead server: one clear error within seconds instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(cfg.timeout_s, 1))))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    _check_reachable(uri, cfg.timeout_s)
+    mlflow.set_tracking_uri(uri)
+    try:
+        if mlflow.get_experiment_by_name(cfg.experiment) is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+            mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        mlflow.set_experiment(cfg.experiment)
+    except Exception as err:  # MlflowException, SQLAlchemy errors: the store itself is unusable
+        raise TrackingError(f"MLflow store {uri} cannot be used: {err}") from None
+    return uri
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dvc_data_hash(raw_path: Path, lock_file: Path = Path("dvc.lock")) -> str:
+    """The md5 DVC recorded for the raw dataset in dvc.lock (written as soon as ``fetch`` finished)."""
+    try:
+        lock = yaml.safe_load(lock_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "unknown"
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if Path(out.get("path", "")) == Path(raw_path):
+                return str(out.get("md5", "unknown"))
+    return "unknown"
+
+
+def run_tags(stage: str, params: config.Params) -> dict[str, str]:
+    return {
+        "stage": stage,
+        "mlflow.source.git.commit": git_commit(),
+        "git_commit": git_commit(),
+        "dvc_data_hash": dvc_data_hash(params.paths.raw),
+        "data_source": params.data.source,
+    }
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: config.Params, run_name: str | None = None) -> Iterator[Any]:
+    """An MLflow run for one stage, tagged for traceability, with every params.yaml value logged."""
+    import mlflow
+
+    setup(params.mlflow)
+    with mlflow.start_run(run_name=run_name or stage, tags=run_tags(stage, params)) as run:
+        log_params({f"params.{k}": v for k, v in config.flatten(params).items()})
+        yield run
+
+
+def log_params(values: dict[str, Any]) -> None:
+    """Log params in chunks (the API caps a batch at 100) with values cut to MLflow's length limit."""
+    import mlflow
+
+    items = [(k, "null" if v is None else str(v)[:6000]) for k, v in values.items()]
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+def log_keras_model(model, x_example, name: str, registered_name: str | None) -> dict[str, str]:
+    """Log ``model`` with a signature inferred from a few real inputs, register a new version, return ids."""
+    import mlflow
+    import mlflow.keras
+    from mlflow.models import infer_signature
+
+    from pipeline.model import predict_proba
+
+    signature = infer_signature(x_example, predict_proba(model, x_example)[:, None])
+    # input_example is not passed: MLflow 3.17's keras flavour fails writing it (shared/MEASURED.md).
+    info = mlflow.keras.log_model(model, name=name, signature=signature, registered_model_name=registered_name)
+    out = {"model_uri": info.model_uri, "run_id": mlflow.active_run().info.run_id}
+    if registered_name:
+        out["registered_model"] = registered_name
+        out["version"] = str(info.registered_model_version)
+    return out
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def promote_if_better(name: str, version: str, score: float, metric: str = "weighted_f1") -> bool:
+    """Move the ``champion`` alias to ``version`` when its score beats the current champion's (or none exists)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+        best = float(current.tags.get(metric, "-inf"))
+    except MlflowException:
+        current, best = None, float("-inf")
+    if current is not None and current.version == str(version):
+        return True
+    if score > best:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        log.info("registry: %s version %s is now @%s (%s %.4f > %.4f)", name, version, CHAMPION, metric, score, best)
+        return True
+    log.info("registry: %s @%s stays at version %s (%.4f >= %.4f)", name, CHAMPION, current.version, best, score)
+    return False

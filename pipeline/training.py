@@ -1,0 +1,170 @@
+"""Fitting: the head on cached features (frozen backbone), the whole model on images, and FGSM/PGD adversarial
+fine-tuning. Each reports per-epoch validation metrics through Keras callbacks (MLflow, Optuna pruning)."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import config, metrics
+from pipeline.attacks import Attacker
+from pipeline.model import batched, build_head, forward_fn, head_classifier, to_unit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Arrays:
+    """Inputs for one fit: images (uint8) or cached features, and 0/1 labels (FAKE = 1)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+class ValidationF1(keras.callbacks.Callback):
+    """Adds ``val_f1`` (FAKE positive) to each epoch's logs, for early stopping, pruning and MLflow."""
+
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, batch_size: int):
+        super().__init__()
+        self.x_val, self.y_val, self.batch_size = x_val, y_val, batch_size
+        self._fn = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._fn is None:
+            self._fn = forward_fn(self.model)
+        p = batched(self._fn, self.x_val, self.batch_size)[:, 0]
+        if logs is not None:
+            logs["val_f1"] = metrics.f1(self.y_val, p)
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Logs every epoch's numbers to the active MLflow run (a trial's child run, or the train run)."""
+
+    def __init__(self, prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
+
+    def on_epoch_end(self, epoch, logs=None):
+        import mlflow
+
+        values = {f"{self.prefix}{k}": float(v) for k, v in (logs or {}).items() if np.isscalar(v)}
+        mlflow.log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=epoch)
+
+
+def _compile(model: keras.Model, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+
+
+def early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
+    return keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+
+
+def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epochs: int, batch_size: int,
+             callbacks: list[keras.callbacks.Callback] = (), verbose: int = 0) -> tuple[keras.Model, dict]:
+    """Train a fresh head on cached features. Returns the head (features -> logit) and the Keras history."""
+    head = build_head(dropout, l2)
+    clf = head_classifier(head)
+    _compile(clf, learning_rate)
+    history = clf.fit(
+        data.x_train, data.y_train.astype("float32"), validation_data=(data.x_val, data.y_val.astype("float32")),
+        epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
+        callbacks=[ValidationF1(data.x_val, data.y_val, 4096), *callbacks],
+    )
+    return head, history.history
+
+
+def image_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """uint8 images (possibly a memmap) -> batches of [0, 1] floats, converted per batch, not up front."""
+    index = tf.data.Dataset.range(len(x))
+    if shuffle:
+        index = index.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+
+    def load(i):
+        i = np.asarray(i)
+        return to_unit(x[i]), y[i].astype(np.float32)[:, None]
+
+    spec = (tf.TensorSpec((None, *x.shape[1:]), tf.float32), tf.TensorSpec((None, 1), tf.float32))
+    return index.batch(batch_size).map(
+        lambda i: tf.numpy_function(load, [i], [tf.float32, tf.float32]), num_parallel_calls=1
+    ).map(lambda a, b: (tf.ensure_shape(a, spec[0].shape), tf.ensure_shape(b, spec[1].shape))).prefetch(2)
+
+
+def fit_model(model: keras.Model, data: Arrays, learning_rate: float, epochs: int, batch_size: int, seed: int,
+              callbacks: list[keras.callbacks.Callback] = (), verbose: int = 0) -> dict:
+    """Train the whole model on images (used when the backbone is not frozen)."""
+    _compile(model, learning_rate)
+    history = model.fit(
+        image_dataset(data.x_train, data.y_train, batch_size, True, seed),
+        validation_data=image_dataset(data.x_val, data.y_val, batch_size, False, seed),
+        epochs=epochs, verbose=verbose,
+        callbacks=[ValidationF1(data.x_val, data.y_val, batch_size), *callbacks],
+    )
+    return history.history
+
+
+def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain, weights: config.Weights,
+                         seed: int, on_epoch_end=None) -> list[dict]:
+    """Fine-tune on batches where a share ``adv_ratio`` of each batch is replaced by its adversarial version,
+    generated on the fly against the current weights. One compiled step per batch: attack, then update."""
+    attacker = Attacker(model, cfg.attack, seed)
+    optimizer = keras.optimizers.Adam(cfg.learning_rate)
+    loss_fn = keras.losses.BinaryCrossentropy()
+    trainable = model.trainable_variables
+    optimizer.build(trainable)
+    eps = tf.constant(cfg.attack.epsilon / 255.0)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3), tf.float32), tf.TensorSpec((None, 1), tf.float32)])
+    def step(x, y):
+        n_adv = tf.cast(tf.math.round(cfg.adv_ratio * tf.cast(tf.shape(x)[0], tf.float32)), tf.int32)
+        if cfg.attack.name == "fgsm":
+            x_adv = attacker._fgsm_step(x[:n_adv], y[:n_adv], eps)
+        else:
+            x_adv = attacker._pgd_attack(x[:n_adv], y[:n_adv], eps, tf.constant(cfg.attack.step_size / 255.0),
+                                         tf.constant(float(cfg.attack.steps)), tf.constant(float(cfg.attack.random_start)))
+        x_mix = tf.concat([tf.stop_gradient(x_adv), x[n_adv:]], axis=0)
+        with tf.GradientTape() as tape:
+            p = model(x_mix, training=True)
+            loss = loss_fn(y, p)
+            if model.losses:  # the head's L2 penalty
+                loss += tf.add_n(model.losses)
+        optimizer.apply_gradients(zip(tape.gradient(loss, trainable), trainable))
+        return loss
+
+    from tqdm import tqdm
+
+    history = []
+    for epoch in range(cfg.epochs):
+        losses = []
+        batches = image_dataset(data.x_train, data.y_train, cfg.batch_size, True, seed + epoch)
+        n = math.ceil(len(data.x_train) / cfg.batch_size)
+        for x, y in tqdm(batches, total=n, desc=f"advtrain epoch {epoch + 1}/{cfg.epochs}", leave=False):
+            losses.append(float(step(x, y)))
+        row = {"loss": float(np.mean(losses)) if losses else float("nan"),
+               **validation_scores(model, attacker, data.x_val, data.y_val, cfg.batch_size, weights)}
+        log.info("advtrain epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+        history.append(row)
+        if on_epoch_end:
+            on_epoch_end(epoch, row)
+    return history
+
+
+def validation_scores(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray, batch_size: int,
+                      weights: config.Weights) -> dict[str, float]:
+    """Clean and adversarial validation F1 (on 8-bit rounded adversarial images) and the weighted score."""
+    from pipeline.attacks import to_uint8
+
+    fn = forward_fn(model)
+    f1_clean = metrics.f1(y, batched(fn, x, batch_size)[:, 0])
+    x_adv = to_uint8(attacker.perturb(x, y, batch_size))
+    f1_adv = metrics.f1(y, batched(fn, x_adv, batch_size)[:, 0])
+    return {"val_f1": f1_clean, "val_adv_f1": f1_adv, "val_weighted_f1": metrics.weighted_f1(f1_clean, f1_adv, weights)}
