@@ -35,10 +35,12 @@ class Paths(Section):
     processed: Path
     preprocess_report: Path
     features_cache: Path
-    study: Path
+    study_dir: Path
     best_params: Path
     model: Path
+    model_info: Path
     model_adv: Path
+    model_adv_info: Path
     adversarial: Path
     metrics: Path
     plots: Path
@@ -248,16 +250,23 @@ def load(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | tuple[str, ..
     return from_dict(tree, str(path))
 
 
-def flatten(params: Params) -> dict[str, Any]:
-    """Every value as ``section.key`` -> value, for logging to MLflow."""
+def flatten_dict(tree: dict, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Nested dicts -> ``a.b.c`` -> value (for MLflow params and metrics)."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
+                if not prefix and k in exclude:
+                    continue
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
             out[prefix] = node
 
-    walk("", params.model_dump(mode="json"))
+    walk("", tree)
     return out
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """Every params.yaml value as ``section.key`` -> value, for logging to MLflow."""
+    return flatten_dict(params.model_dump(mode="json"))

@@ -27,12 +27,13 @@ def _file_digest(path: Path, h: "hashlib._Hash") -> None:
             h.update(chunk)
 
 
-def cache_key(x_file: Path, cfg: config.Model) -> str:
+def cache_key(x_file: Path, cfg: config.Model, seed: int) -> str:
     import tensorflow as tf
 
     h = hashlib.sha256()
     _file_digest(x_file, h)
-    h.update(f"|{cfg.weights}|{cfg.image_size}|{cfg.precision}|{keras.__version__}|{tf.__version__}".encode())
+    # The seed matters with weights: none, where the backbone's random weights come from it.
+    h.update(f"|{cfg.weights}|{cfg.image_size}|{cfg.precision}|{seed}|{keras.__version__}|{tf.__version__}".encode())
     h.update(f"|{FORMAT_VERSION}".encode())
     if cfg.weights not in ("imagenet", "none"):
         _file_digest(Path(cfg.weights), h)
@@ -44,13 +45,13 @@ def extract(model: keras.Model, x: np.ndarray, batch_size: int, desc: str = "fea
     return batched(forward_fn(feature_extractor(model)), x, batch_size, progress=desc)
 
 
-def cached(model: keras.Model, x: np.ndarray, x_file: Path, cfg: config.Model, cache_dir: Path, name: str) -> np.ndarray:
+def cached(model: keras.Model, x: np.ndarray, x_file: Path, cfg: config.Model, seed: int, cache_dir: Path,
+           name: str) -> np.ndarray:
     """Features of ``x`` (read from ``x_file``), from ``cache_dir`` when a run with the same inputs made them.
 
-    ``model`` must have been built with ``cfg``'s weights (random ones with ``weights: none`` come from the seed,
-    which is why the seed is part of the key the caller passes in ``name``).
+    ``model`` must have been built from ``cfg`` and ``seed`` (see :func:`pipeline.model.build_model`).
     """
-    target = Path(cache_dir) / f"{name}-{cache_key(Path(x_file), cfg)}.npy"
+    target = Path(cache_dir) / f"{name}-{cache_key(Path(x_file), cfg, seed)}.npy"
     if target.is_file():
         feats = np.load(target, mmap_mode="r")
         if feats.shape == (len(x), model.get_layer("gap").output.shape[-1]):
@@ -61,3 +62,26 @@ def cached(model: keras.Model, x: np.ndarray, x_file: Path, cfg: config.Model, c
         np.save(tmp, feats)
     log.info("features: wrote %s %s", target, feats.shape)
     return feats
+
+
+def for_head(model: keras.Model, params: config.Params) -> "Arrays":
+    """Cached train/val features and labels: the head's whole training input when the backbone is frozen."""
+    from pipeline.data import load_split
+    from pipeline.training import Arrays
+
+    out = {}
+    for name in ("train", "val"):
+        split = load_split(params.paths.processed, name)
+        x_file = Path(params.paths.processed) / name / "x.npy"
+        feats = cached(model, split.x, x_file, params.model, params.base.seed, params.paths.features_cache, name)
+        out[name] = (feats, split.y)
+    return Arrays(out["train"][0], out["train"][1], out["val"][0], out["val"][1])
+
+
+def data_key(params: config.Params) -> str:
+    """A short content hash of the train/val images, for naming things that depend on them."""
+    h = hashlib.sha256()
+    for name in ("train", "val"):
+        _file_digest(Path(params.paths.processed) / name / "x.npy", h)
+        _file_digest(Path(params.paths.processed) / name / "y.npy", h)
+    return h.hexdigest()[:16]

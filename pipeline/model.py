@@ -115,9 +115,13 @@ def assemble(backbone: keras.Model, head: keras.Model, image_size: int) -> keras
     return keras.Model(pixels, prob, name="cifake_resnet50")
 
 
-def build_model(cfg: config.Model, dropout: float, head: keras.Model | None = None) -> keras.Model:
+def build_model(cfg: config.Model, dropout: float, seed: int, head: keras.Model | None = None) -> keras.Model:
+    """The full classifier. Seeded right before the backbone is built, so ``weights: none`` gives the same random
+    backbone in every stage: the one whose features were cached."""
     set_precision(cfg.precision)
-    return assemble(build_backbone(cfg), head or build_head(dropout, cfg.l2), cfg.image_size)
+    keras.utils.set_random_seed(seed)
+    backbone = build_backbone(cfg)
+    return assemble(backbone, head or build_head(dropout, cfg.l2), cfg.image_size)
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

@@ -1,0 +1,78 @@
+"""Plots and plot data: CSV files that DVC renders, and matplotlib figures that MLflow stores with the run."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on CI or servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline.io import atomic_path  # noqa: E402
+
+
+def write_csv(rows: list[dict], target: str | Path) -> None:
+    """Rows of dicts -> CSV, written atomically; the columns are the first row's keys."""
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_history_csv(history: dict[str, list[float]], target: str | Path) -> None:
+    epochs = len(next(iter(history.values()), []))
+    write_csv([{"epoch": i + 1, **{k: float(v[i]) for k, v in history.items()}} for i in range(epochs)], target)
+
+
+def training_curves(history: dict[str, list[float]]):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    for key in ("loss", "val_loss"):
+        if key in history:
+            axes[0].plot(epochs, history[key], label=key)
+    for key in ("accuracy", "val_accuracy", "val_f1"):
+        if key in history:
+            axes[1].plot(epochs, history[key], label=key)
+    axes[0].set(xlabel="epoch", ylabel="binary cross-entropy", title="loss")
+    axes[1].set(xlabel="epoch", ylim=(0, 1), title="accuracy and F1 (FAKE positive)")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, title: str):
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, display_labels=["REAL", "FAKE"], ax=ax, colorbar=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def roc(curves: dict[str, list[dict]], title: str = "ROC (FAKE positive)"):
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, points in curves.items():
+        ax.plot([p["fpr"] for p in points], [p["tpr"] for p in points], label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def robustness(rows: list[dict], title: str = "F1 under attack"):
+    """``rows``: dicts with ``model``, ``epsilon`` (1/255 units) and ``f1``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        pts = [r for r in rows if r["model"] == name]
+        ax.plot([r["epsilon"] for r in pts], [r["f1"] for r in pts], marker="o", label=name)
+    ax.set(xlabel="epsilon (/255)", ylabel="F1 (FAKE positive)", ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,146 @@
+"""Optuna over the head's dropout and learning rate, one nested MLflow run per trial.
+
+The study lives in RDB storage (SQLite by default) so an interrupted ``tune`` resumes. Its name is a hash of
+everything its trials depend on, so a changed search space, data or model starts a fresh study instead of
+mixing in trials from another setting (a persisted study file outlives params edits).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import optuna
+
+from pipeline import config, metrics
+from pipeline.attacks import Attacker, to_uint8
+from pipeline.model import assemble, batched, forward_fn
+from pipeline.training import Arrays, MlflowEpochLogger, fit_head
+
+log = logging.getLogger(__name__)
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def study_name(params: config.Params, data_key: str) -> str:
+    relevant = {
+        "tune": params.tune.model_dump(mode="json", exclude={"n_trials", "storage"}),
+        "model": params.model.model_dump(mode="json"),
+        "weights": params.evaluate.weights.model_dump(mode="json"),
+        "seed": params.base.seed,
+        "data": data_key,
+    }
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+    return f"cifake-head-{digest}"
+
+
+def storage(url: str) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats: a trial whose worker died is marked failed and retried, not left RUNNING."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=30, grace_period=120,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+    )
+
+
+def make_study(params: config.Params, data_key: str) -> optuna.Study:
+    t = params.tune
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3) if t.pruner == "median"
+              else optuna.pruners.NopPruner())
+    return optuna.create_study(
+        study_name=study_name(params, data_key), storage=storage(t.storage), load_if_exists=True,
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=params.base.seed), pruner=pruner,
+    )
+
+
+class PruneOnValF1(keras.callbacks.Callback):
+    """Reports ``val_f1`` to Optuna each epoch and stops a trial the pruner gives up on."""
+
+    def __init__(self, trial: optuna.Trial):
+        super().__init__()
+        self.trial = trial
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.trial.report(float(logs["val_f1"]), step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_f1 {logs['val_f1']:.4f})")
+
+
+def suggest(trial: optuna.Trial, t: config.Tune) -> dict[str, float]:
+    return {
+        "dropout": trial.suggest_float("dropout", t.dropout.low, t.dropout.high, log=t.dropout.log),
+        "learning_rate": trial.suggest_float("learning_rate", t.learning_rate.low, t.learning_rate.high,
+                                             log=t.learning_rate.log),
+    }
+
+
+@dataclass
+class Objective:
+    """Trains a head on cached features and returns the validation score chosen by ``tune.objective``.
+
+    For ``weighted_f1`` the trial's head is put on the backbone and the validation images are attacked white-box,
+    so tuning aims at what the project is judged on.
+    """
+
+    params: config.Params
+    features: Arrays
+    backbone: keras.Model | None = None
+    x_val_images: np.ndarray | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        import mlflow
+
+        t = self.params.tune
+        hp = suggest(trial, t)
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
+                              tags={"stage": "tune", "optuna.trial": str(trial.number)}):
+            mlflow.log_params(hp)
+            try:
+                head, history = fit_head(
+                    self.features, hp["dropout"], hp["learning_rate"], self.params.model.l2, t.epochs,
+                    t.batch_size, callbacks=[PruneOnValF1(trial), MlflowEpochLogger()],
+                )
+            except optuna.TrialPruned:
+                mlflow.set_tag("optuna.state", "PRUNED")
+                raise
+            scores = self.score(head)
+            mlflow.log_metrics(scores)
+            mlflow.set_tag("optuna.state", "COMPLETE")
+        for k, v in scores.items():
+            trial.set_user_attr(k, v)
+        return scores[t.objective]
+
+    def score(self, head: keras.Model) -> dict[str, float]:
+        from pipeline.model import head_classifier
+
+        p_val = batched(forward_fn(head_classifier(head)), self.features.x_val, 4096)[:, 0]
+        out = {"f1": metrics.f1(self.features.y_val, p_val)}
+        if self.params.tune.objective == "weighted_f1":
+            model = assemble(self.backbone, head, self.params.model.image_size)
+            y = self.features.y_val
+            x_adv = to_uint8(Attacker(model, self.params.tune.attack, self.params.base.seed)
+                             .perturb(self.x_val_images, y, self.params.model.batch_size))
+            out["adv_f1"] = metrics.f1(y, batched(forward_fn(model), x_adv, self.params.model.batch_size)[:, 0])
+            out["weighted_f1"] = metrics.weighted_f1(out["f1"], out["adv_f1"], self.params.evaluate.weights)
+        return out
+
+
+def optimize(study: optuna.Study, objective: Objective, n_trials: int) -> int:
+    """Run trials until ``n_trials`` have finished in this study (resuming counts earlier ones). Returns how
+    many ran now."""
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    todo = max(0, n_trials - done)
+    if todo:
+        study.optimize(objective, n_trials=todo, callbacks=[optuna.study.MaxTrialsCallback(n_trials, FINISHED)],
+                       gc_after_trial=True)
+    return todo
+
+
+def best(study: optuna.Study) -> dict:
+    trial = study.best_trial
+    return {"dropout": trial.params["dropout"], "learning_rate": trial.params["learning_rate"],
+            "value": trial.value, "trial": trial.number, "study": study.study_name, **trial.user_attrs}

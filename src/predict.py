@@ -1,0 +1,56 @@
+"""Stage `predict` and the user's tool for any folder of images.
+
+As a DVC stage (no arguments): writes Test_1_results.csv (clean test set) and Test_2_results.csv (the adversarial
+test set written by `evaluate`) with the adversarially fine-tuned model. For any folder:
+
+    python src/predict.py --input DIR --output FILE.csv [--model PATH_OR_MODELS_URI] [--threshold T]
+
+Any size or mode is handled as preprocess does; unreadable files are listed on stderr and left out of the CSV.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import cli, predicting, tracking  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.model import predict_proba  # noqa: E402
+
+
+def predict_folder(model, folder: Path, output: Path, params, threshold: float) -> None:
+    found = predicting.read_folder(folder, params.preprocess.resize, params.preprocess.max_pixels)
+    for name, reason in found.bad:
+        print(f"skipped {folder / name}: {reason}", file=sys.stderr)
+    p_fake = predict_proba(model, found.x, params.predict.batch_size)
+    predicting.write_csv(found.names, predicting.labels(p_fake, threshold), output)
+    print(f"predict: {len(found.names)} images -> {output} ({sum(p >= threshold for p in p_fake)} Fake, "
+          f"{len(found.bad)} skipped)")
+
+
+def main() -> None:
+    parser = cli.stage_parser(__doc__)
+    parser.add_argument("--input", type=Path, help="a folder of images (searched recursively)")
+    parser.add_argument("--output", type=Path, help="the CSV to write (with --input)")
+    parser.add_argument("--model", help="a .keras file or models:/NAME@ALIAS (default: paths.model_adv)")
+    parser.add_argument("--threshold", type=float, help="P(FAKE) at or above this is Fake (default: predict.threshold)")
+    args = parser.parse_args()
+    if (args.input is None) != (args.output is None):
+        raise ConfigError("--input and --output go together")
+    params = cli.load_params(args)
+    threshold = params.predict.threshold if args.threshold is None else args.threshold
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--threshold must lie in (0, 1) (got {threshold})")
+    if args.model and args.model.startswith(("models:/", "runs:/")):
+        tracking.setup(params.mlflow)
+    model = predicting.load_any_model(args.model or str(params.paths.model_adv))
+
+    if args.input is not None:
+        predict_folder(model, args.input, args.output, params, threshold)
+        return
+    out = params.paths.predictions
+    predict_folder(model, params.paths.raw / "test", out / "Test_1_results.csv", params, threshold)
+    predict_folder(model, params.paths.adversarial, out / "Test_2_results.csv", params, threshold)
+
+
+if __name__ == "__main__":
+    cli.run(main)

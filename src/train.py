@@ -1,0 +1,56 @@
+"""Stage `train`: fit the classifier with the tuned dropout and learning rate; save, log and register it.
+
+With a frozen backbone (the default) only the head trains, on the cached backbone features, and is then put on
+the backbone; otherwise the unfrozen part of the backbone trains with it, on images.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import cli, features, metrics, model as modellib, reporting, tracking, training  # noqa: E402
+from pipeline.data import load_split  # noqa: E402
+from pipeline.io import read_json, write_json  # noqa: E402
+
+
+def main() -> None:
+    args = cli.stage_parser(__doc__).parse_args()
+    params = cli.load_params(args)
+    cli.seed_everything(params.base.seed)
+    hp = read_json(params.paths.best_params)
+    t, m = params.train, params.model
+    tracking.setup(params.mlflow)
+
+    with tracking.stage_run("train", params) as run:
+        tracking.log_params({"dropout": hp["dropout"], "learning_rate": hp["learning_rate"]})
+        model = modellib.build_model(m, hp["dropout"], params.base.seed)
+        callbacks = [training.early_stopping(t.patience), training.MlflowEpochLogger()]
+        if m.frozen:
+            head, history = training.fit_head(features.for_head(model, params), hp["dropout"], hp["learning_rate"],
+                                              m.l2, t.epochs, t.batch_size, callbacks, verbose=2)
+            model = modellib.assemble(modellib.backbone_of(model), head, m.image_size)
+        else:
+            train, val = (load_split(params.paths.processed, n) for n in ("train", "val"))
+            data = training.Arrays(train.x, train.y, val.x, val.y)
+            history = training.fit_model(model, data, hp["learning_rate"], t.epochs, t.batch_size,
+                                         params.base.seed, callbacks, verbose=2)
+
+        val = load_split(params.paths.processed, "val")
+        scores = metrics.classification(val.y, modellib.predict_proba(model, val.x, m.batch_size))
+        summary = {"epochs_run": len(history["loss"]), **{f"val_{k}": v for k, v in scores.items()}}
+        import mlflow
+
+        mlflow.log_metrics(summary)
+        mlflow.log_figure(reporting.training_curves(history), "training_curves.png")
+        modellib.save(model, params.paths.model)
+        info = tracking.log_keras_model(model, modellib.to_unit(val.x[:8]), "model", params.mlflow.model_name)
+
+    write_json(params.paths.model_info, info)
+    write_json(params.paths.metrics / "train.json", summary)
+    reporting.write_history_csv(history, params.paths.plots / "train_history.csv")
+    print(f"train: val F1 {scores['f1']:.4f} after {summary['epochs_run']} epochs; saved {params.paths.model}, "
+          f"registered {info.get('registered_model')} v{info.get('version')} (run {run.info.run_id})")
+
+
+if __name__ == "__main__":
+    cli.run(main)
