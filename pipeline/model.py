@@ -131,7 +131,8 @@ def feature_extractor(model: keras.Model) -> keras.Model:
 
 def logits_model(model: keras.Model) -> keras.Model:
     """Pixels -> logit, for attacks and losses that must not pass through a saturating sigmoid."""
-    return keras.Model(model.input, model.get_layer("head").output, name="logits")
+    # The sigmoid's input, not the head's output: the head may also have been called on cached features.
+    return keras.Model(model.input, model.get_layer("prob").input, name="logits")
 
 
 def head_classifier(head: keras.Model) -> keras.Model:

@@ -134,9 +134,15 @@ def log_keras_model(model, x_example, name: str, registered_name: str | None) ->
 
     from pipeline.model import predict_proba
 
+    import keras
+    import tensorflow as tf
+
     signature = infer_signature(x_example, predict_proba(model, x_example)[:, None])
+    # Stated, not inferred: inference loads the model in a subprocess (~10 s) and then falls back anyway.
+    requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
     # input_example is not passed: MLflow 3.17's keras flavour fails writing it (shared/MEASURED.md).
-    info = mlflow.keras.log_model(model, name=name, signature=signature, registered_model_name=registered_name)
+    info = mlflow.keras.log_model(model, name=name, signature=signature, registered_model_name=registered_name,
+                                  pip_requirements=requirements)
     out = {"model_uri": info.model_uri, "run_id": mlflow.active_run().info.run_id}
     if registered_name:
         out["registered_model"] = registered_name

@@ -37,8 +37,10 @@ class ValidationF1(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self._fn is None:
-            self._fn = forward_fn(self.model)
-        p = batched(self._fn, self.x_val, self.batch_size)[:, 0]
+            # A head on features is cheap eagerly; a whole ResNet50 is worth one compiled function.
+            on_images = len(self.model.input_shape) == 4
+            self._fn = forward_fn(self.model) if on_images else (lambda x: self.model(x, training=False))
+        p = batched(self._fn, self.x_val, self.batch_size)[:, 0] if len(self.x_val) else np.zeros(0)
         if logs is not None:
             logs["val_f1"] = metrics.f1(self.y_val, p)
 

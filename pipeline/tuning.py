@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import optuna
 
 from pipeline import config, metrics
 from pipeline.attacks import Attacker, to_uint8
-from pipeline.model import assemble, batched, forward_fn
+from pipeline.model import assemble, batched, build_head, forward_fn, head_classifier
 from pipeline.training import Arrays, MlflowEpochLogger, fit_head
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,12 @@ def storage(url: str) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats: a trial whose worker died is marked failed and retried, not left RUNNING."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=30, grace_period=120,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-    )
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8; they work and we want them
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=30, grace_period=120,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+        )
 
 
 def make_study(params: config.Params, data_key: str) -> optuna.Study:
@@ -115,18 +118,24 @@ class Objective:
         return scores[t.objective]
 
     def score(self, head: keras.Model) -> dict[str, float]:
-        from pipeline.model import head_classifier
-
-        p_val = batched(forward_fn(head_classifier(head)), self.features.x_val, 4096)[:, 0]
+        p_val = np.asarray(head_classifier(head)(self.features.x_val, training=False))[:, 0]
         out = {"f1": metrics.f1(self.features.y_val, p_val)}
         if self.params.tune.objective == "weighted_f1":
-            model = assemble(self.backbone, head, self.params.model.image_size)
-            y = self.features.y_val
-            x_adv = to_uint8(Attacker(model, self.params.tune.attack, self.params.base.seed)
-                             .perturb(self.x_val_images, y, self.params.model.batch_size))
-            out["adv_f1"] = metrics.f1(y, batched(forward_fn(model), x_adv, self.params.model.batch_size)[:, 0])
+            model, attacker, forward = self._scorer()
+            model.get_layer("head").set_weights(head.get_weights())  # dropout is inactive at inference
+            y, bs = self.features.y_val, self.params.model.batch_size
+            x_adv = to_uint8(attacker.perturb(self.x_val_images, y, bs))
+            out["adv_f1"] = metrics.f1(y, batched(forward, x_adv, bs)[:, 0])
             out["weighted_f1"] = metrics.weighted_f1(out["f1"], out["adv_f1"], self.params.evaluate.weights)
         return out
+
+    def _scorer(self):
+        """One backbone + head model, its attack and forward pass, compiled once for the whole study: each trial
+        loads its head's weights into it instead of tracing ResNet50's gradient again."""
+        if not hasattr(self, "_compiled"):
+            model = assemble(self.backbone, build_head(0.0, self.params.model.l2), self.params.model.image_size)
+            self._compiled = (model, Attacker(model, self.params.tune.attack, self.params.base.seed), forward_fn(model))
+        return self._compiled
 
 
 def optimize(study: optuna.Study, objective: Objective, n_trials: int) -> int:
