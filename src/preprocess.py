@@ -1,0 +1,34 @@
+"""DVC stage `preprocess`: raw CIFAKE files -> uint8 arrays in params.paths.processed, plus a report.
+
+    python src/preprocess.py [--params params.yaml] [-S preprocess.max_bad_fraction=0.05]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python src/preprocess.py`
+
+from pipeline import cli, data, io  # noqa: E402
+
+
+def main() -> None:
+    args = cli.stage_parser(__doc__.splitlines()[0]).parse_args()
+    params = cli.load_params(args)
+    cli.seed_everything(params.base.seed)
+    report = data.preprocess(
+        params.paths.raw, params.paths.processed, params.preprocess, params.base.seed, progress=sys.stderr.isatty()
+    )
+    io.write_json(params.paths.preprocess_report, report)
+    for split, per_class in report["counts"].items():
+        cli.log.info("%-5s %s", split, "  ".join(f"{cls} {n}" for cls, n in per_class.items()))
+    cli.log.info(
+        "%d images written to %s; %d bad file(s) skipped (%.3f%%, by kind %s); %d converted, %d resized; report %s",
+        report["images"], params.paths.processed, len(report["bad"]), 100 * report["bad_fraction"],
+        report["bad_by_kind"] or "none", sum(report["converted"].values()), report["resized"],
+        params.paths.preprocess_report,
+    )
+
+
+if __name__ == "__main__":  # the guard matters: decode workers are spawned and re-import this module
+    cli.run(main)
