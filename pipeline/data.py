@@ -81,7 +81,7 @@ def _list_raw(raw_dir: Path) -> dict[str, _Listing]:
     if missing:
         raise DataError(
             f"{raw_dir}: missing class folder(s) {', '.join(missing)}; expected the CIFAKE layout "
-            f"{_layout(raw_dir)} (check paths.raw and the data stage)"
+            f"{_layout(raw_dir)} (check paths.raw, or run the fetch stage: dvc repro fetch)"
         )
     out: dict[str, _Listing] = {}
     for split in RAW_SPLITS:
