@@ -69,7 +69,8 @@ class Preprocess(Section):
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
     resize: Literal["resize", "center_crop", "skip"]
     max_bad_fraction: Fraction
-    max_pixels: PositiveInt
+    # Pillow's own bomb limit: above it its warning (an error here) refuses images before this check would.
+    max_pixels: Annotated[int, Field(gt=0, le=89_478_485)]
 
 
 class Model(Section):
