@@ -1,0 +1,129 @@
+"""Time the built-in sample generator and measure how separable its REAL and FAKE images are.
+
+    python bench/sample.py                      # default size from params.yaml: time + peak memory
+    python bench/sample.py --cifake             # 50k+50k train, 10k+10k test
+    python bench/sample.py --measure [--resnet] [--cnn]   # also the accuracy table in pipeline/sample.py
+
+Accuracies are on the test split (photographs the train split never saw). Prints one JSON line per figure. The
+sample is written under bench/out/ (git-ignored).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline import config, sample  # noqa: E402
+
+
+def report(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def read(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images of one split as uint8 (n, 32, 32, 3) and labels (1 = FAKE)."""
+    xs, ys = [], []
+    for label, cls in enumerate(sample.CLASSES):
+        for path in sorted((root / split / cls).iterdir()):
+            with Image.open(path) as im:
+                xs.append(np.asarray(im.convert("RGB")))
+            ys.append(label)
+    return np.stack(xs), np.array(ys)
+
+
+def laplacian_energy(x: np.ndarray) -> np.ndarray:
+    return sample.fingerprint_features(x)[:, :1]
+
+
+def mean_std(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return np.concatenate([x.mean((1, 2)), x.std((1, 2))], axis=1)
+
+
+def measure(root: Path, resnet: bool, cnn: bool) -> None:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (xtr, ytr), (xte, yte) = read(root, "train"), read(root, "test")
+
+    def logreg(c: float = 1.0):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+
+    def score(name: str, feats, model) -> None:
+        acc = model.fit(feats(xtr), ytr).score(feats(xte), yte)
+        report(classifier=name, test_accuracy=round(float(acc), 3), n_train=len(ytr), n_test=len(yte))
+
+    score("logreg: RGB mean+std", mean_std, logreg())
+    score("gradient boosting: RGB mean+std", mean_std, HistGradientBoostingClassifier(random_state=0))
+    score("logreg: Laplacian energy", laplacian_energy, logreg())
+    score("logreg: mean+std+Laplacian", lambda x: np.concatenate([mean_std(x), laplacian_energy(x)], 1), logreg())
+    score("logreg: raw pixels", lambda x: x.reshape(len(x), -1) / 255.0, logreg(0.01))
+    score("logreg: 5 fingerprint features", sample.fingerprint_features, logreg())
+    score("gradient boosting: 5 fingerprint features", sample.fingerprint_features,
+          HistGradientBoostingClassifier(random_state=0))
+    if resnet:
+        import keras
+
+        keras.utils.set_random_seed(0)
+        backbone = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
+
+        def features(x: np.ndarray) -> np.ndarray:
+            pre = keras.applications.resnet50.preprocess_input(x.astype(np.float32))
+            return backbone.predict(pre, batch_size=256, verbose=0)
+
+        score("logreg: random-init frozen ResNet50 avg-pool features", features, logreg())
+    if cnn:
+        import keras
+
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
+            keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(), keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid"),
+        ])
+        model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
+        model.fit(xtr, ytr, epochs=15, batch_size=64, verbose=0)
+        acc = model.evaluate(xte, yte, verbose=0)[1]
+        report(classifier="tiny CNN (3 conv, 15 epochs)", test_accuracy=round(float(acc), 3), n_train=len(ytr))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifake", action="store_true", help="CIFAKE size: 50k+50k train, 10k+10k test")
+    parser.add_argument("--seed", type=int, default=None, help="default: base.seed from params.yaml")
+    parser.add_argument("--measure", action="store_true", help="baseline and classifier accuracies")
+    parser.add_argument("--resnet", action="store_true", help="with --measure: random-init ResNet50 features")
+    parser.add_argument("--cnn", action="store_true", help="with --measure: a tiny CNN trained from scratch")
+    args = parser.parse_args()
+    params = config.load(ROOT / "params.yaml")
+    cfg = params.sample
+    if args.cifake:
+        cfg = cfg.model_copy(update={"train_per_class": 50_000, "test_per_class": 10_000})
+    seed = params.base.seed if args.seed is None else args.seed
+    out = ROOT / "bench" / "out" / "sample"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    counts = sample.write_sample(out, cfg, seed, progress=False)
+    seconds = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report(figure="generate", images=sum(counts.values()), seconds=round(seconds, 1),
+           images_per_s=round(sum(counts.values()) / seconds), peak_rss_mib=round(peak_mib), seed=seed)
+    if args.measure:
+        measure(out, args.resnet, args.cnn)
+
+
+if __name__ == "__main__":
+    main()
