@@ -1,8 +1,8 @@
 """White-box L∞ attacks in pixel space [0, 1]: FGSM and PGD, untargeted, against the true labels.
 
-Epsilon and step size are in 8-bit pixel units (``epsilon: 8`` is 8/255). The loss is binary cross-entropy on the
-model's logit: differentiating the sigmoid output instead gives zero gradients once it saturates, and the attack
-silently does nothing. Each step is one compiled ``tf.function`` over a whole batch; epsilon is a tensor argument,
+Epsilon and step size are in 8-bit pixel units (``epsilon: 8`` is 8/255). The steps follow binary cross-entropy's
+gradient sign, taken through the model's logit (see ``_loss``): differentiating the sigmoid output instead gives
+zero gradients once it saturates, and the attack silently does nothing. Each step is one compiled ``tf.function`` over a whole batch; epsilon is a tensor argument,
 so sweeping a list of epsilons never re-traces.
 """
 from __future__ import annotations
@@ -17,7 +17,11 @@ from pipeline.model import INPUT_SHAPE, logits_model, to_unit
 
 def _loss(logits_fn, x, y):
     logits = tf.cast(logits_fn(x, training=False), tf.float32)
-    return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
+    # Not BCE itself: its gradient (sigmoid(z) - y) underflows to exactly 0 in float32 once |z| > ~88, and the
+    # most confident images would silently go unattacked. Only the sign of the input gradient is used and each
+    # image's logit depends on that image alone, so the margin -(2y - 1)·z gives the same steps as BCE wherever
+    # BCE's gradient is non-zero, and never vanishes.
+    return tf.reduce_sum((1.0 - 2.0 * y) * logits)
 
 
 def input_gradient_sign(logits_fn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:

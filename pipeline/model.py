@@ -148,9 +148,9 @@ def backbone_of(model: keras.Model) -> keras.Model:
 def save(model: keras.Model, path: str | Path) -> None:
     """Save atomically, without optimizer state (a third of the size; fine-tuning builds a fresh optimizer)."""
     if getattr(model, "optimizer", None) is not None:
-        clone = keras.models.clone_model(model)
-        clone.set_weights(model.get_weights())
-        model = clone
+        # The same layers and weights in an uncompiled model: keras.models.clone_model re-compiles its clone, so
+        # the saved file would still carry (fresh) optimizer slots, 2x the trainable weights.
+        model = keras.Model(model.input, model.output, name=model.name)
     with atomic_path(path) as tmp:
         model.save(tmp)
 

@@ -169,7 +169,7 @@ def promote_if_better(name: str, version: str, score: float, metric: str = "weig
         best = float(current.tags.get(metric, "-inf"))
     except MlflowException:
         current, best = None, float("-inf")
-    if current is not None and current.version == str(version):
+    if current is not None and str(current.version) == str(version):  # MLflow 3.17 gives an int here
         return True
     if score > best:
         client.set_registered_model_alias(name, CHAMPION, str(version))
