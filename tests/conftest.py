@@ -1,0 +1,137 @@
+"""Shared fixtures: validated params writing into tmp_path, an isolated MLflow store per test, and one tiny
+trained classifier per test session (per xdist worker)."""
+from __future__ import annotations
+
+import os
+
+# Before anything imports TensorFlow (test modules are imported after this file).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import shutil  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from pipeline import config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS_FILE = ROOT / "params.yaml"
+SEED = 42
+
+
+def tmp_overrides(tmp_path: Path) -> list[str]:
+    """``-S`` overrides that move every output of params.yaml into ``tmp_path`` (nothing lands in the repo)."""
+    default = config.load(PARAMS_FILE)
+    out = [f"paths.{key}={tmp_path / value}" for key, value in default.paths.model_dump().items()]
+    out += [
+        f"tune.storage=sqlite:///{tmp_path}/optuna/study.db",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
+        f"mlflow.experiment=test-{uuid.uuid4().hex[:12]}",
+    ]
+    return out
+
+
+@pytest.fixture
+def params(tmp_path: Path) -> config.Params:
+    """params.yaml as the stages see it, with every path, the Optuna storage and the MLflow store in tmp_path."""
+    return config.load(PARAMS_FILE, tmp_overrides(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------- MLflow
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow SQLite store. Creating one costs ~5 s; copying it costs milliseconds, so
+    each test gets a private copy (and no two processes ever create the same store at once)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@dataclass
+class MlflowStore:
+    uri: str
+    root: Path
+    experiment: str
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _mlflow_template: Path, params: config.Params):
+    """A private MLflow store at ``params.mlflow.tracking_uri`` (tmp_path/mlruns/mlflow.db), also exported as
+    ``MLFLOW_TRACKING_URI``; ``experiment`` is unique to the test."""
+    import mlflow
+    import mlflow.tracking.fluent
+
+    root = tmp_path / "mlruns"
+    root.mkdir(exist_ok=True)
+    shutil.copy(_mlflow_template, root / "mlflow.db")
+    uri = f"sqlite:///{root}/mlflow.db"
+    assert params.mlflow.tracking_uri == uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # an earlier set_tracking_uri in this process would win over the env var
+    yield MlflowStore(uri, root, params.mlflow.experiment)
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    # set_experiment is process-global (and exports MLFLOW_EXPERIMENT_ID): do not leak it into the next test.
+    mlflow.tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+# ---------------------------------------------------------------------------------------------- tiny model
+
+
+def separable_images(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 32×32 RGB noise: REAL (0) dark, FAKE (1) bright; easy even for a randomly initialised backbone."""
+    rng = np.random.default_rng(seed)
+    dark = rng.integers(0, 100, (n_per_class, 32, 32, 3), dtype=np.uint8)
+    bright = rng.integers(156, 256, (n_per_class, 32, 32, 3), dtype=np.uint8)
+    return np.concatenate([dark, bright]), np.repeat(np.array([0, 1], np.uint8), n_per_class)
+
+
+@dataclass
+class TinyModel:
+    model: object  # keras.Model: pixels in [0, 1] -> P(FAKE), a trained head on a random ResNet50 (weights: none)
+    head: object  # its head (pooled features -> logit)
+    model_cfg: config.Model
+    x: np.ndarray  # the uint8 training images (REAL dark, FAKE bright)
+    y: np.ndarray
+    features: np.ndarray  # their pooled backbone features
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> TinyModel:
+    """Built and trained once per worker: ~10 s (frozen backbone, head on cached features)."""
+    import keras
+
+    from pipeline import features, model, training
+
+    cfg = config.load(PARAMS_FILE).model
+    x, y = separable_images(64)
+    built = model.build_model(cfg, dropout=0.0, seed=SEED)
+    feats = features.extract(built, x, 128)
+    keras.utils.set_random_seed(SEED)
+    # Small batches, enough steps for the head's BatchNormalization moving statistics to settle.
+    head, _ = training.fit_head(training.Arrays(feats, y, feats, y), dropout=0.0, learning_rate=3e-3, l2=cfg.l2,
+                                epochs=12, batch_size=8)
+    full = model.assemble(model.backbone_of(built), head, cfg.image_size)
+    p = model.predict_proba(full, x)
+    assert ((p >= 0.5) == y).mean() == 1.0, "the tiny model did not learn bright vs dark"
+    return TinyModel(full, head, cfg, x, y, feats)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model saved with :func:`pipeline.model.save` (~100 MB, once per worker)."""
+    from pipeline import model
+
+    path = tmp_path_factory.mktemp("tiny-model") / "model.keras"
+    model.save(tiny_model.model, path)
+    return path

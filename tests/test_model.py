@@ -1,0 +1,254 @@
+"""pipeline.model: the pixel contract, preprocessing, freezing, weights, save/load and batched inference."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from pipeline import config, features, model
+from pipeline.errors import ModelError
+
+SEED = 42
+
+
+@pytest.fixture(scope="module")
+def cfg() -> config.Model:
+    return config.load(Path(__file__).resolve().parents[1] / "params.yaml").model
+
+
+def with_(cfg: config.Model, **changes) -> config.Model:
+    return config.Model(**{**cfg.model_dump(), **changes})
+
+
+def pixels(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, size, size, 3), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------ pixel contract
+
+
+def test_pixels_in_unit_range_give_one_probability_per_image(tiny_model) -> None:
+    m = tiny_model.model
+    assert tuple(m.input_shape) == (None, 32, 32, 3)
+    assert tuple(m.output_shape) == (None, 1)
+    p = np.asarray(m(pixels(5), training=False))
+    assert p.shape == (5, 1) and p.dtype == np.float32
+    assert np.all((p >= 0) & (p <= 1))
+    # uint8 input is scaled to [0, 1] by the library's entry point, never fed as 0..255
+    np.testing.assert_allclose(model.predict_proba(m, tiny_model.x[:4]),
+                               np.asarray(m(tiny_model.x[:4].astype(np.float32) / 255, training=False))[:, 0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_pixel_preprocess_is_resnet50_caffe_preprocessing() -> None:
+    x = pixels(4, seed=1)
+    got = np.asarray(model.PixelPreprocess(32)(x))
+    want = keras.applications.resnet50.preprocess_input(x * 255.0)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6, atol=1e-4)
+
+
+def test_pixel_preprocess_resizes_to_image_size() -> None:
+    x = np.ones((2, 32, 32, 3), np.float32) * 0.5
+    out = np.asarray(model.PixelPreprocess(64)(x))
+    assert out.shape == (2, 64, 64, 3)
+    # a flat image stays flat: 127.5 minus the BGR means, channel order flipped
+    np.testing.assert_allclose(out[0, 10, 20], 127.5 - np.array([103.939, 116.779, 123.68]), atol=1e-3)
+    assert model.PixelPreprocess(64).get_config()["image_size"] == 64
+
+
+def test_model_at_image_size_64_still_takes_32_pixel_input(cfg) -> None:
+    m = model.build_model(with_(cfg, image_size=64), dropout=0.0, seed=SEED)
+    assert tuple(m.input_shape) == (None, 32, 32, 3)
+    assert tuple(model.backbone_of(m).input_shape) == (None, 64, 64, 3)
+    assert np.asarray(m(pixels(2), training=False)).shape == (2, 1)
+
+
+# ----------------------------------------------------------------------------------------------- freezing
+
+
+def test_frozen_backbone_does_not_change_in_training(cfg) -> None:
+    m = model.build_model(cfg, dropout=0.2, seed=SEED)
+    backbone = model.backbone_of(m)
+    assert backbone.trainable_weights == []
+    before = [w.copy() for w in backbone.get_weights()]  # kernels and BatchNormalization moving statistics
+    head_before = [w.copy() for w in m.get_layer("head").get_weights()]
+    # Eagerly: the same updates as a compiled fit, without ~15 s of tracing ResNet50's training step.
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy", run_eagerly=True)
+    rng = np.random.default_rng(0)
+    m.fit(pixels(16), rng.integers(0, 2, (16, 1)).astype(np.float32), batch_size=8, epochs=1, verbose=0)
+    after = backbone.get_weights()
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+    # ...while the head did learn
+    assert any(not np.array_equal(a, b) for a, b in zip(m.get_layer("head").get_weights(), head_before))
+
+
+def test_trainable_from_unfreezes_only_from_that_layer_on(cfg) -> None:
+    backbone = model.build_backbone(with_(cfg, trainable_from="conv5_block3_1_conv"))
+    names = [layer.name for layer in backbone.layers]
+    start = names.index("conv5_block3_1_conv")
+    for i, layer in enumerate(backbone.layers):
+        assert layer.trainable == (i >= start), layer.name
+    trainable_paths = {v.path for v in backbone.trainable_weights}
+    assert trainable_paths and all(p.split("/")[-2].startswith("conv5_block3_") for p in trainable_paths)
+    assert not any("conv5_block2" in p or "conv1_" in p for p in trainable_paths)
+
+
+def test_unknown_trainable_from_names_the_layer(cfg) -> None:
+    with pytest.raises(ModelError, match="conv9_block1_1_conv"):
+        model.build_backbone(with_(cfg, trainable_from="conv9_block1_1_conv"))
+
+
+# ------------------------------------------------------------------------------------ cached-feature head
+
+
+def test_cached_feature_head_equals_the_assembled_model(tiny_model) -> None:
+    feats = features.extract(tiny_model.model, tiny_model.x, 32)
+    via_features = np.asarray(model.head_classifier(tiny_model.head)(feats, training=False))
+    full = model.predict_proba(tiny_model.model, tiny_model.x, 32)
+    np.testing.assert_allclose(via_features[:, 0], full, rtol=1e-5, atol=1e-6)
+    # the fixture cached its features from the model it was built from: the same numbers
+    np.testing.assert_allclose(feats, tiny_model.features, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_model_returns_the_sigmoid_input(tiny_model) -> None:
+    x = tiny_model.x[:6].astype(np.float32) / 255
+    logits = np.asarray(model.logits_model(tiny_model.model)(x, training=False))
+    probs = np.asarray(tiny_model.model(x, training=False))
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits.astype(np.float64))), probs, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def test_same_seed_gives_the_same_random_backbone(cfg) -> None:
+    a = model.backbone_of(model.build_model(cfg, dropout=0.0, seed=7)).get_weights()
+    b = model.backbone_of(model.build_model(cfg, dropout=0.0, seed=7)).get_weights()
+    c = model.backbone_of(model.build_model(cfg, dropout=0.0, seed=8)).get_weights()
+    for wa, wb in zip(a, b):
+        np.testing.assert_array_equal(wa, wb)
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_backbone_weights_load_from_a_file(cfg, tmp_path: Path) -> None:
+    saved = model.build_backbone(cfg)
+    rng = np.random.default_rng(3)
+    saved.set_weights([w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in saved.get_weights()])
+    path = tmp_path / "bb.weights.h5"
+    saved.save_weights(path)
+    loaded = model.build_backbone(with_(cfg, weights=str(path)))
+    for a, b in zip(loaded.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.trainable_weights == []  # freezing still applies to loaded weights
+
+
+def test_missing_weights_file_is_a_model_error(cfg, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"model\.weights: no weights file at .*nope\.weights\.h5"):
+        model.build_backbone(with_(cfg, weights=str(tmp_path / "nope.weights.h5")))
+
+
+@pytest.mark.parametrize("name", ["garbage.weights.h5", "garbage.h5", "garbage.bin"])
+def test_garbage_weights_file_is_a_model_error(cfg, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"this is not HDF5 at all" * 100)
+    with pytest.raises(ModelError, match="does not hold ResNet50 backbone weights"):
+        model.build_backbone(with_(cfg, weights=str(path)))
+
+
+def test_imagenet_offline_points_to_the_local_weights_file(cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]")
+
+    monkeypatch.setattr(keras.applications, "ResNet50", offline)
+    with pytest.raises(ModelError) as err:
+        model.build_backbone(with_(cfg, weights="imagenet"))
+    msg = str(err.value)
+    assert "model.weights" in msg and "URL fetch failure" in msg
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg and "model.weights: none" in msg
+
+
+# ------------------------------------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip_without_optimizer_state(cfg, tmp_path: Path) -> None:
+    # Most of the backbone trainable and Adam built: with its state the file would be ~265 MiB, without ~93.
+    m = model.build_model(with_(cfg, trainable_from="conv2_block1_1_conv"), dropout=0.3, seed=SEED)
+    m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    m.optimizer.build(m.trainable_variables)
+    path = tmp_path / "out" / "model.keras"
+    model.save(m, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.keras"]  # no temporary file left behind
+    assert path.stat().st_size < 150 * 2**20
+    with zipfile.ZipFile(path) as z, z.open("model.weights.h5") as f, h5py.File(f, "r") as h5:
+        assert "optimizer" not in h5
+    assert m.optimizer is not None  # the caller's model keeps its optimizer
+    loaded = model.load(path)
+    assert getattr(loaded, "optimizer", None) is None
+    assert [layer.name for layer in loaded.layers] == [layer.name for layer in m.layers]
+    x = pixels(6, seed=4)
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)), np.asarray(m(x, training=False)), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_save_replaces_an_existing_file(tmp_path: Path, tiny_model) -> None:
+    path = tmp_path / "model.keras"
+    path.write_text("old")
+    model.save(tiny_model.model, path)
+    assert zipfile.is_zipfile(path) and [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+def _damaged(kind: str, good: Path, target: Path) -> Path:
+    if kind == "missing":
+        return target / "none.keras"
+    path = target / "model.keras"
+    data = good.read_bytes()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not a model, just text\n")
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "flipped":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64]) + data[middle + 64 :])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "truncated", "flipped"])
+def test_load_gives_one_clear_error_for_a_bad_file(tiny_model_file: Path, tmp_path: Path, kind: str) -> None:
+    path = _damaged(kind, tiny_model_file, tmp_path)
+    with pytest.raises(ModelError) as err:
+        model.load(path)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    assert any(hint in msg for hint in ("dvc repro", "re-run"))
+
+
+# ------------------------------------------------------------------------------------- batched inference
+
+
+def test_forward_fn_and_batched_handle_empty_and_ragged_batches(tiny_model) -> None:
+    fn = model.forward_fn(tiny_model.model)
+    empty = model.batched(fn, np.zeros((0, 32, 32, 3), np.uint8), 4)
+    assert empty.shape == (0, 1) and empty.dtype == np.float32
+    x = tiny_model.x[::13]  # 10 images: batches of 4, 4, 2
+    assert len(x) % 4 != 0
+    got = model.batched(fn, x, 4)
+    want = np.asarray(tiny_model.model(x.astype(np.float32) / 255, training=False))
+    assert got.shape == (len(x), 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # one trace serves every batch size
+    assert fn.experimental_get_tracing_count() == 1
+    assert model.predict_proba(tiny_model.model, x[:0]).shape == (0,)
+
+
+def test_to_unit_scales_uint8_and_keeps_floats() -> None:
+    u = np.array([[0, 255, 51]], np.uint8)
+    np.testing.assert_allclose(model.to_unit(u), [[0.0, 1.0, 0.2]])
+    f = np.array([0.25], np.float32)
+    assert model.to_unit(f) is f

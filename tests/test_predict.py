@@ -1,0 +1,128 @@
+"""The predict tool: ``src/predict.py --input DIR --output FILE --model PATH|models:/NAME@champion`` on a messy
+folder, its CSV contract, skipped files and one-line errors."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from pipeline import config, model, predicting, tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ["Image Name", "Predicted Label"]
+PREPROCESS = config.load(ROOT / "params.yaml").preprocess  # the tool decodes with these by default
+
+
+def noise(h: int, w: int, low: int, high: int, seed: int, channels: int = 3) -> np.ndarray:
+    shape = (h, w, channels) if channels > 1 else (h, w)
+    return np.random.default_rng(seed).integers(low, high, shape, dtype=np.uint8)
+
+
+@pytest.fixture
+def messy_folder(tmp_path: Path) -> Path:
+    """Every kind of file a user's folder holds; 6 usable images, 1 corrupt one, 1 non-image."""
+    d = tmp_path / "images"
+    (d / "nested" / "deeper").mkdir(parents=True)
+    Image.fromarray(noise(32, 32, 156, 256, 1)).save(d / "good.jpg", quality=95)
+    Image.fromarray(noise(32, 32, 0, 100, 2)).save(d / "UPPER.JPG", quality=95)
+    Image.fromarray(noise(32, 32, 0, 100, 3, channels=1), "L").save(d / "gray.png")
+    rgba = np.dstack([noise(32, 32, 0, 100, 4), np.full((32, 32), 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(noise(40, 50, 156, 256, 5)).save(d / "odd_50x40.png")
+    Image.fromarray(noise(32, 32, 156, 256, 6)).save(d / "nested" / "deeper" / "inner.png")
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))
+    (d / "notes.txt").write_text("not an image\n")
+    return d
+
+
+USABLE = ["UPPER.JPG", "good.jpg", "gray.png", "nested/deeper/inner.png", "odd_50x40.png", "rgba.png"]
+
+
+def run_predict(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "src/predict.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_read_folder_decodes_every_usable_image_and_reports_the_rest(messy_folder: Path) -> None:
+    found = predicting.read_folder(messy_folder, PREPROCESS.resize, PREPROCESS.max_pixels)
+    assert found.names == USABLE  # relative, forward slashes, .JPG included, .txt ignored, sorted
+    assert found.x.shape == (6, 32, 32, 3) and found.x.dtype == np.uint8
+    assert [name for name, _ in found.bad] == ["corrupt.jpg"]
+    gray = found.x[found.names.index("gray.png")]
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+
+
+def test_predict_cli_writes_the_csv_contract(messy_folder: Path, tmp_path: Path, tiny_model, tiny_model_file) -> None:
+    out = tmp_path / "out" / "predictions.csv"
+    proc = run_predict("--input", str(messy_folder), "--output", str(out), "--model", str(tiny_model_file))
+    assert proc.returncode == 0, proc.stderr
+    rows = read_csv(out)
+    assert rows[0] == HEADER
+    body = rows[1:]
+    assert [name for name, _ in body] == USABLE
+    assert all(label in ("Real", "Fake") for _, label in body)
+    assert all(len(row) == 2 for row in body)
+    assert "corrupt.jpg" in proc.stderr and "corrupt.jpg" not in out.read_text()
+    assert "notes.txt" not in out.read_text() and "\\" not in out.read_text()
+    # the tool says what the library says
+    found = predicting.read_folder(messy_folder, PREPROCESS.resize, PREPROCESS.max_pixels)
+    want = predicting.labels(model.predict_proba(tiny_model.model, found.x), 0.5)
+    assert [label for _, label in body] == want
+    assert dict(body)["good.jpg"] == "Fake" and dict(body)["UPPER.JPG"] == "Real"  # bright vs dark, as trained
+
+
+def test_empty_folder_is_a_one_line_error(tmp_path: Path, tiny_model_file) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here\n")
+    out = tmp_path / "out.csv"
+    proc = run_predict("--input", str(empty), "--output", str(out), "--model", str(tiny_model_file))
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "no images" in lines[0] and str(empty) in lines[0]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_missing_model_is_a_one_line_error(messy_folder: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model.keras"
+    proc = run_predict("--input", str(messy_folder), "--output", str(tmp_path / "out.csv"), "--model", str(missing))
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and str(missing) in lines[0] and "--model" in lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.slow  # logs a ~100 MB model, then a subprocess loads it through MLflow: ~20-35 s here
+def test_predict_from_the_registry_champion(messy_folder: Path, tmp_path: Path, params, mlflow_store,
+                                            tiny_model) -> None:
+    tracking.setup(params.mlflow)
+    with mlflow.start_run():
+        info = tracking.log_keras_model(tiny_model.model, model.to_unit(tiny_model.x[:4]), "model", "cifake-test")
+    MlflowClient().set_registered_model_alias("cifake-test", tracking.CHAMPION, info["version"])
+
+    out = tmp_path / "registry.csv"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri}
+    proc = run_predict("--input", str(messy_folder), "--output", str(out), "--model", "models:/cifake-test@champion",
+                       env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_csv(out)
+    found = predicting.read_folder(messy_folder, PREPROCESS.resize, PREPROCESS.max_pixels)
+    want = predicting.labels(model.predict_proba(tiny_model.model, found.x), 0.5)
+    assert rows == [HEADER, *map(list, zip(USABLE, want))]

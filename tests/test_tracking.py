@@ -1,0 +1,145 @@
+"""pipeline.tracking: failing fast on a dead server, the URI override, run tags, the registry's champion alias."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline import config, tracking
+from pipeline.errors import TrackingError
+from pipeline.model import to_unit
+
+DEAD = "http://127.0.0.1:9"  # the discard port on loopback: nothing listens, nothing leaves the machine
+
+
+def with_mlflow(params: config.Params, **changes) -> config.Params:
+    return params.model_copy(update={"mlflow": params.mlflow.model_copy(update=changes)})
+
+
+def test_unreachable_server_fails_fast_with_advice(params, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = with_mlflow(params, tracking_uri=DEAD).mlflow
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        tracking.setup(cfg)
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert DEAD in msg
+    assert "mlflow server" in msg and "MLFLOW_TRACKING_URI" in msg and "sqlite:///" in msg
+
+
+def test_unreachable_server_from_the_environment_is_named(params, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DEAD + "/")
+    with pytest.raises(TrackingError, match=r"127\.0\.0\.1:9"):
+        tracking.setup(params.mlflow)
+
+
+def test_environment_uri_overrides_params(params, mlflow_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # params point at a dead server; the environment (set by the fixture) points at the private store and wins
+    cfg = with_mlflow(params, tracking_uri=DEAD).mlflow
+    assert tracking.tracking_uri(cfg) == mlflow_store.uri
+    assert tracking.setup(cfg) == mlflow_store.uri
+    assert mlflow.get_tracking_uri() == mlflow_store.uri
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    assert exp is not None and mlflow.get_experiment(exp.experiment_id).name == cfg.experiment
+    # a local store keeps its artifacts beside the database
+    assert exp.artifact_location == (mlflow_store.root / "artifacts").resolve().as_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.tracking_uri(cfg) == DEAD
+
+
+def git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=cwd,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_stage_run_tags_stage_commit_and_data_hash(params, mlflow_store, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    lock = {"schema": "2.0", "stages": {"fetch": {"cmd": "python src/fetch.py", "outs": [
+        {"path": "data/raw", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir", "size": 10, "nfiles": 2},
+    ]}}}
+    (work / "dvc.lock").write_text(yaml.safe_dump(lock))
+    git(work, "init", "-q")
+    git(work, "add", "dvc.lock")
+    git(work, "commit", "-q", "-m", "lock")
+    commit = git(work, "rev-parse", "HEAD")
+    monkeypatch.chdir(work)
+    p = params.model_copy(update={"paths": params.paths.model_copy(update={"raw": Path("data/raw")})})
+
+    with tracking.stage_run("train", p) as run:
+        pass
+    got = MlflowClient().get_run(run.info.run_id)
+    assert got.info.run_name == "train"
+    tags = got.data.tags
+    assert tags["stage"] == "train"
+    assert tags["git_commit"] == commit and tags["mlflow.source.git.commit"] == commit
+    assert tags["dvc_data_hash"] == "0123456789abcdef0123456789abcdef.dir"
+    assert tags["data_source"] == p.data.source
+    assert got.data.params["params.train.epochs"] == str(p.train.epochs)
+    assert got.data.params["params.model.trainable_from"] == "null"
+    assert mlflow.get_experiment(got.info.experiment_id).name == mlflow_store.experiment
+
+
+def test_data_hash_is_unknown_without_a_lock_entry(tmp_path: Path) -> None:
+    assert tracking.dvc_data_hash(Path("data/raw"), tmp_path / "dvc.lock") == "unknown"
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert tracking.dvc_data_hash(Path("data/raw"), tmp_path / "dvc.lock") == "unknown"
+
+
+def register_version(name: str, score: float) -> str:
+    """A cheap registered version: a run with one small artifact, its score tagged as evaluate does."""
+    with mlflow.start_run() as run:
+        mlflow.log_text("not a real model", "model/MLmodel.txt")
+    client = MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+    tracking.set_version_tags(name, version, {"weighted_f1": score})
+    return str(version)
+
+
+def champion(name: str) -> str:
+    return str(MlflowClient().get_model_version_by_alias(name, tracking.CHAMPION).version)
+
+
+def test_champion_alias_moves_only_to_a_better_version(params, mlflow_store) -> None:
+    tracking.setup(params.mlflow)
+    name = "cifake-test"
+    v1 = register_version(name, 0.60)
+    assert tracking.promote_if_better(name, v1, 0.60) is True
+    assert champion(name) == v1
+    v2 = register_version(name, 0.80)
+    assert tracking.promote_if_better(name, v2, 0.80) is True
+    assert champion(name) == v2
+    v3 = register_version(name, 0.70)
+    assert tracking.promote_if_better(name, v3, 0.70) is False
+    assert champion(name) == v2
+    v4 = register_version(name, 0.80)
+    assert tracking.promote_if_better(name, v4, 0.80) is False  # a tie keeps the current champion
+    assert champion(name) == v2
+    assert tracking.promote_if_better(name, v2, 0.80) is True  # already the champion
+    assert MlflowClient().get_model_version(name, v3).tags["weighted_f1"] == "0.7"
+
+
+def test_log_keras_model_logs_a_signature_and_registers_a_version(params, mlflow_store, tiny_model) -> None:
+    tracking.setup(params.mlflow)
+    x = to_unit(tiny_model.x[:4])
+    with mlflow.start_run() as run:
+        info = tracking.log_keras_model(tiny_model.model, x, "model", "cifake-test")
+    assert info["run_id"] == run.info.run_id
+    assert info["registered_model"] == "cifake-test" and info["version"] == "1"
+    signature = mlflow.models.get_model_info(info["model_uri"]).signature
+    assert signature is not None
+    inputs, outputs = signature.inputs.to_dict()[0], signature.outputs.to_dict()[0]
+    assert list(inputs["tensor-spec"]["shape"]) == [-1, 32, 32, 3] and inputs["tensor-spec"]["dtype"] == "float32"
+    assert list(outputs["tensor-spec"]["shape"]) == [-1, 1]
+    version = MlflowClient().get_model_version("cifake-test", "1")
+    assert version.run_id == run.info.run_id

@@ -1,0 +1,116 @@
+"""pipeline.tuning: the Optuna objective, nested MLflow runs, study naming, resuming and the best trial."""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+
+from pipeline import config, tracking, tuning
+from pipeline.model import backbone_of, build_model
+from pipeline.training import Arrays
+
+FIXED = {"dropout": 0.3, "learning_rate": 1e-3}
+
+
+def with_tune(params: config.Params, **changes) -> config.Params:
+    return params.model_copy(update={"tune": params.tune.model_copy(update=changes)})
+
+
+def random_features(n_train: int = 48, n_val: int = 16, seed: int = 0) -> Arrays:
+    rng = np.random.default_rng(seed)
+    y_train, y_val = np.tile([0, 1], n_train // 2).astype(np.uint8), np.tile([0, 1], n_val // 2).astype(np.uint8)
+    # A little signal in the first feature, so trials differ and F1 is not degenerate.
+    x_train = rng.normal(size=(n_train, 2048)).astype(np.float32) + 2 * y_train[:, None] * (np.arange(2048) < 8)
+    x_val = rng.normal(size=(n_val, 2048)).astype(np.float32) + 2 * y_val[:, None] * (np.arange(2048) < 8)
+    return Arrays(x_train, y_train, x_val.astype(np.float32), y_val)
+
+
+@pytest.fixture
+def tune_params(params: config.Params) -> config.Params:
+    """Tiny and quick: 2 epochs, small batches, f1 objective, storage in tmp_path (from ``params``)."""
+    return with_tune(params, epochs=2, batch_size=16, n_trials=2, objective="f1")
+
+
+def child_runs(experiment: str):
+    exp = mlflow.get_experiment_by_name(experiment)
+    return mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list")
+
+
+def test_objective_f1_on_a_fixed_trial(tune_params, mlflow_store) -> None:
+    tracking.setup(tune_params.mlflow)
+    trial = optuna.trial.FixedTrial(FIXED)
+    with mlflow.start_run(run_name="parent") as parent:
+        value = tuning.Objective(tune_params, random_features())(trial)
+    assert 0.0 <= value <= 1.0
+    assert trial.user_attrs["f1"] == value
+    runs = [r for r in child_runs(mlflow_store.experiment) if r.info.run_id != parent.info.run_id]
+    assert len(runs) == 1
+    child = runs[0].data
+    assert child.tags["mlflow.parentRunId"] == parent.info.run_id and child.tags["optuna.state"] == "COMPLETE"
+    assert float(child.params["dropout"]) == 0.3 and float(child.params["learning_rate"]) == 1e-3
+    assert child.metrics["f1"] == pytest.approx(value)
+    assert "val_f1" in child.metrics and "loss" in child.metrics  # per-epoch curves from MlflowEpochLogger
+
+
+def test_objective_weighted_f1_attacks_the_validation_images(tune_params, mlflow_store) -> None:
+    params = with_tune(tune_params, objective="weighted_f1")
+    tracking.setup(params.mlflow)
+    feats = random_features(n_val=8)
+    x_val = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    backbone = backbone_of(build_model(params.model, dropout=0.0, seed=params.base.seed))
+    trial = optuna.trial.FixedTrial(FIXED)
+    with mlflow.start_run(run_name="parent"):
+        value = tuning.Objective(params, feats, backbone, x_val)(trial)
+    attrs = trial.user_attrs
+    assert set(attrs) >= {"f1", "adv_f1", "weighted_f1"}
+    assert value == attrs["weighted_f1"]
+    w = params.evaluate.weights
+    assert value == pytest.approx(w.clean * attrs["f1"] + w.adversarial * attrs["adv_f1"])
+    assert all(0.0 <= attrs[k] <= 1.0 for k in ("f1", "adv_f1"))
+
+
+def test_study_logs_one_parent_and_a_nested_run_per_trial(tune_params, mlflow_store) -> None:
+    study = tuning.make_study(tune_params, "data0")
+    with tracking.stage_run("tune", tune_params, run_name="tune") as parent:
+        assert tuning.optimize(study, tuning.Objective(tune_params, random_features()), 2) == 2
+    runs = child_runs(mlflow_store.experiment)
+    assert len(runs) == 3
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert [r.info.run_id for r in parents] == [parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1"]
+    assert all(r.data.tags["stage"] == "tune" and "f1" in r.data.metrics for r in children)
+
+
+def test_study_name_follows_the_search_space_not_the_trial_count(tune_params) -> None:
+    name = tuning.study_name(tune_params, "data0")
+    assert name.startswith("cifake-head-")
+    assert tuning.study_name(with_tune(tune_params, n_trials=50), "data0") == name
+    assert tuning.study_name(with_tune(tune_params, storage="sqlite:///elsewhere.db"), "data0") == name
+    wider = tune_params.tune.dropout.model_copy(update={"high": 0.45})
+    assert tuning.study_name(with_tune(tune_params, dropout=wider), "data0") != name
+    assert tuning.study_name(with_tune(tune_params, epochs=3), "data0") != name
+    assert tuning.study_name(tune_params, "other-data") != name
+
+
+def test_optimize_resumes_and_best_returns_the_best_trial(tune_params, mlflow_store, tmp_path) -> None:
+    tracking.setup(tune_params.mlflow)
+    objective = tuning.Objective(tune_params, random_features())
+    assert tune_params.tune.storage == f"sqlite:///{tmp_path}/optuna/study.db"
+    with mlflow.start_run(run_name="first"):
+        assert tuning.optimize(tuning.make_study(tune_params, "data0"), objective, 2) == 2
+    # A new process would reopen the study from storage: the finished trials count, none are run again.
+    study = tuning.make_study(tune_params, "data0")
+    with mlflow.start_run(run_name="again"):
+        assert tuning.optimize(study, objective, 2) == 0
+        assert tuning.optimize(study, objective, 3) == 1
+    trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(trials) == 3
+    top = max(trials, key=lambda t: t.value)
+    best = tuning.best(study)
+    assert best["dropout"] == top.params["dropout"] and best["learning_rate"] == top.params["learning_rate"]
+    assert best["value"] == top.value and best["trial"] == top.number and best["f1"] == top.value
+    assert best["study"] == tuning.study_name(tune_params, "data0")
+    lo, hi = tune_params.tune.dropout.low, tune_params.tune.dropout.high
+    assert lo <= best["dropout"] <= hi
