@@ -96,7 +96,9 @@ def set_trainable(backbone: keras.Model, trainable_from: str | None) -> None:
 def build_head(dropout: float, l2: float) -> keras.Model:
     """Pooled features (2048) -> logit. Global average pooling sits just before it in the full model."""
     features = keras.Input((FEATURE_DIM,), name="features")
-    x = layers.BatchNormalization(name="head_bn")(features)
+    # momentum 0.9, not Keras's 0.99: a head trains for few steps on small data, and at 0.99 the moving statistics
+    # of features far from N(0, 1) (a random backbone's reach ~10) are still half their initial values by then.
+    x = layers.BatchNormalization(momentum=0.9, name="head_bn")(features)
     x = layers.Dense(256, activation="relu", kernel_regularizer=keras.regularizers.L2(l2), name="head_dense256")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     x = layers.Dense(64, activation="relu", name="head_dense64")(x)

@@ -17,13 +17,12 @@ from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.model import predict_proba  # noqa: E402
 
 
-def predict_folder(model, folder: Path, output: Path, params, threshold: float) -> None:
-    found = predicting.read_folder(folder, params.preprocess.resize, params.preprocess.max_pixels)
+def predict_folder(model, found: predicting.FolderImages, folder: Path, output: Path, params, threshold: float) -> None:
     for name, reason in found.bad:
         print(f"skipped {folder / name}: {reason}", file=sys.stderr)
     p_fake = predict_proba(model, found.x, params.predict.batch_size)
     predicting.write_csv(found.names, predicting.labels(p_fake, threshold), output)
-    print(f"predict: {len(found.names)} images -> {output} ({sum(p >= threshold for p in p_fake)} Fake, "
+    print(f"predict: {len(found.names)} images -> {output} ({int((p_fake >= threshold).sum())} Fake, "
           f"{len(found.bad)} skipped)")
 
 
@@ -40,16 +39,18 @@ def main() -> None:
     threshold = params.predict.threshold if args.threshold is None else args.threshold
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold must lie in (0, 1) (got {threshold})")
+    out = params.paths.predictions
+    jobs = ([(args.input, args.output)] if args.input is not None else
+            [(params.paths.raw / "test", out / "Test_1_results.csv"),
+             (params.paths.adversarial, out / "Test_2_results.csv")])
+    # Read the images first: a wrong or empty folder is reported before the model takes seconds to load.
+    found = [predicting.read_folder(folder, params.preprocess.resize, params.preprocess.max_pixels)
+             for folder, _ in jobs]
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
     model = predicting.load_any_model(args.model or str(params.paths.model_adv))
-
-    if args.input is not None:
-        predict_folder(model, args.input, args.output, params, threshold)
-        return
-    out = params.paths.predictions
-    predict_folder(model, params.paths.raw / "test", out / "Test_1_results.csv", params, threshold)
-    predict_folder(model, params.paths.adversarial, out / "Test_2_results.csv", params, threshold)
+    for (folder, output), images in zip(jobs, found):
+        predict_folder(model, images, folder, output, params, threshold)
 
 
 if __name__ == "__main__":
