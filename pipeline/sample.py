@@ -30,7 +30,9 @@ random-init frozen ResNet50 (avg pool) + logistic regression        0.52
 ==================================================================  ===================
 
 A frozen random ResNet50 does not see the fingerprint (its intermediate layers do a little: 0.58-0.63 after
-conv2/conv3), so offline, without ImageNet weights, the backbone has to be trained.
+conv2/conv3), so offline, without ImageNet weights, the backbone has to be trained, and on enough images: ResNet50
+trained from scratch (Dense 256 head, Adam 1e-3, batch 64) stayed at chance with 1000 images per class (10 epochs)
+but reached 0.78 after 6 and 0.87 after 8 epochs with 5000 per class (1000 per class test).
 
 Generation (2 cores shared with other work): default size 3.4 s; CIFAKE size (50k+50k train, 10k+10k test) 64 s,
 peak RSS 756 MiB.
