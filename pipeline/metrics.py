@@ -36,3 +36,10 @@ def roc_points(y_true: np.ndarray, p_fake: np.ndarray) -> list[dict[str, float]]
     fpr, tpr, thresholds = skm.roc_curve(np.asarray(y_true).astype(int), p_fake)
     thresholds = np.minimum(thresholds, 1.0)  # sklearn puts +inf first; keep the JSON/CSV finite
     return [{"fpr": float(a), "tpr": float(b), "threshold": float(t)} for a, b, t in zip(fpr, tpr, thresholds)]
+
+
+def constant_fake(y_true: np.ndarray, weights: config.Weights) -> dict[str, float]:
+    """The score of a model that calls everything FAKE: immune to any attack, so its weighted F1 (≈ 0.667 on a
+    balanced set) is the floor a real classifier has to beat, not a sign of robustness."""
+    f1_all_fake = f1(y_true, np.ones(len(y_true)))
+    return {"always_fake_f1": f1_all_fake, "always_fake_weighted_f1": weighted_f1(f1_all_fake, f1_all_fake, weights)}

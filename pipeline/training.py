@@ -108,7 +108,7 @@ def fit_model(model: keras.Model, data: Arrays, learning_rate: float, epochs: in
     history = model.fit(
         image_dataset(data.x_train, data.y_train, batch_size, True, seed),
         validation_data=image_dataset(data.x_val, data.y_val, batch_size, False, seed),
-        epochs=epochs, verbose=verbose,
+        epochs=epochs, verbose=verbose, shuffle=False,  # the dataset reshuffles itself each epoch
         callbacks=[ValidationF1(data.x_val, data.y_val, batch_size), *callbacks],
     )
     return history.history

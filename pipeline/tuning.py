@@ -19,8 +19,8 @@ import optuna
 
 from pipeline import config, metrics
 from pipeline.attacks import Attacker, to_uint8
-from pipeline.model import assemble, batched, build_head, forward_fn, head_classifier
-from pipeline.training import Arrays, MlflowEpochLogger, fit_head
+from pipeline.model import assemble, batched, build_head, build_model, forward_fn, head_classifier
+from pipeline.training import Arrays, MlflowEpochLogger, fit_head, fit_model
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -83,53 +83,67 @@ def suggest(trial: optuna.Trial, t: config.Tune) -> dict[str, float]:
 
 @dataclass
 class Objective:
-    """Trains a head on cached features and returns the validation score chosen by ``tune.objective``.
+    """One trial: train with the suggested dropout and learning rate, return the validation score chosen by
+    ``tune.objective``.
 
-    For ``weighted_f1`` the trial's head is put on the backbone and the validation images are attacked white-box,
-    so tuning aims at what the project is judged on.
+    Frozen backbone: ``data`` holds cached features and only a head trains (seconds). Otherwise ``data`` holds
+    images and the model trains with its unfrozen layers for ``tune.epochs`` (minutes: keep ``n_trials`` small).
+    For ``weighted_f1`` the validation images are attacked white-box against the trial's model, so tuning aims at
+    what the project is judged on.
     """
 
     params: config.Params
-    features: Arrays
-    backbone: keras.Model | None = None
-    x_val_images: np.ndarray | None = None
+    data: Arrays
+    backbone: keras.Model | None = None  # frozen mode: the backbone the features came from
+    x_val_images: np.ndarray | None = None  # frozen mode with weighted_f1: the images behind data.x_val
 
     def __call__(self, trial: optuna.Trial) -> float:
         import mlflow
 
-        t = self.params.tune
+        t, m = self.params.tune, self.params.model
         hp = suggest(trial, t)
+        callbacks = [PruneOnValF1(trial), MlflowEpochLogger()]
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                               tags={"stage": "tune", "optuna.trial": str(trial.number)}):
             mlflow.log_params(hp)
             try:
-                head, history = fit_head(
-                    self.features, hp["dropout"], hp["learning_rate"], self.params.model.l2, t.epochs,
-                    t.batch_size, callbacks=[PruneOnValF1(trial), MlflowEpochLogger()],
-                )
+                if m.frozen:
+                    head, _ = fit_head(self.data, hp["dropout"], hp["learning_rate"], m.l2, t.epochs, t.batch_size,
+                                       callbacks)
+                    scores = self.score_head(head)
+                else:
+                    model = build_model(m, hp["dropout"], self.params.base.seed)
+                    fit_model(model, self.data, hp["learning_rate"], t.epochs, t.batch_size, self.params.base.seed,
+                              callbacks)
+                    scores = self.score_model(model, self.data.x_val, forward_fn(model), None)
             except optuna.TrialPruned:
                 mlflow.set_tag("optuna.state", "PRUNED")
                 raise
-            scores = self.score(head)
             mlflow.log_metrics(scores)
             mlflow.set_tag("optuna.state", "COMPLETE")
         for k, v in scores.items():
             trial.set_user_attr(k, v)
         return scores[t.objective]
 
-    def score(self, head: keras.Model) -> dict[str, float]:
-        p_val = np.asarray(head_classifier(head)(self.features.x_val, training=False))[:, 0]
-        out = {"f1": metrics.f1(self.features.y_val, p_val)}
+    def score_head(self, head: keras.Model) -> dict[str, float]:
+        if self.params.tune.objective == "f1":
+            p_val = np.asarray(head_classifier(head)(self.data.x_val, training=False))[:, 0]
+            return {"f1": metrics.f1(self.data.y_val, p_val)}
+        model, attacker, forward = self._frozen_scorer()
+        model.get_layer("head").set_weights(head.get_weights())  # dropout is inactive at inference
+        return self.score_model(model, self.x_val_images, forward, attacker)
+
+    def score_model(self, model: keras.Model, x_val: np.ndarray, forward, attacker: Attacker | None) -> dict:
+        y, bs = self.data.y_val, self.params.model.batch_size
+        out = {"f1": metrics.f1(y, batched(forward, x_val, bs)[:, 0])}
         if self.params.tune.objective == "weighted_f1":
-            model, attacker, forward = self._scorer()
-            model.get_layer("head").set_weights(head.get_weights())  # dropout is inactive at inference
-            y, bs = self.features.y_val, self.params.model.batch_size
-            x_adv = to_uint8(attacker.perturb(self.x_val_images, y, bs))
+            attacker = attacker or Attacker(model, self.params.tune.attack, self.params.base.seed)
+            x_adv = to_uint8(attacker.perturb(x_val, y, bs))
             out["adv_f1"] = metrics.f1(y, batched(forward, x_adv, bs)[:, 0])
             out["weighted_f1"] = metrics.weighted_f1(out["f1"], out["adv_f1"], self.params.evaluate.weights)
         return out
 
-    def _scorer(self):
+    def _frozen_scorer(self):
         """One backbone + head model, its attack and forward pass, compiled once for the whole study: each trial
         loads its head's weights into it instead of tracing ResNet50's gradient again."""
         if not hasattr(self, "_compiled"):

@@ -28,6 +28,7 @@ def main() -> None:
     summary = {**final.summary(), "baseline": base.summary(),
                "gain": {"weighted_f1": final.weighted_f1 - base.weighted_f1,
                         "adversarial_f1": final.adversarial["f1"] - base.adversarial["f1"]},
+               "reference": metrics.constant_fake(test.y, cfg.weights),
                "attack": cfg.attack.model_dump(), "n_test": len(test)}
     write_json(paths.metrics / "evaluate.json", summary)
     plots = paths.plots

@@ -1,7 +1,8 @@
 """Stage `tune`: an Optuna study over the head's dropout and learning rate; writes the best params.
 
-With a frozen backbone (the default) every trial trains only the head, on backbone features computed once and
-cached. One MLflow parent run holds the study, with a nested child run per trial.
+With a frozen backbone every trial trains only the head, on backbone features computed once and cached (seconds
+a trial); with `model.trainable_from` set, every trial trains the unfrozen model on images for `tune.epochs`.
+One MLflow parent run holds the study, with a nested child run per trial.
 """
 import sys
 from pathlib import Path
@@ -9,28 +10,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli, features, tracking, tuning  # noqa: E402
-from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.data import load_split  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 from pipeline.model import backbone_of, build_model  # noqa: E402
+from pipeline.training import Arrays  # noqa: E402
 
 
 def main() -> None:
     args = cli.stage_parser(__doc__).parse_args()
     params = cli.load_params(args)
-    if not params.model.frozen:
-        raise ConfigError("tune: model.trainable_from is set; tuning trains the head on cached features of a "
-                          "frozen backbone, so set model.trainable_from: null to tune (or skip tuning)")
     cli.seed_everything(params.base.seed)
     tracking.setup(params.mlflow)
 
-    model = build_model(params.model, dropout=0.0, seed=params.base.seed)
-    head_data = features.for_head(model, params)
-    val_images = None
-    if params.tune.objective == "weighted_f1":
-        from pipeline.data import load_split
-
-        val_images = load_split(params.paths.processed, "val").x
-    objective = tuning.Objective(params, head_data, backbone_of(model), val_images)
+    train, val = (load_split(params.paths.processed, n) for n in ("train", "val"))
+    if params.model.frozen:
+        model = build_model(params.model, dropout=0.0, seed=params.base.seed)
+        objective = tuning.Objective(params, features.for_head(model, params), backbone_of(model), val.x)
+    else:  # every trial trains the unfrozen layers on images
+        objective = tuning.Objective(params, Arrays(train.x, train.y, val.x, val.y))
     study = tuning.make_study(params, features.data_key(params))
 
     with tracking.stage_run("tune", params, run_name=f"tune {study.study_name}"):
