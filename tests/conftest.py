@@ -32,6 +32,9 @@ def tmp_overrides(tmp_path: Path) -> list[str]:
         f"tune.storage=sqlite:///{tmp_path}/optuna/study.db",
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
         f"mlflow.experiment=test-{uuid.uuid4().hex[:12]}",
+        # Unit tests work on a frozen backbone (heads on cached features, seconds); the offline default trains
+        # the whole backbone, which the end-to-end test covers.
+        "model.trainable_from=null",
     ]
     return out
 
@@ -113,7 +116,7 @@ def tiny_model() -> TinyModel:
 
     from pipeline import features, model, training
 
-    cfg = config.load(PARAMS_FILE).model
+    cfg = config.load(PARAMS_FILE, ["model.trainable_from=null"]).model
     x, y = separable_images(64)
     built = model.build_model(cfg, dropout=0.0, seed=SEED)
     feats = features.extract(built, x, 128)

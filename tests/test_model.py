@@ -17,7 +17,7 @@ SEED = 42
 
 @pytest.fixture(scope="module")
 def cfg() -> config.Model:
-    return config.load(Path(__file__).resolve().parents[1] / "params.yaml").model
+    return config.load(Path(__file__).resolve().parents[1] / "params.yaml", ["model.trainable_from=null"]).model
 
 
 def with_(cfg: config.Model, **changes) -> config.Model:

@@ -1,0 +1,143 @@
+"""End to end: `dvc repro` on a tiny built-in sample in a temporary copy of the repository.
+
+Checks what a user relies on: every stage runs offline from a clean copy, the metrics file and both CSVs are
+there and well formed, MLflow holds the runs and the registry alias, a second `dvc repro` does nothing, and
+editing one params value reruns exactly the stages that read it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SKIP = {".git", ".dvc/tmp", ".dvc/cache", "data", "models", "mlruns", "metrics", "plots", "predictions", "reports",
+        "optuna", ".cache", "bench", ".pytest_cache", "dvc.lock"}
+TINY = {
+    ("sample", "train_per_class"): 48,
+    ("sample", "test_per_class"): 16,
+    ("tune", "n_trials"): 2,
+    ("tune", "epochs"): 2,
+    ("train", "epochs"): 3,
+    ("advtrain", "epochs"): 1,
+    ("advtrain", "batch_size"): 32,
+    ("evaluate", "epsilons"): [0, 8],
+}
+
+
+def _copy_repo(dst: Path) -> None:
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        rel = Path(folder).relative_to(REPO)
+        return {n for n in names if (rel / n).as_posix() in SKIP or n == "__pycache__"}
+
+    shutil.copytree(REPO, dst, ignore=ignore)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for (section, key), value in TINY.items():
+        params[section][key] = value
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"]):
+        subprocess.run(cmd, cwd=dst, check=True)
+
+
+def _repro(cwd: Path, env: dict) -> str:
+    out = subprocess.run(["dvc", "repro"], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, f"dvc repro failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+def _ran(stdout: str) -> set[str]:
+    return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e") / "repo"
+    _copy_repo(root)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHON": sys.executable}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    first = _repro(root, env)
+    return root, env, first
+
+
+def test_full_pipeline_runs_every_stage_offline(repo):
+    root, _, first = repo
+    assert _ran(first) == {"fetch", "preprocess", "tune", "train", "advtrain", "evaluate", "predict"}
+
+
+def test_metrics_file_has_clean_adversarial_and_weighted_scores(repo):
+    root, _, _ = repo
+    m = json.loads((root / "metrics/evaluate.json").read_text())
+    for split in ("clean", "adversarial"):
+        assert set(m[split]) >= {"accuracy", "precision", "recall", "f1"}
+    weights = yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["weights"]
+    expected = weights["clean"] * m["clean"]["f1"] + weights["adversarial"] * m["adversarial"]["f1"]
+    assert m["weighted_f1"] == pytest.approx(expected)
+    assert "weighted_f1" in m["baseline"]
+
+
+def test_both_csvs_list_every_test_image_as_real_or_fake(repo):
+    root, _, _ = repo
+    n = 2 * TINY[("sample", "test_per_class")]
+    for name, suffix in (("Test_1_results.csv", ".jpg"), ("Test_2_results.csv", ".png")):
+        with open(root / "predictions" / name, newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["Image Name", "Predicted Label"]
+        assert len(rows) == n + 1
+        assert {r[1] for r in rows[1:]} <= {"Real", "Fake"}
+        assert all(r[0].split("/")[0] in ("REAL", "FAKE") and r[0].endswith(suffix) for r in rows[1:])
+    assert len(list((root / "data/adversarial").rglob("*.png"))) == n
+
+
+def test_mlflow_holds_runs_trials_and_champion_alias(repo):
+    root, _, _ = repo
+    code = f"""
+import mlflow, json
+from mlflow import MlflowClient
+mlflow.set_tracking_uri("sqlite:///{root}/mlruns/mlflow.db")
+exp = mlflow.get_experiment_by_name("cifake")
+runs = mlflow.search_runs([exp.experiment_id])
+client = MlflowClient()
+champ = client.get_model_version_by_alias("cifake-resnet50", "champion")
+versions = client.search_model_versions("name='cifake-resnet50'")
+print(json.dumps({{"stages": runs["tags.stage"].tolist(),
+                   "children": int(runs["tags.mlflow.parentRunId"].notna().sum()),
+                   "champion": champ.version, "versions": len(versions),
+                   "champion_tags": dict(champ.tags)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(set(info["stages"])) == ["advtrain", "evaluate", "train", "tune"]
+    assert info["children"] == TINY[("tune", "n_trials")]
+    assert info["versions"] == 2  # train and advtrain each register one
+    assert "weighted_f1" in info["champion_tags"]
+
+
+def test_second_repro_does_nothing(repo):
+    root, env, _ = repo
+    assert _ran(_repro(root, env)) == set()
+
+
+def test_editing_evaluate_epsilon_reruns_only_evaluate_and_predict(repo):
+    root, env, _ = repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["attack"]["epsilon"] = 4
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_repro(root, env)) == {"evaluate", "predict"}
+
+
+def test_editing_train_epochs_reruns_train_onward_but_not_tune(repo):
+    root, env, _ = repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = _ran(_repro(root, env))
+    assert {"train", "advtrain", "evaluate"} <= ran
+    assert not ran & {"fetch", "preprocess", "tune"}
