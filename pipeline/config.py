@@ -163,6 +163,7 @@ class Weights(Section):
 class Evaluate(Section):
     attack: Attack
     epsilons: list[Epsilon255] = Field(min_length=1)
+    curve_images: PositiveInt | None = None  # robustness curve on a stratified subset; null: every test image
     weights: Weights
     batch_size: PositiveInt
 

@@ -87,3 +87,14 @@ def test_confusion_rows_label_real_and_fake() -> None:
     counts = {(a, p): sum(r == {"actual": a, "predicted": p} for r in rows)
               for a in ("Real", "Fake") for p in ("Real", "Fake")}
     assert counts == {("Fake", "Fake"): TP, ("Fake", "Real"): FN, ("Real", "Fake"): FP, ("Real", "Real"): TN}
+
+
+def test_curve_subset_is_stratified_seeded_and_all_when_unbounded():
+    from pipeline.evaluation import curve_subset
+
+    y = np.array([0] * 300 + [1] * 100)
+    idx = curve_subset(y, 40, seed=7)
+    assert len(idx) == 40 and (y[idx] == 1).sum() == 10  # the 3:1 class ratio is kept
+    assert np.array_equal(idx, curve_subset(y, 40, seed=7)) and np.all(np.diff(idx) > 0)
+    assert np.array_equal(curve_subset(y, None, seed=7), np.arange(400))
+    assert np.array_equal(curve_subset(y, 1000, seed=7), np.arange(400))
