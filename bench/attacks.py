@@ -10,7 +10,8 @@ Figures (one JSON line each), on ``pipeline.model.build_model`` (ResNet50, weigh
 - ``evaluate``: ``pipeline.evaluation.evaluate(model, x, y, params.evaluate, seed)`` wall time with the evaluate
   params from params.yaml (FGSM at evaluate.attack.epsilon plus the robustness curve over evaluate.epsilons), on
   the built-in sample's test split (``pipeline.sample.write_sample`` with test_per_class 10,000, preprocessed),
-  tracing included (that is what the stage pays, and the stage calls it twice: advtrained and baseline model).
+  tracing included; ``attacked_images``/``forward_images`` count the image passes (the curve runs on
+  ``evaluate.curve_images`` images where that is set) (that is what the stage pays, and the stage calls it twice: advtrained and baseline model).
 """
 from __future__ import annotations
 
@@ -68,9 +69,11 @@ def main() -> None:
     load = loadavg()
     secs, result = timed(lambda: evaluation.evaluate(model, x, y, ev, params.base.seed))
     extra_eps = [e for e in ev.epsilons if e not in (0, ev.attack.epsilon)]
+    curve_n = min(getattr(ev, "curve_images", None) or len(x), len(x))  # robustness curve on a subset, if set
     emit("evaluate", load, images=len(x), seconds=round(secs, 1), images_per_s=round(len(x) / secs, 1),
          attack=ev.attack.name, epsilon=ev.attack.epsilon, epsilons=ev.epsilons, batch_size=ev.batch_size,
-         attack_passes=1 + len(extra_eps), forward_passes=2 + len(extra_eps),
+         curve_images=curve_n, attacked_images=len(x) + len(extra_eps) * curve_n,
+         forward_images=2 * len(x) + len(extra_eps) * curve_n,
          data="built-in sample test split (write_sample test_per_class=%d, preprocessed)" % (len(x) // 2),
          sample_made_s=round(made_s, 1), weighted_f1=round(result.weighted_f1, 4),
          path="pipeline.evaluation.evaluate (tracing included)")
