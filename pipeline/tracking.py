@@ -97,10 +97,11 @@ def dvc_data_hash(raw_path: Path, lock_file: Path = Path("dvc.lock")) -> str:
 
 
 def run_tags(stage: str, params: config.Params) -> dict[str, str]:
+    commit = git_commit()
     return {
         "stage": stage,
-        "mlflow.source.git.commit": git_commit(),
-        "git_commit": git_commit(),
+        "mlflow.source.git.commit": commit,
+        "git_commit": commit,
         "dvc_data_hash": dvc_data_hash(params.paths.raw),
         "data_source": params.data.source,
     }

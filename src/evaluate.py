@@ -33,9 +33,10 @@ def main() -> None:
     write_json(paths.metrics / "evaluate.json", summary)
     plots = paths.plots
     reporting.write_csv(final.curve + base.curve, plots / "robustness.csv")
+    rocs = {split: metrics.roc_points(test.y, p) for split, p in (("clean", final.p_clean), ("adversarial", final.p_adv))}
     for split, p in (("clean", final.p_clean), ("adversarial", final.p_adv)):
         reporting.write_csv(evaluation.confusion_rows(test.y, p, threshold), plots / f"confusion_{split}.csv")
-        reporting.write_csv(metrics.roc_points(test.y, p), plots / f"roc_{split}.csv")
+        reporting.write_csv(rocs[split], plots / f"roc_{split}.csv")
 
     info = read_json(paths.model_adv_info)
     with tracking.stage_run("evaluate", params):
@@ -44,8 +45,7 @@ def main() -> None:
         mlflow.set_tags({"evaluated_model": info["model_uri"], "evaluated_version": info.get("version", "")})
         mlflow.log_metrics(dict(config.flatten_dict(summary, exclude=("attack",))))
         mlflow.log_figure(reporting.robustness(final.curve + base.curve), "robustness.png")
-        mlflow.log_figure(reporting.roc({"clean": metrics.roc_points(test.y, final.p_clean),
-                                         "adversarial": metrics.roc_points(test.y, final.p_adv)}), "roc.png")
+        mlflow.log_figure(reporting.roc(rocs), "roc.png")
         for split, p in (("clean", final.p_clean), ("adversarial", final.p_adv)):
             fig = reporting.confusion(test.y, (p >= threshold).astype(int), f"Test_dataset_{split}")
             mlflow.log_figure(fig, f"confusion_{split}.png")
