@@ -48,6 +48,18 @@ def load_params(processed: Path, work: Path, trainable_from: str | None, epochs:
     return config.load(ROOT / "params.yaml", overrides)
 
 
+def run_trials(objective, n: int) -> tuple[list[float], list[float]]:
+    """Seconds and value of ``n`` runs of ``objective`` on the same fixed trial."""
+    import optuna
+
+    times, values = [], []
+    for _ in range(n):
+        seconds, value = timed(lambda: objective(optuna.trial.FixedTrial(FIXED)))
+        times.append(seconds)
+        values.append(value)
+    return times, values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="100 + 100 train images")
@@ -88,24 +100,15 @@ def main() -> None:
              images=n_feat, images_per_s=round(n_feat / extract_s, 1), **sizes,
              path="build_model + features.for_head (train + val, cache emptied first)")
 
-        objective = tuning.Objective(frozen, arrays, backbone_of(model), val.x)
-        cached, values = [], []
         load = loadavg()
-        for _ in range(args.cached_trials):
-            s, v = timed(lambda: objective(optuna.trial.FixedTrial(FIXED)))
-            cached.append(s)
-            values.append(v)
+        cached, values = run_trials(tuning.Objective(frozen, arrays, backbone_of(model), val.x), args.cached_trials)
         cached_s = statistics.median(cached)
         emit("tune_trial_cached", load, seconds=round(cached_s, 3), all_s=[round(s, 3) for s in cached],
              val_f1=[round(v, 4) for v in values], **sizes, path="tuning.Objective, model.trainable_from null")
 
-        objective_full = tuning.Objective(full, Arrays(train.x, train.y, val.x, val.y))
-        full_times, values = [], []
         load = loadavg()
-        for _ in range(args.full_trials):
-            s, v = timed(lambda: objective_full(optuna.trial.FixedTrial(FIXED)))
-            full_times.append(s)
-            values.append(v)
+        full_times, values = run_trials(tuning.Objective(full, Arrays(train.x, train.y, val.x, val.y)),
+                                        args.full_trials)
         full_s = statistics.median(full_times)
         emit("tune_trial_full_retrain", load, seconds=round(full_s, 2), all_s=[round(s, 2) for s in full_times],
              val_f1=[round(v, 4) for v in values], **sizes,
