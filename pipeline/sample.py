@@ -58,6 +58,13 @@ TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohis
 TEST_PHOTOS = ("chelsea", "flower", "stereo_motorcycle")
 MAX_FACTOR = 8        # crops are (32*k)^2 squares box-downsampled by k in 1..MAX_FACTOR
 LATENT_NOISE = 1.0    # std of the latent noise, 8-bit units; 2 or more makes flat areas visibly grainy
+# RMS (8-bit units) of the decoder's 2x2-periodic fingerprint: the uneven overlap of a stride-2 transposed
+# convolution leaves a fixed-phase checkerboard in every output (Odena et al., "Deconvolution and checkerboard
+# artifacts", 2016). It is what a frozen, randomly initialised ResNet50 can see (its stride-2 stem aliases the
+# pattern into a constant), and it is in luminance because JPEG's 4:2:0 chroma subsampling erases a colour one.
+# Measured (2000+2000 train, 500+500 test, random ResNet50 + logistic regression): 6 -> 0.75, 8 -> 0.85,
+# 12 -> 0.92 test accuracy; a colour checkerboard of 8 -> 0.67.
+CHECKERBOARD = 10.0
 FIT_CROPS = 2048      # fixed, so the generator does not change with the sample size
 BATCH = 2048
 _CELL = 4             # texture energy is modelled per 4x4 cell
@@ -161,10 +168,11 @@ class Decoder:
     filters: np.ndarray   # (3, 1024, 1024): white noise -> texture with the residual's spectrum, per colour component
     slope: float          # log cell energy = slope * log(cell contrast + 0.1) + bias
     bias: float
+    checker: np.ndarray   # (2, 2, 1): the periodic fingerprint, zero mean, RMS ``CHECKERBOARD``, in all channels
 
     @classmethod
-    def fit(cls, x: np.ndarray, ridge: float = 1.0) -> Decoder:
-        """Fit on real crops ``x`` (n, 32, 32, 3) float in [0, 255]."""
+    def fit(cls, x: np.ndarray, rng: np.random.Generator, ridge: float = 1.0) -> Decoder:
+        """Fit on real crops ``x`` (n, 32, 32, 3) float in [0, 255]; ``rng`` draws the checkerboard's phase."""
         feats = _neighbourhoods(encode(x)).reshape(-1, 28)
         rows = np.concatenate([feats, _to_blocks(x).reshape(-1, 12)], axis=1)
         moments = np.zeros((28, 40))
@@ -188,7 +196,10 @@ class Decoder:
         energy = np.log(_pool((resid ** 2).mean(-1), _CELL) + 1e-3).ravel()
         contrast = np.log(_cell_contrast(decoded) + 0.1).ravel()
         slope, bias = np.polyfit(contrast, energy, 1)
-        return cls(weights, colour, filters, float(slope), float(bias))
+        checker = rng.standard_normal((2, 2, 1)).astype(np.float32)
+        checker -= checker.mean()
+        checker *= CHECKERBOARD / checker.std()
+        return cls(weights, colour, filters, float(slope), float(bias), checker)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         return _from_blocks(_neighbourhoods(z) @ self.weights)
@@ -202,11 +213,11 @@ class Decoder:
         return (tex * amp).astype(np.float32)
 
     def generate(self, rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
-        """A FAKE for each real crop: encode, perturb the latent, decode, add texture."""
+        """A FAKE for each real crop: encode, perturb the latent, decode, add texture and the checkerboard."""
         z = encode(x)
         z = z + LATENT_NOISE * rng.standard_normal(z.shape, dtype=np.float32)
         decoded = self.decode(z)
-        return decoded + self.texture(rng, decoded)
+        return decoded + self.texture(rng, decoded) + np.tile(self.checker, (16, 16, 1))
 
 
 @functools.lru_cache(maxsize=1)
@@ -218,8 +229,8 @@ def _croppers() -> dict[str, Cropper]:
 @functools.lru_cache(maxsize=2)  # a pure function of the seed; the cache saves ~1 s per sample in one process
 def fitted_decoder(seed: int) -> Decoder:
     """The generator for ``seed``, fitted on ``FIT_CROPS`` crops of the train photographs only."""
-    fit_ss = np.random.SeedSequence(seed).spawn(5)[0]
-    return Decoder.fit(_croppers()["train"].sample(np.random.default_rng(fit_ss), FIT_CROPS))
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(5)[0])
+    return Decoder.fit(_croppers()["train"].sample(rng, FIT_CROPS), rng)
 
 
 def _save(pixels: np.ndarray, path: Path, quality: int) -> None:

@@ -29,13 +29,14 @@ def main() -> None:
         before = training.validation_scores(model, Attacker(model, cfg.attack, seed), val.x, val.y, cfg.batch_size,
                                             params.evaluate.weights)
         mlflow.log_metrics({f"before_{k}": v for k, v in before.items()})
-        history = training.adversarial_finetune(
-            model, data, cfg, params.evaluate.weights, seed,
+        history, best_epoch = training.adversarial_finetune(
+            model, data, cfg, params.evaluate.weights, seed, before,
             on_epoch_end=lambda epoch, row: mlflow.log_metrics(row, step=epoch),
         )
-        after = history[-1] if history else before
-        summary = {**{f"before_{k}": v for k, v in before.items()}, **after, "epochs": cfg.epochs}
-        mlflow.log_metrics({k: v for k, v in after.items() if k != "loss"})
+        after = history[best_epoch - 1] if best_epoch else {"loss": None, **before}
+        summary = {**{f"before_{k}": v for k, v in before.items()}, **after, "epochs": cfg.epochs,
+                   "best_epoch": best_epoch}
+        mlflow.log_metrics({k: v for k, v in after.items() if k != "loss"} | {"best_epoch": best_epoch})
         modellib.save(model, params.paths.model_adv)
         info = tracking.log_keras_model(model, modellib.to_unit(val.x[:8]), "model", params.mlflow.model_name)
 
@@ -44,8 +45,9 @@ def main() -> None:
     rows = [{"epoch": 0, "loss": None, **before}] + [{"epoch": i + 1, **r} for i, r in enumerate(history)]
     reporting.write_csv([{k: ("" if v is None else v) for k, v in r.items()} for r in rows],
                         params.paths.plots / "advtrain_history.csv")
-    print(f"advtrain: validation adversarial F1 {before['val_adv_f1']:.4f} -> {after['val_adv_f1']:.4f}, clean F1 "
-          f"{before['val_f1']:.4f} -> {after['val_f1']:.4f}; registered v{info.get('version')} (run {run.info.run_id})")
+    print(f"advtrain: kept epoch {best_epoch} of {cfg.epochs}; validation adversarial F1 {before['val_adv_f1']:.4f} -> "
+          f"{after['val_adv_f1']:.4f}, clean F1 {before['val_f1']:.4f} -> {after['val_f1']:.4f}; registered "
+          f"v{info.get('version')} (run {run.info.run_id})")
 
 
 if __name__ == "__main__":

@@ -88,15 +88,22 @@ def test_frozen_backbone_does_not_change_in_training(cfg) -> None:
     assert any(not np.array_equal(a, b) for a, b in zip(m.get_layer("head").get_weights(), head_before))
 
 
-def test_trainable_from_unfreezes_only_from_that_layer_on(cfg) -> None:
+def test_trainable_from_unfreezes_only_from_that_layer_on_and_keeps_batch_norm_frozen(cfg) -> None:
     backbone = model.build_backbone(with_(cfg, trainable_from="conv5_block3_1_conv"))
     names = [layer.name for layer in backbone.layers]
     start = names.index("conv5_block3_1_conv")
     for i, layer in enumerate(backbone.layers):
-        assert layer.trainable == (i >= start), layer.name
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        assert layer.trainable == (i >= start and not is_bn), layer.name
     trainable_paths = {v.path for v in backbone.trainable_weights}
     assert trainable_paths and all(p.split("/")[-2].startswith("conv5_block3_") for p in trainable_paths)
-    assert not any("conv5_block2" in p or "conv1_" in p for p in trainable_paths)
+    assert not any("conv5_block2" in p or "conv1_" in p or "_bn/" in p for p in trainable_paths)
+    # Frozen BN runs in inference mode, so training=True leaves its moving statistics alone.
+    bn = backbone.get_layer("conv5_block3_1_bn")
+    before = [w.copy() for w in bn.get_weights()]
+    backbone(np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype("float32") * 50, training=True)
+    for a, b in zip(bn.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_unknown_trainable_from_names_the_layer(cfg) -> None:

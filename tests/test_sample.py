@@ -89,7 +89,7 @@ def test_decoder_is_fitted_to_real_crops() -> None:
     # otherwise the fakes would be blurry blobs that brightness statistics separate.
     cropper = sample.Cropper([sample.load_photo(p) for p in sample.TRAIN_PHOTOS])
     rng = np.random.default_rng(0)
-    decoder = sample.Decoder.fit(cropper.sample(rng, 256))
+    decoder = sample.Decoder.fit(cropper.sample(rng, 256), rng)
     x = cropper.sample(rng, 256)
     z = sample.encode(x)
     fitted = np.mean((x - decoder.decode(z)) ** 2)
