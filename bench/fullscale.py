@@ -11,7 +11,7 @@ and only the costs mean something):
     model.trainable_from null (frozen backbone: tune and train fit heads on cached features)
     tune.n_trials 20·s (>= 2), tune.epochs 20·s (>= 1), tune.objective f1
     train.epochs 60·s (>= 1), train.patience 8·s (>= 1), train.batch_size 256
-    advtrain.epochs 1 (one pass over the whole train split), advtrain.trainable_from null
+    advtrain.epochs 1 (one pass over the whole train split; the whole net trains, as in params.yaml)
     evaluate: params.yaml (FGSM at epsilon 8, robustness curve over evaluate.epsilons)
 
 each stage runs on its own, in pipeline order, as ``/usr/bin/time -v dvc repro -s <stage>``: one JSON line per
@@ -50,7 +50,6 @@ def scaled_params(s: float) -> dict[tuple[str, ...], object]:
         ("train", "patience"): max(1, round(8 * s)),
         ("train", "batch_size"): 256,
         ("advtrain", "epochs"): 1,
-        ("advtrain", "trainable_from"): None,
     }
 
 

@@ -43,6 +43,7 @@ class Attacker:
         scalar = tf.TensorSpec((), tf.float32)
         self._fgsm = tf.function(self._fgsm_step, input_signature=[x_spec, y_spec, scalar])
         self._pgd = tf.function(self._pgd_attack, input_signature=[x_spec, y_spec, scalar, scalar, scalar, scalar])
+        self._sign = tf.function(lambda x, y: input_gradient_sign(self.logits, x, y), input_signature=[x_spec, y_spec])
 
     def _fgsm_step(self, x, y, eps):
         return tf.clip_by_value(x + eps * input_gradient_sign(self.logits, x, y), 0.0, 1.0)
@@ -78,6 +79,25 @@ class Attacker:
         for i in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
             out[i : i + batch_size] = self.perturb_batch(to_unit(x[i : i + batch_size]), y[i : i + batch_size], epsilon)
         return out
+
+
+    def sweep(self, x: np.ndarray, y: np.ndarray, epsilons: list[float], batch_size: int,
+              progress: str | None = None) -> dict[float, np.ndarray]:
+        """The attacked set at each epsilon, as uint8 (what a PNG holds).
+
+        FGSM's step direction, the sign of the input gradient at ``x``, does not depend on epsilon: one gradient
+        pass serves the whole list, where PGD needs a full attack per epsilon."""
+        if self.attack.name != "fgsm":
+            return {e: to_uint8(self.perturb(x, y, batch_size, e, progress)) for e in epsilons}
+        from tqdm import tqdm
+
+        signs = np.empty((len(x), *INPUT_SHAPE), np.int8)
+        starts = range(0, len(x), batch_size)
+        for i in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
+            yb = tf.reshape(tf.cast(y[i : i + batch_size], tf.float32), (-1, 1))
+            signs[i : i + batch_size] = self._sign(tf.constant(to_unit(x[i : i + batch_size])), yb).numpy()
+        unit = to_unit(x)
+        return {e: to_uint8(np.clip(unit + np.float32(e / 255.0) * signs, 0.0, 1.0)) for e in epsilons}
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

@@ -47,6 +47,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     # The curve is F1 along cfg.epsilons on a seeded subset (all images when curve_images is null): at CIFAKE
     # scale one attack pass over 20,000 images costs about a minute here, and the curve needs one per epsilon.
     idx = curve_subset(y, cfg.curve_images, seed)
+    others = [e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)]
+    attacked = attacker.sweep(x[idx], y[idx], others, bs, progress=bar("robustness curve")) if others else {}
     curve = []
     for eps in cfg.epsilons:
         if eps == 0:
@@ -54,8 +56,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         elif eps == cfg.attack.epsilon:
             p = p_adv[idx]
         else:
-            x_eps = to_uint8(attacker.perturb(x[idx], y[idx], bs, epsilon=eps, progress=bar(f"eps {eps:g}")))
-            p = batched(fn, x_eps, bs)[:, 0]
+            p = batched(fn, attacked.pop(eps), bs)[:, 0]
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold)})
     return Result(p_clean, x_adv, p_adv, clean, adv, metrics.weighted_f1(clean["f1"], adv["f1"], cfg.weights), curve)
 

@@ -185,12 +185,17 @@ def forward_fn(model: keras.Model):
     """``model`` as a compiled inference function with a fixed signature, so no batch size re-traces it.
 
     Measured here: a compiled tf.function runs ResNet50 at ~1,470 img/s where ``model.predict`` manages ~900.
+    Built once per model and reused (tracing costs ~1 s; advtrain scores validation after every epoch).
     """
-    import tensorflow as tf
+    fn = getattr(model, "_cifake_forward", None)
+    if fn is None:
+        import tensorflow as tf
 
-    spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-    fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    fn.output_tail = tuple(model.output_shape[1:])  # oneDNN rejects empty batches, so those never reach fn
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        fn.output_tail = tuple(model.output_shape[1:])  # oneDNN rejects empty batches, so those never reach fn
+        # On the model itself (past Keras's attribute tracking): it lives and dies with the model.
+        object.__setattr__(model, "_cifake_forward", fn)
     return fn
 
 

@@ -157,3 +157,22 @@ def test_uint8_input_is_attacked_in_unit_pixel_space(attackers, batch) -> None:
     attacker = attackers["fgsm"]
     np.testing.assert_allclose(attacker.perturb(x8, y, 24), attacker.perturb(x8.astype(np.float32) / 255, y, 24),
                                atol=1e-6)
+
+
+def test_fgsm_sweep_matches_one_attack_per_epsilon_from_one_gradient_pass(attackers, batch) -> None:
+    x8, y = to_uint8(batch[0]), batch[1]
+    attacker = attackers["fgsm"]
+    swept = attacker.sweep(x8, y, [1, 4, 16], batch_size=10)
+    assert list(swept) == [1, 4, 16]
+    for eps, got in swept.items():
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, to_uint8(attacker.perturb(x8, y, 10, epsilon=eps)))
+    assert attacker._sign.experimental_get_tracing_count() == 1
+
+
+def test_pgd_sweep_runs_the_attack_at_each_epsilon(attackers, batch) -> None:
+    x8, y = to_uint8(batch[0]), batch[1]
+    swept = attackers["pgd"].sweep(x8, y, [2, 8], batch_size=24)
+    for eps, got in swept.items():
+        assert np.abs(got.astype(int) - x8.astype(int)).max() <= eps
+    assert np.abs(swept[8].astype(int) - x8.astype(int)).max() > 2
