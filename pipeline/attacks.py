@@ -80,7 +80,6 @@ class Attacker:
             out[i : i + batch_size] = self.perturb_batch(to_unit(x[i : i + batch_size]), y[i : i + batch_size], epsilon)
         return out
 
-
     def sweep(self, x: np.ndarray, y: np.ndarray, epsilons: list[float], batch_size: int,
               progress: str | None = None) -> dict[float, np.ndarray]:
         """The attacked set at each epsilon, as uint8 (what a PNG holds).

@@ -205,11 +205,16 @@ def batched(fn, x: np.ndarray, batch_size: int, progress: str | None = None) -> 
 
     if len(x) == 0:
         return np.zeros((0, *fn.output_tail), np.float32)
+    out = None  # filled in place, sized by the first batch: no list of batches + concatenate copy
     starts = range(0, len(x), batch_size)
     if progress:
         starts = tqdm(starts, desc=progress, unit="batch", leave=False)
-    outs = [np.asarray(fn(to_unit(x[i : i + batch_size]))) for i in starts]
-    return np.concatenate(outs).astype(np.float32, copy=False)
+    for i in starts:
+        batch = np.asarray(fn(to_unit(x[i : i + batch_size])))
+        if out is None:
+            out = np.empty((len(x), *batch.shape[1:]), np.float32)
+        out[i : i + batch_size] = batch
+    return out
 
 
 def predict_proba(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
