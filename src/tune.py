@@ -4,6 +4,7 @@ With a frozen backbone every trial trains only the head, on backbone features co
 a trial); with `model.trainable_from` set, every trial trains the unfrozen model on images for `tune.epochs`.
 One MLflow parent run holds the study, with a nested child run per trial.
 """
+import gc
 import sys
 from pathlib import Path
 
@@ -25,7 +26,13 @@ def main() -> None:
     train, val = (load_split(params.paths.processed, n) for n in ("train", "val"))
     if params.model.frozen:
         model = build_model(params.model, dropout=0.0, seed=params.base.seed)
-        objective = tuning.Objective(params, features.for_head(model, params), backbone_of(model), val.x)
+        data = features.for_head(model, params)
+        # Trials need the backbone again only to attack validation images (weighted_f1). Otherwise free it before
+        # the trials, whose copies of the features make this stage's memory peak at CIFAKE scale.
+        backbone = backbone_of(model) if params.tune.objective == "weighted_f1" else None
+        del model
+        gc.collect()  # Keras models are reference cycles
+        objective = tuning.Objective(params, data, backbone, val.x)
     else:  # every trial trains the unfrozen layers on images
         objective = tuning.Objective(params, Arrays(train.x, train.y, val.x, val.y))
     study = tuning.make_study(params, features.data_key(params))
