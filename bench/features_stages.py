@@ -4,7 +4,7 @@
 
 Each prefix of the backbone (input -> end of conv1 + max pool, conv2, ..., conv5) is compiled like ``pipeline.model.forward_fn``
 and timed (warm-up, then the median of 3); a stage's time is the difference of two prefixes. Its GFLOP are the
-Conv2D multiply-adds x2 of its layers (as ``bench/features.py`` counts them). One JSON line per stage, with its
+Conv2D multiply-adds x2 of its layers (``bench.features.conv_gflops`` of each prefix). One JSON line per stage, with its
 feature-map size, share of the FLOPs and of the time, and GFLOP/s against the float32 matmul ceiling measured in
 the same run.
 """
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import emit, loadavg, repeat  # noqa: E402
-from bench.features import make_cfg, matmul_gflops  # noqa: E402
+from bench.features import conv_gflops, make_cfg, matmul_gflops  # noqa: E402
 
 STAGE_ENDS = ("pool1_pool", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
 
@@ -36,17 +36,8 @@ def main() -> None:
 
     ceiling = matmul_gflops(4096, "float32", repeats=5)["gflops"]
     backbone = backbone_of(build_model(make_cfg(32), 0.0, seed=42))
-    names = [layer.name for layer in backbone.layers]
     x = tf.constant(np.random.default_rng(0).normal(0, 60, (2048, 32, 32, 3)).astype(np.float32))
     batch = 256
-
-    def conv_gflop(upto: int) -> float:
-        total = 0
-        for layer in backbone.layers[: upto + 1]:
-            if isinstance(layer, keras.layers.Conv2D):
-                _, h, w, c_out = layer.output.shape
-                total += 2 * h * w * c_out * layer.kernel_size[0] * layer.kernel_size[1] * layer.input.shape[-1]
-        return total / 1e9
 
     prev_s, prev_gflop, rows = 0.0, 0.0, []
     for end in STAGE_ENDS:
@@ -56,7 +47,7 @@ def main() -> None:
         load = loadavg()
         secs = repeat(lambda: [fn(x[i : i + batch]) for i in range(0, len(x), batch)][-1].numpy(), repeats=3)
         total_s = statistics.median(secs)
-        gflop = conv_gflop(names.index(end))
+        gflop = conv_gflops(prefix)
         stage_s, stage_gflop = max(total_s - prev_s, 1e-9), gflop - prev_gflop
         rows.append((end, stage_s, stage_gflop))
         emit("resnet50_stage", load, stage=label(end), output_hw=list(prefix.output.shape[1:3]),
