@@ -4,8 +4,8 @@
     python bench/fullscale.py --scale 0.02   # everything shrunk, a smoke run
 
 In a temporary copy of the repository (see bench/noop_repro.py: no data, models, mlruns, .git, DVC cache; git init
-+ commit) with these params (the rest from params.yaml; model.weights stays ``none``, so the scores are at chance
-and only the costs mean something):
++ commit) with these params (the rest from params.yaml; model.weights stays ``none``: the scores are those of a
+random frozen backbone on the built-in sample, so the costs are what this measures):
 
     sample.train_per_class 50000·s, sample.test_per_class 10000·s
     model.trainable_from null (frozen backbone: tune and train fit heads on cached features)
