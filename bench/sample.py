@@ -65,6 +65,9 @@ def measure(root: Path, resnet: bool, cnn: bool) -> None:
         acc = model.fit(feats(xtr), ytr).score(feats(xte), yte)
         report(classifier=name, test_accuracy=round(float(acc), 3), n_train=len(ytr), n_test=len(yte))
 
+    for eps in (0, 4, 8, 10, 12, 16):
+        report(classifier="reference: sign of the 2x2 phase mark (sample.mark_score)", epsilon_255=eps,
+               certified_test_accuracy=round(sample.certified_accuracy(xte, yte, eps), 4), n_test=len(yte))
     score("logreg: RGB mean+std", mean_std, logreg())
     score("gradient boosting: RGB mean+std", mean_std, HistGradientBoostingClassifier(random_state=0))
     score("logreg: Laplacian energy", laplacian_energy, logreg())

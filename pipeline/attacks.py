@@ -3,7 +3,8 @@
 Epsilon and step size are in 8-bit pixel units (``epsilon: 8`` is 8/255). The steps follow binary cross-entropy's
 gradient sign, taken through the model's logit (see ``_loss``): differentiating the sigmoid output instead gives
 zero gradients once it saturates, and the attack silently does nothing. Each step is one compiled ``tf.function`` over a whole batch; epsilon is a tensor argument,
-so sweeping a list of epsilons never re-traces.
+so sweeping a list of epsilons never re-traces. PGD with ``restarts`` > 1 runs from several random starts and keeps,
+per image, the one that did the most damage.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def _loss(logits_fn, x, y):
     return tf.reduce_sum((1.0 - 2.0 * y) * logits)
 
 
+def _per_image_loss(logits_fn, x, y):
+    return (1.0 - 2.0 * y[:, 0]) * tf.cast(logits_fn(x, training=False), tf.float32)[:, 0]
+
+
 def input_gradient_sign(logits_fn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -42,7 +47,7 @@ class Attacker:
         y_spec = tf.TensorSpec((None, 1), tf.float32)
         scalar = tf.TensorSpec((), tf.float32)
         self._fgsm = tf.function(self._fgsm_step, input_signature=[x_spec, y_spec, scalar])
-        self._pgd = tf.function(self._pgd_attack, input_signature=[x_spec, y_spec, scalar, scalar, scalar, scalar])
+        self._pgd = tf.function(self._pgd_restarts, input_signature=[x_spec, y_spec] + [scalar] * 5)
         self._sign = tf.function(lambda x, y: input_gradient_sign(self.logits, x, y), input_signature=[x_spec, y_spec])
 
     def _fgsm_step(self, x, y, eps):
@@ -56,6 +61,26 @@ class Attacker:
             x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), 0.0, 1.0)
         return x_adv
 
+    def _pgd_restarts(self, x, y, eps, step, steps, random_start, restarts):
+        best = self._pgd_attack(x, y, eps, step, steps, random_start)
+        best_loss = _per_image_loss(self.logits, best, y)
+        for _ in tf.range(tf.cast(restarts, tf.int32) - 1):
+            x_adv = self._pgd_attack(x, y, eps, step, steps, random_start)
+            loss = _per_image_loss(self.logits, x_adv, y)
+            better = loss > best_loss
+            best = tf.where(better[:, None, None, None], x_adv, best)
+            best_loss = tf.maximum(loss, best_loss)
+        return best
+
+    def in_graph(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """The configured attack on one batch, for use inside another compiled function (a training step)."""
+        a = self.attack
+        eps = tf.constant(a.epsilon / 255.0)
+        if a.name == "fgsm":
+            return self._fgsm_step(x, y, eps)
+        return self._pgd_restarts(x, y, eps, tf.constant(a.step_size / 255.0), tf.constant(float(a.steps)),
+                                  tf.constant(float(a.random_start)), tf.constant(float(a.restarts)))
+
     def perturb_batch(self, x: np.ndarray | tf.Tensor, y: np.ndarray | tf.Tensor, epsilon: float | None = None):
         """One batch: ``x`` in [0, 1] float32, ``y`` 0/1 labels; returns a float32 tensor in [0, 1]."""
         a = self.attack
@@ -66,7 +91,7 @@ class Attacker:
             return self._fgsm(x, y, eps)
         return self._pgd(
             x, y, eps, tf.constant(a.step_size / 255.0), tf.constant(float(a.steps)),
-            tf.constant(float(a.random_start)),
+            tf.constant(float(a.random_start)), tf.constant(float(a.restarts)),
         )
 
     def perturb(self, x: np.ndarray, y: np.ndarray, batch_size: int, epsilon: float | None = None,

@@ -63,6 +63,8 @@ class Sample(Section):
     train_per_class: PositiveInt
     test_per_class: PositiveInt
     jpeg_quality: Annotated[int, Field(ge=1, le=100)]
+    # Amplitude (8-bit units) of the class's 2x2 phase mark; 0 leaves only the faint, non-robust fingerprint.
+    mark: Annotated[float, Field(ge=0.0, le=60.0)] = 12.0
 
 
 class Preprocess(Section):
@@ -106,6 +108,21 @@ class Attack(Section):
     steps: PositiveInt = 10
     step_size: Epsilon255 = 2.0
     random_start: bool = True
+    restarts: PositiveInt = 1  # PGD: keep, per image, the most damaging of this many random starts
+
+    @model_validator(mode="after")
+    def _restarts_need_random_start(self) -> Attack:
+        if self.restarts > 1 and not (self.name == "pgd" and self.random_start):
+            raise ValueError("restarts > 1 needs name: pgd and random_start: true (else every restart is the same)")
+        return self
+
+    def describe(self) -> str:
+        """Short and complete, for logs and tags: ``pgd-10x2 eps 8/255 step 2/255 rs``."""
+        if self.name == "fgsm":
+            return f"fgsm eps {self.epsilon:g}/255"
+        restarts = f"x{self.restarts}" if self.restarts > 1 else ""
+        return (f"pgd-{self.steps}{restarts} eps {self.epsilon:g}/255 step {self.step_size:g}/255"
+                + (" rs" if self.random_start else ""))
 
 
 class Tune(Section):
@@ -114,7 +131,7 @@ class Tune(Section):
     batch_size: PositiveInt
     dropout: Range
     learning_rate: Range
-    objective: Literal["f1", "weighted_f1"]
+    objective: Literal["clean", "robust"]
     attack: Attack
     storage: str = Field(min_length=1)
     pruner: Literal["median", "none"]
@@ -162,9 +179,12 @@ class Weights(Section):
 
 class Evaluate(Section):
     attack: Attack
+    diagnostic: Attack  # a second, stronger attack (PGD) beside the mission's: gradient masking shows up here
     epsilons: list[Epsilon255] = Field(min_length=1)
     curve_images: PositiveInt | None = None  # robustness curve on a stratified subset; null: every test image
     weights: Weights
+    measure: Literal["balanced_accuracy", "macro_f1"]  # what robust_score weights: counts both classes
+    bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples for the 95 % intervals; 0: none
     batch_size: PositiveInt
 
 

@@ -1,7 +1,14 @@
 """Evaluation on Test_dataset_1 (clean) and Test_dataset_2 (the same images attacked white-box against the model
-being evaluated, rounded to 8 bits exactly as the PNG files that hold them)."""
+being evaluated with the mission's attack, rounded to 8 bits exactly as the PNG files that hold them), plus a
+stronger diagnostic attack (PGD) so that gradient masking or an FGSM-only defence shows up.
+
+Every set gets figures that count both classes (balanced accuracy, the recall of each class, ROC AUC, the share
+called FAKE) beside the mission's F1; the selection rule :func:`pipeline.metrics.robust_score` takes, per image,
+the worse of the two attacks."""
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,33 +26,52 @@ from pipeline.model import batched, forward_fn
 @dataclass
 class Result:
     p_clean: np.ndarray
-    x_adv: np.ndarray  # uint8, what Test_dataset_2 holds
+    x_adv: np.ndarray  # uint8, what Test_dataset_2 holds (the mission's attack)
     p_adv: np.ndarray
-    clean: dict[str, float]
-    adversarial: dict[str, float]
+    p_diagnostic: np.ndarray
+    sets: dict[str, dict[str, float]]  # clean, adversarial, diagnostic, worst -> metrics
     weighted_f1: float
-    curve: list[dict] = field(default_factory=list)  # F1 per epsilon
+    robust_score: float
+    curve: list[dict] = field(default_factory=list)  # F1 and balanced accuracy per epsilon
 
-    def summary(self) -> dict:
-        return {"clean": self.clean, "adversarial": self.adversarial, "weighted_f1": self.weighted_f1}
+    @property
+    def clean(self) -> dict[str, float]:
+        return self.sets["clean"]
+
+    @property
+    def adversarial(self) -> dict[str, float]:
+        return self.sets["adversarial"]
+
+    def summary(self, reference: dict[str, float]) -> dict:
+        return {"weighted_f1": self.weighted_f1, "robust_score": self.robust_score,
+                "weighted_f1_minus_always_fake": self.weighted_f1 - reference["always_fake_weighted_f1"],
+                **self.sets}
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
              threshold: float = 0.5, name: str = "model") -> Result:
-    """Clean and adversarial metrics, the weighted score, and F1 along ``cfg.epsilons`` (same attack kind)."""
+    """Clean, mission-attacked and diagnostic-attacked metrics, the weighted F1, the robust score, and the curve
+    along ``cfg.epsilons`` (the mission's attack kind)."""
     fn = forward_fn(model)
     bs = cfg.batch_size
-    attacker = Attacker(model, cfg.attack, seed)
 
     def bar(text: str) -> str | None:  # progress bars on a terminal only, not in logs
         return f"{name}: {text}" if sys.stderr.isatty() else None
 
     p_clean = batched(fn, x, bs, progress=bar("clean"))[:, 0]
-    x_adv = to_uint8(attacker.perturb(x, y, bs, progress=bar(f"{cfg.attack.name} eps {cfg.attack.epsilon:g}")))
+    attacker = Attacker(model, cfg.attack, seed)
+    x_adv = to_uint8(attacker.perturb(x, y, bs, progress=bar(cfg.attack.describe())))
     p_adv = batched(fn, x_adv, bs)[:, 0]
-    clean, adv = metrics.classification(y, p_clean, threshold), metrics.classification(y, p_adv, threshold)
-    # The curve is F1 along cfg.epsilons on a seeded subset (all images when curve_images is null): at CIFAKE
-    # scale one attack pass over 20,000 images costs about a minute here, and the curve needs one per epsilon.
+    diagnostic = Attacker(model, cfg.diagnostic, seed)
+    p_diag = batched(fn, to_uint8(diagnostic.perturb(x, y, bs, progress=bar(cfg.diagnostic.describe()))), bs)[:, 0]
+    p_worst = metrics.worst_case(y, p_adv, p_diag)
+    sets = {k: metrics.classification(y, p, threshold) for k, p in
+            (("clean", p_clean), ("adversarial", p_adv), ("diagnostic", p_diag), ("worst", p_worst))}
+    weighted = metrics.weighted_f1(sets["clean"]["f1"], sets["adversarial"]["f1"], cfg.weights)
+    robust = metrics.robust_score(y, p_clean, p_worst, cfg.weights, cfg.measure, threshold)
+
+    # The curve is on a seeded subset (all images when curve_images is null): at CIFAKE scale one attack pass
+    # over 20,000 images costs about a minute here, and the curve needs one per epsilon.
     idx = curve_subset(y, cfg.curve_images, seed)
     others = [e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)]
     attacked = attacker.sweep(x[idx], y[idx], others, bs, progress=bar("robustness curve")) if others else {}
@@ -57,8 +83,30 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
             p = p_adv[idx]
         else:
             p = batched(fn, attacked.pop(eps), bs)[:, 0]
-        curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold)})
-    return Result(p_clean, x_adv, p_adv, clean, adv, metrics.weighted_f1(clean["f1"], adv["f1"], cfg.weights), curve)
+        curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
+                      "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
+    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve)
+
+
+def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, threshold: float) -> dict:
+    """Seeded bootstrap 95 % intervals of the headline figures (empty when ``cfg.bootstrap`` is 0)."""
+    if not cfg.bootstrap:
+        return {}
+    return metrics.bootstrap_ci(y, result.p_clean, result.p_adv, metrics.worst_case(y, result.p_adv, result.p_diagnostic),
+                                cfg.weights, cfg.measure, threshold, cfg.bootstrap, seed)
+
+
+def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, threshold: float) -> dict:
+    """Everything a score depends on besides the model: two scores compare only when their protocols match."""
+    h = hashlib.sha256(np.ascontiguousarray(x).tobytes())
+    h.update(np.asarray(y, np.uint8).tobytes())
+    return {"attack": cfg.attack.model_dump(mode="json"), "diagnostic": cfg.diagnostic.model_dump(mode="json"),
+            "test_sha256": h.hexdigest()[:16], "weights": cfg.weights.model_dump(mode="json"),
+            "measure": cfg.measure, "threshold": threshold, "seed": seed}
+
+
+def protocol_id(proto: dict) -> str:
+    return hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def curve_subset(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:

@@ -1,4 +1,11 @@
-"""Classification metrics with FAKE (1) as the positive class, and the project's weighted score."""
+"""Classification metrics with FAKE (1) as the positive class, the mission's weighted F1, and the one selection
+rule that tuning, advtrain's epoch choice and the registry's champion all use: :func:`robust_score`.
+
+F1 with FAKE positive rewards a model that calls everything FAKE (0.667 on a balanced set, and no attack moves it),
+so nothing here selects on it. :func:`robust_score` weights the same 0.4/0.6 over a measure that counts both
+classes (balanced accuracy by default, or macro F1), where calling everything one class scores 0.5 and a model
+that an attack flips scores below that.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -6,40 +13,109 @@ from sklearn import metrics as skm
 
 from pipeline import config
 
+MEASURES = ("balanced_accuracy", "macro_f1")
+
+
+def _counts(y: np.ndarray, pred: np.ndarray, idx: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Confusion counts (tp, fp, fn, tn); with ``idx`` (resamples x n indices) one count per resample."""
+    y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
+    cells = (y & pred, ~y & pred, y & ~pred, ~y & ~pred)
+    if idx is None:
+        return tuple(np.float64(c.sum()) for c in cells)
+    return tuple(c[idx].sum(-1).astype(np.float64) for c in cells)
+
+
+def _ratio(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1), 0.0)
+
+
+def _from_counts(tp, fp, fn, tn) -> dict[str, np.ndarray]:
+    """Every count-based figure, as numpy expressions, so point estimates and bootstrap resamples share them."""
+    recall_fake, recall_real = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    f1_fake, f1_real = _ratio(2 * tp, 2 * tp + fp + fn), _ratio(2 * tn, 2 * tn + fn + fp)
+    n = tp + fp + fn + tn
+    return {
+        "accuracy": _ratio(tp + tn, n), "precision": _ratio(tp, tp + fp), "recall": recall_fake, "f1": f1_fake,
+        "balanced_accuracy": (recall_fake + recall_real) / 2, "macro_f1": (f1_fake + f1_real) / 2,
+        "recall_real": recall_real, "recall_fake": recall_fake, "fake_share": _ratio(tp + fp, n),
+    }
+
 
 def classification(y_true: np.ndarray, p_fake: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (FAKE positive) and ROC AUC (when both classes are present)."""
+    """Accuracy, precision, recall, F1 (FAKE positive), balanced accuracy, macro F1, the recall of each class, the
+    share of images called FAKE, and ROC AUC (when both classes are present)."""
     y_true = np.asarray(y_true).astype(int)
-    y_pred = (np.asarray(p_fake) >= threshold).astype(int)
-    out = {
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "precision": float(skm.precision_score(y_true, y_pred, zero_division=0)),
-        "recall": float(skm.recall_score(y_true, y_pred, zero_division=0)),
-        "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
-    }
+    out = {k: float(v) for k, v in _from_counts(*_counts(y_true, np.asarray(p_fake) >= threshold)).items()}
     if len(np.unique(y_true)) == 2:
         out["roc_auc"] = float(skm.roc_auc_score(y_true, p_fake))
     return out
 
 
 def f1(y_true: np.ndarray, p_fake: np.ndarray, threshold: float = 0.5) -> float:
-    return float(skm.f1_score(np.asarray(y_true).astype(int), (np.asarray(p_fake) >= threshold).astype(int),
-                              zero_division=0))
+    return float(_from_counts(*_counts(y_true, np.asarray(p_fake) >= threshold))["f1"])
+
+
+def measure(y_true: np.ndarray, p_fake: np.ndarray, name: str = "balanced_accuracy", threshold: float = 0.5) -> float:
+    """A measure that counts both classes (one of :data:`MEASURES`): 0.5 for any constant answer."""
+    return float(_from_counts(*_counts(y_true, np.asarray(p_fake) >= threshold))[name])
 
 
 def weighted_f1(f1_clean: float, f1_adversarial: float, weights: config.Weights) -> float:
-    """The score the project is judged on: 0.4 · F1(clean) + 0.6 · F1(adversarial) by default."""
+    """The mission's headline: 0.4 · F1(clean) + 0.6 · F1(adversarial) by default, FAKE positive."""
     return weights.clean * f1_clean + weights.adversarial * f1_adversarial
+
+
+def robust_score(y: np.ndarray, p_clean: np.ndarray, p_attacked: np.ndarray, weights: config.Weights,
+                 measure_name: str = "balanced_accuracy", threshold: float = 0.5) -> float:
+    """THE selection rule: ``weights.clean · m(clean) + weights.adversarial · m(attacked)`` with ``m`` a measure
+    that counts both classes. A constant answer scores 0.5, a model an attack flips scores below 0.5."""
+    return (weights.clean * measure(y, p_clean, measure_name, threshold)
+            + weights.adversarial * measure(y, p_attacked, measure_name, threshold))
+
+
+def worst_case(y: np.ndarray, *p_attacked: np.ndarray) -> np.ndarray:
+    """Per image, the attacked P(FAKE) furthest on the wrong side over several attacks (the lowest for a FAKE
+    image, the highest for a REAL one): an image counts as robust only if every attack failed on it."""
+    stacked = np.stack([np.asarray(p, np.float64) for p in p_attacked])
+    return np.where(np.asarray(y).astype(bool), stacked.min(0), stacked.max(0))
+
+
+def reference(y: np.ndarray, weights: config.Weights, measure_name: str = "balanced_accuracy") -> dict[str, float]:
+    """The scores of a model that calls everything FAKE: immune to any attack, so these are floors to beat, not
+    signs of robustness (its weighted F1 is ≈ 0.667 on a balanced set; its robust_score 0.5)."""
+    ones = np.ones(len(y))
+    f1_all_fake = f1(y, ones)
+    return {"always_fake_f1": f1_all_fake, "always_fake_weighted_f1": weighted_f1(f1_all_fake, f1_all_fake, weights),
+            "always_fake_robust_score": robust_score(y, ones, ones, weights, measure_name)}
+
+
+def bootstrap_ci(y: np.ndarray, p_clean: np.ndarray, p_adversarial: np.ndarray, p_worst: np.ndarray,
+                 weights: config.Weights, measure_name: str = "balanced_accuracy", threshold: float = 0.5,
+                 n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
+    """Seeded percentile-bootstrap intervals (test images resampled with replacement) for the headline figures:
+    ``weighted_f1`` (clean + ``p_adversarial``), ``robust_score`` (clean + ``p_worst``) and the balanced accuracy
+    of each set. Two runs whose intervals overlap widely are not shown to differ by this test set."""
+    y = np.asarray(y).astype(bool)
+    rng = np.random.default_rng(seed)
+    preds = {"clean": np.asarray(p_clean) >= threshold, "adversarial": np.asarray(p_adversarial) >= threshold,
+             "worst": np.asarray(p_worst) >= threshold}
+    draws: dict[str, list[np.ndarray]] = {k: [] for k in ("weighted_f1", "robust_score", "clean_balanced_accuracy",
+                                                         "adversarial_balanced_accuracy")}
+    for start in range(0, n_resamples, 100):  # 100 resamples at a time keeps the index matrix small
+        idx = rng.integers(0, len(y), (min(100, n_resamples - start), len(y)))
+        s = {k: _from_counts(*_counts(y, p, idx)) for k, p in preds.items()}
+        draws["weighted_f1"].append(weights.clean * s["clean"]["f1"] + weights.adversarial * s["adversarial"]["f1"])
+        draws["robust_score"].append(weights.clean * s["clean"][measure_name]
+                                     + weights.adversarial * s["worst"][measure_name])
+        draws["clean_balanced_accuracy"].append(s["clean"]["balanced_accuracy"])
+        draws["adversarial_balanced_accuracy"].append(s["adversarial"]["balanced_accuracy"])
+    tail = 100 * (1 - level) / 2
+    bounds = {k: np.percentile(np.concatenate(d), [tail, 100 - tail]) for k, d in draws.items()}
+    return {k: {"low": float(lo), "high": float(hi)} for k, (lo, hi) in bounds.items()}
 
 
 def roc_points(y_true: np.ndarray, p_fake: np.ndarray) -> list[dict[str, float]]:
     fpr, tpr, thresholds = skm.roc_curve(np.asarray(y_true).astype(int), p_fake)
     thresholds = np.minimum(thresholds, 1.0)  # sklearn puts +inf first; keep the JSON/CSV finite
     return [{"fpr": float(a), "tpr": float(b), "threshold": float(t)} for a, b, t in zip(fpr, tpr, thresholds)]
-
-
-def constant_fake(y_true: np.ndarray, weights: config.Weights) -> dict[str, float]:
-    """The score of a model that calls everything FAKE: immune to any attack, so its weighted F1 (≈ 0.667 on a
-    balanced set) is the floor a real classifier has to beat, not a sign of robustness."""
-    f1_all_fake = f1(y_true, np.ones(len(y_true)))
-    return {"always_fake_f1": f1_all_fake, "always_fake_weighted_f1": weighted_f1(f1_all_fake, f1_all_fake, weights)}

@@ -9,36 +9,31 @@ generator shaped like a latent-diffusion decoder and fitted on train-side real c
   real residuals (real - decode(encode(real))), scaled per 4x4 cell to the residual energy that a fitted log-linear
   model predicts from the decoded image's local contrast.
 
-Fakes thus keep the content, brightness and contrast of real crops (a global statistic does not separate them) and
-carry two decoder fingerprints: texture that is Gaussian, stationary and not aligned with edges, and a faint
-fixed-phase 2x2 checkerboard (``CHECKERBOARD``), the mark a stride-2 transposed convolution leaves. Train and test
-crops come from disjoint photographs, so the test set measures generalisation to unseen scenes.
+Both classes then carry a **2x2 phase mark**: a fixed-phase luminance checkerboard of amplitude ``mark`` (8-bit
+units, ``sample.mark``), in one phase on every FAKE and in the opposite phase on every REAL. On the fakes it is the
+mark a stride-2 transposed convolution leaves in every output (Odena et al., "Deconvolution and checkerboard
+artifacts", 2016); on the reals it stands for the 2x2-periodic trace of a camera's colour-filter demosaicing
+(Popescu and Farid, 2005), idealised to the same pattern with the opposite sign. Both marks have the same energy,
+so anything blind to phase (brightness, contrast, Laplacian energy, the magnitude spectrum) sees no difference;
+only the sign of one Fourier coefficient separates the classes. That sign has a margin: the reference classifier
+:func:`mark_score` (the mean of the image times the checkerboard) moves by at most epsilon under an L-infinity
+change of epsilon, and it reads about +mark on fakes and -mark on reals, so at ``mark: 12`` it is provably right
+on every image against any attack up to ~10/255 (:func:`certified_accuracy`). A robust detector therefore exists
+at the mission's 8/255; whether a trained ResNet50 finds it is what adversarial training has to show. The texture
+fingerprint stays as the faint, non-robust cue that an undefended model also leans on.
 
-Why the checkerboard: offline there are no ImageNet weights, and a frozen, randomly initialised ResNet50 (the
-default backbone offline) does not see the texture fingerprint at all (0.52 without the checkerboard), nor does
-the whole ResNet50 learn it from scratch in a 15-minute budget. The checkerboard is linear in pixel space, so the
-sample is easy by design (raw-pixel logistic regression finds it): it exists to exercise the pipeline, the attack
-and the defence offline, not to rank detectors. Real results need the real data and real weights.
+So the sample is easy by design (linear in pixels): it exercises the pipeline, the attack and the defence offline;
+it does not rank detectors. Real results need the real data and real weights. Train and test crops come from
+disjoint photographs, so the test set measures generalisation to unseen scenes.
 
-Measured with ``python bench/sample.py --measure --resnet --cnn`` at the default size (5000+5000 train,
-1000+1000 test, seed 42, JPEG 95), accuracy on the test split:
+**Byte-identical on every CPU.** All arithmetic is float64, and the colour basis has a fixed sign (eigenvectors
+are only defined up to one). BLAS picks its kernels by CPU and they sum in different orders: in float32 that moved
+pixels across a rounding boundary (measured: 2 of 500 files differed between OpenBLAS's Zen and SkylakeX kernels
+on one machine, and the whole default sample differed between an AMD and an Intel machine); in float64 the
+differences are ~1e-13 of a grey level and never reach a rounding boundary in practice. ``tests/test_sample.py`` checks a golden hash, also under other OpenBLAS kernels and with
+numpy's AVX-512 code paths switched off.
 
-==================================================================  ===================
-classifier                                                          test accuracy
-==================================================================  ===================
-logistic regression, per-image RGB mean and std                     0.52
-gradient boosting, per-image RGB mean and std                       0.51
-logistic regression, Laplacian energy alone                         0.69
-logistic regression, mean, std and Laplacian energy                 0.69
-logistic regression, raw pixels                                     1.00
-logistic regression, the 5 :func:`fingerprint_features`             0.94
-gradient boosting, the 5 :func:`fingerprint_features`               0.95
-tiny CNN from scratch (3 conv layers, 15 epochs)                    1.00
-random-init frozen ResNet50 (avg pool) + logistic regression        0.88
-==================================================================  ===================
-
-Generation (2 cores shared with other work): default size (12,000 images) 5.6 s, peak RSS 756 MiB; CIFAKE size
-(50k+50k train, 10k+10k test) 64 s before the checkerboard was added (it costs one addition per image).
+Measured with ``python bench/sample.py --measure --resnet --cnn`` at the default size; see ``bench/README.md``.
 """
 from __future__ import annotations
 
@@ -61,13 +56,9 @@ TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohis
 TEST_PHOTOS = ("chelsea", "flower", "stereo_motorcycle")
 MAX_FACTOR = 8        # crops are (32*k)^2 squares box-downsampled by k in 1..MAX_FACTOR
 LATENT_NOISE = 1.0    # std of the latent noise, 8-bit units; 2 or more makes flat areas visibly grainy
-# RMS (8-bit units) of the decoder's 2x2-periodic fingerprint: the uneven overlap of a stride-2 transposed
-# convolution leaves a fixed-phase checkerboard in every output (Odena et al., "Deconvolution and checkerboard
-# artifacts", 2016). It is what a frozen, randomly initialised ResNet50 can see (its stride-2 stem aliases the
-# pattern into a constant), and it is in luminance because JPEG's 4:2:0 chroma subsampling erases a colour one.
-# Measured (2000+2000 train, 500+500 test, random ResNet50 + logistic regression): 6 -> 0.75, 8 -> 0.85,
-# 12 -> 0.92 test accuracy; a colour checkerboard of 8 -> 0.67.
-CHECKERBOARD = 10.0
+# The phase mark's pattern: +1/-1 in a 2x2 checkerboard, the same in all three channels (luminance: JPEG's 4:2:0
+# chroma subsampling would erase a colour one). FAKE images get +mark times it, REAL images -mark times it.
+CHECKERBOARD = ((np.indices((32, 32)).sum(0) % 2) * 2 - 1).astype(np.float64)[..., None]
 FIT_CROPS = 2048      # fixed, so the generator does not change with the sample size
 BATCH = 2048
 _CELL = 4             # texture energy is modelled per 4x4 cell
@@ -109,7 +100,7 @@ class Cropper:
         self.integrals = [np.pad(p.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0), (0, 0))) for p in photos]
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """``n`` crops as float32 (n, 32, 32, 3) in [0, 255]."""
+        """``n`` crops as float64 (n, 32, 32, 3) in [0, 255]."""
         photo = rng.integers(0, len(self.integrals), n)
         factor = rng.integers(1, MAX_FACTOR + 1, n)
         pos = rng.random((n, 2))
@@ -122,7 +113,7 @@ class Cropper:
             corners[i] = s[y:y + 32 * k + 1:k, x:x + 32 * k + 1:k]
             factor[i] = k
         box = corners[:, 1:, 1:] - corners[:, :-1, 1:] - corners[:, 1:, :-1] + corners[:, :-1, :-1]
-        out = box.astype(np.float32) / (factor.astype(np.float32) ** 2)[:, None, None, None]
+        out = box.astype(np.float64) / (factor.astype(np.float64) ** 2)[:, None, None, None]
         out[flip] = out[flip, :, ::-1]
         return out
 
@@ -135,9 +126,9 @@ def encode(x: np.ndarray) -> np.ndarray:
 def _pool(a: np.ndarray, s: int) -> np.ndarray:
     """Mean over s x s cells of (n, H, W): two matmuls, much faster than a reshaped mean."""
     h, w = a.shape[1:]
-    rows = np.kron(np.eye(h // s, dtype=np.float32), np.full((1, s), 1 / s, np.float32))
-    cols = np.kron(np.eye(w // s, dtype=np.float32), np.full((1, s), 1 / s, np.float32))
-    return rows @ a.astype(np.float32, copy=False) @ cols.T
+    rows = np.kron(np.eye(h // s), np.full((1, s), 1 / s))
+    cols = np.kron(np.eye(w // s), np.full((1, s), 1 / s))
+    return rows @ a.astype(np.float64, copy=False) @ cols.T
 
 
 def _neighbourhoods(z: np.ndarray) -> np.ndarray:
@@ -171,56 +162,74 @@ class Decoder:
     filters: np.ndarray   # (3, 1024, 1024): white noise -> texture with the residual's spectrum, per colour component
     slope: float          # log cell energy = slope * log(cell contrast + 0.1) + bias
     bias: float
-    checker: np.ndarray   # (2, 2, 1): the periodic fingerprint, zero mean, RMS ``CHECKERBOARD``, in all channels
 
     @classmethod
-    def fit(cls, x: np.ndarray, rng: np.random.Generator, ridge: float = 1.0) -> Decoder:
-        """Fit on real crops ``x`` (n, 32, 32, 3) float in [0, 255]; ``rng`` draws the checkerboard's phase."""
+    def fit(cls, x: np.ndarray, ridge: float = 1.0) -> Decoder:
+        """Fit on real crops ``x`` (n, 32, 32, 3) float in [0, 255]."""
         feats = _neighbourhoods(encode(x)).reshape(-1, 28)
         rows = np.concatenate([feats, _to_blocks(x).reshape(-1, 12)], axis=1)
         moments = np.zeros((28, 40))
         for i in range(0, len(rows), 1 << 18):  # float64 sums in chunks: precise without a 2x memory copy
             chunk = rows[i:i + (1 << 18)].astype(np.float64)
             moments += chunk[:, :28].T @ chunk  # one product: numpy's A.T @ A special case is 30x slower here
-        weights = np.linalg.solve(moments[:, :28] + ridge * np.eye(28), moments[:, 28:]).astype(np.float32)
+        weights = np.linalg.solve(moments[:, :28] + ridge * np.eye(28), moments[:, 28:])
         decoded = _from_blocks(_neighbourhoods(encode(x)) @ weights)
         resid = x - decoded
         _, colour = np.linalg.eigh(np.einsum("nhwc,nhwd->cd", resid, resid, dtype=np.float64) / resid[..., 0].size)
-        colour = colour.astype(np.float32)
+        # An eigenvector's sign is arbitrary and LAPACK builds differ in it: fix it (largest entry positive).
+        colour *= np.sign(colour[np.abs(colour).argmax(0), np.arange(3)])
         comps = np.ascontiguousarray((resid @ colour).transpose(0, 3, 1, 2))  # FFTs are fastest on the last axes
         amplitude = np.sqrt((np.abs(np.fft.rfft2(comps)) ** 2).mean(0))
         # Filtering as a matrix: row p is the filter's response to an impulse at pixel p. Applying it is one BLAS
         # matmul per batch, several times faster than an FFT per image.
-        impulses = np.eye(32 * 32, dtype=np.float32).reshape(-1, 32, 32)
+        impulses = np.eye(32 * 32).reshape(-1, 32, 32)
         filters = np.stack([np.fft.irfft2(np.fft.rfft2(impulses) * a, s=(32, 32)).reshape(-1, 32 * 32)
-                            for a in amplitude]).astype(np.float32)
+                            for a in amplitude])
         # Scale so that texture has mean square 1 over pixels and channels; the energy model sets its level.
         filters *= np.sqrt(3 / (filters[:, 0] ** 2).sum())
         energy = np.log(_pool((resid ** 2).mean(-1), _CELL) + 1e-3).ravel()
         contrast = np.log(_cell_contrast(decoded) + 0.1).ravel()
         slope, bias = np.polyfit(contrast, energy, 1)
-        checker = rng.standard_normal((2, 2, 1)).astype(np.float32)
-        checker -= checker.mean()
-        checker *= CHECKERBOARD / checker.std()
-        return cls(weights, colour, filters, float(slope), float(bias), checker)
+        return cls(weights, colour, filters, float(slope), float(bias))
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         return _from_blocks(_neighbourhoods(z) @ self.weights)
 
     def texture(self, rng: np.random.Generator, decoded: np.ndarray) -> np.ndarray:
         """Gaussian high-frequency texture, its energy per 4x4 cell set by the decoded image's local contrast."""
-        white = rng.standard_normal((3, len(decoded), 32 * 32), dtype=np.float32)
+        white = rng.standard_normal((3, len(decoded), 32 * 32), dtype=np.float32).astype(np.float64)
         tex = np.matmul(white, self.filters).transpose(1, 2, 0).reshape(decoded.shape) @ self.colour.T
         energy = np.exp(self.slope * np.log(_cell_contrast(decoded) + 0.1) + self.bias)
         amp = np.sqrt(energy).repeat(_CELL, 1).repeat(_CELL, 2)[..., None]
-        return (tex * amp).astype(np.float32)
+        return tex * amp
 
     def generate(self, rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
-        """A FAKE for each real crop: encode, perturb the latent, decode, add texture and the checkerboard."""
+        """A FAKE for each real crop: encode, perturb the latent, decode, add texture (the mark comes later)."""
         z = encode(x)
         z = z + LATENT_NOISE * rng.standard_normal(z.shape, dtype=np.float32)
         decoded = self.decode(z)
-        return decoded + self.texture(rng, decoded) + np.tile(self.checker, (16, 16, 1))
+        return decoded + self.texture(rng, decoded)
+
+
+def add_mark(x: np.ndarray, label: int, mark: float) -> np.ndarray:
+    """The 2x2 phase mark, +``mark`` on FAKE (1) and -``mark`` on REAL (0). The range is first squeezed into
+    [mark, 255 - mark] so that no pixel clips: clipping would shave the mark, and with it the certified margin."""
+    sign = 1.0 if label == 1 else -1.0
+    return mark + x * ((255.0 - 2.0 * mark) / 255.0) + sign * mark * CHECKERBOARD
+
+
+def mark_score(x: np.ndarray) -> np.ndarray:
+    """The reference classifier's statistic, in 8-bit units: mean over pixels and channels of image x checkerboard;
+    > 0 says FAKE. Its gradient has L1 norm 1 per 8-bit unit, so an L-infinity change of epsilon moves it by at most
+    epsilon: where ``|score| > epsilon`` and the sign is right, no attack within epsilon can flip it."""
+    return (np.asarray(x, np.float64) * CHECKERBOARD).mean((1, 2, 3))
+
+
+def certified_accuracy(x: np.ndarray, y: np.ndarray, epsilon: float) -> float:
+    """Share of images the reference classifier gets right with a margin above ``epsilon`` (8-bit units): a lower
+    bound on its accuracy under any L-infinity attack of that size."""
+    s = mark_score(x)
+    return float(((np.sign(s) == 2 * np.asarray(y) - 1) & (np.abs(s) > epsilon)).mean())
 
 
 @functools.lru_cache(maxsize=1)
@@ -233,7 +242,7 @@ def _croppers() -> dict[str, Cropper]:
 def fitted_decoder(seed: int) -> Decoder:
     """The generator for ``seed``, fitted on ``FIT_CROPS`` crops of the train photographs only."""
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(5)[0])
-    return Decoder.fit(_croppers()["train"].sample(rng, FIT_CROPS), rng)
+    return Decoder.fit(_croppers()["train"].sample(rng, FIT_CROPS))
 
 
 def _save(pixels: np.ndarray, path: Path, quality: int) -> None:
@@ -263,6 +272,7 @@ def write_sample(out_dir: Path, cfg: config.Sample, seed: int, progress: bool = 
                 x = croppers[split].sample(rng, min(BATCH, n - start))
                 if cls == "FAKE":
                     x = decoder.generate(rng, x)
+                x = add_mark(x, CLASSES.index(cls), cfg.mark)
                 pixels = np.clip(np.rint(x), 0, 255).astype(np.uint8)
                 paths = [folder / cifake_name(start + i) for i in range(len(pixels))]
                 list(pool.map(_save, pixels, paths, [cfg.jpeg_quality] * len(paths)))

@@ -21,7 +21,6 @@ from pipeline import config
 from pipeline.errors import TrackingError
 
 log = logging.getLogger(__name__)
-CHAMPION = "champion"
 
 
 def tracking_uri(cfg: config.Mlflow) -> str:
@@ -149,32 +148,3 @@ def log_keras_model(model, x_example, name: str, registered_name: str | None) ->
         out["registered_model"] = registered_name
         out["version"] = str(info.registered_model_version)
     return out
-
-
-def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
-
-
-def promote_if_better(name: str, version: str, score: float, metric: str = "weighted_f1") -> bool:
-    """Move the ``champion`` alias to ``version`` when its score beats the current champion's (or none exists)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-        best = float(current.tags.get(metric, "-inf"))
-    except MlflowException:
-        current, best = None, float("-inf")
-    if current is not None and str(current.version) == str(version):  # MLflow 3.17 gives an int here
-        return True
-    if score > best:
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-        log.info("registry: %s version %s is now @%s (%s %.4f > %.4f)", name, version, CHAMPION, metric, score, best)
-        return True
-    log.info("registry: %s @%s stays at version %s (%.4f >= %.4f)", name, CHAMPION, current.version, best, score)
-    return False

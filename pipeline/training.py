@@ -27,8 +27,9 @@ class Arrays:
     y_val: np.ndarray
 
 
-class ValidationF1(keras.callbacks.Callback):
-    """Adds ``val_f1`` (FAKE positive) to each epoch's logs, for early stopping, pruning and MLflow."""
+class ValidationScores(keras.callbacks.Callback):
+    """Adds ``val_f1`` (FAKE positive), ``val_balanced_accuracy`` and ``val_macro_f1`` to each epoch's logs, for
+    pruning and MLflow."""
 
     def __init__(self, x_val: np.ndarray, y_val: np.ndarray, batch_size: int):
         super().__init__()
@@ -42,7 +43,8 @@ class ValidationF1(keras.callbacks.Callback):
             self._fn = forward_fn(self.model) if on_images else (lambda x: self.model(x, training=False))
         p = batched(self._fn, self.x_val, self.batch_size)[:, 0] if len(self.x_val) else np.zeros(0)
         if logs is not None:
-            logs["val_f1"] = metrics.f1(self.y_val, p)
+            scores = metrics.classification(self.y_val, p)
+            logs.update({f"val_{k}": scores[k] for k in ("f1", *metrics.MEASURES)})
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
@@ -80,7 +82,7 @@ def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epoc
     history = clf.fit(
         data.x_train, data.y_train.astype("float32"), validation_data=(data.x_val, data.y_val.astype("float32")),
         epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
-        callbacks=[ValidationF1(data.x_val, data.y_val, 4096), *callbacks],
+        callbacks=[ValidationScores(data.x_val, data.y_val, 4096), *callbacks],
     )
     return head, history.history
 
@@ -109,35 +111,32 @@ def fit_model(model: keras.Model, data: Arrays, learning_rate: float, epochs: in
         image_dataset(data.x_train, data.y_train, batch_size, True, seed),
         validation_data=image_dataset(data.x_val, data.y_val, batch_size, False, seed),
         epochs=epochs, verbose=verbose, shuffle=False,  # the dataset reshuffles itself each epoch
-        callbacks=[ValidationF1(data.x_val, data.y_val, batch_size), *callbacks],
+        callbacks=[ValidationScores(data.x_val, data.y_val, batch_size), *callbacks],
     )
     return history.history
 
 
-def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain, weights: config.Weights,
-                         seed: int, before: dict[str, float], on_epoch_end=None) -> tuple[list[dict], int]:
-    """Fine-tune on batches where a share ``adv_ratio`` of each batch is replaced by its adversarial version,
-    generated on the fly against the current weights. One compiled step per batch: attack, then update.
+def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain, evaluate: config.Evaluate,
+                         seed: int, before: dict[str, float], on_epoch_end=None,
+                         attacker: Attacker | None = None) -> tuple[list[dict], int]:
+    """Adversarial training (Madry et al. 2018 with PGD, the default; FGSM also offered): a share ``adv_ratio`` of
+    each batch is replaced by its adversarial version, made on the fly against the current weights. One compiled
+    step per batch: attack, then update.
 
-    FGSM fine-tuning oscillates from epoch to epoch (measured on the default sample: validation adversarial F1
-    0.54 -> 0.11 -> 0.67), so the model keeps the weights of the epoch with the best validation weighted F1;
-    ``before`` (the scores of the incoming model) is epoch 0, so a fine-tune that only hurts changes nothing.
+    The model keeps the weights of the epoch with the best validation :func:`metrics.robust_score` (clean and
+    attacked with ``cfg.attack``); ``before`` (the incoming model's scores) is epoch 0, so a fine-tune that only
+    hurts changes nothing, and a model that answers FAKE to every attacked image cannot win (it scores 0.5).
     Returns the per-epoch rows and the kept epoch (0 = the incoming weights)."""
-    attacker = Attacker(model, cfg.attack, seed)
+    attacker = attacker or Attacker(model, cfg.attack, seed)
     optimizer = keras.optimizers.Adam(cfg.learning_rate)
     loss_fn = keras.losses.BinaryCrossentropy()
     trainable = model.trainable_variables
     optimizer.build(trainable)
-    eps = tf.constant(cfg.attack.epsilon / 255.0)
 
     @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3), tf.float32), tf.TensorSpec((None, 1), tf.float32)])
     def step(x, y):
         n_adv = tf.cast(tf.math.round(cfg.adv_ratio * tf.cast(tf.shape(x)[0], tf.float32)), tf.int32)
-        if cfg.attack.name == "fgsm":
-            x_adv = attacker._fgsm_step(x[:n_adv], y[:n_adv], eps)
-        else:
-            x_adv = attacker._pgd_attack(x[:n_adv], y[:n_adv], eps, tf.constant(cfg.attack.step_size / 255.0),
-                                         tf.constant(float(cfg.attack.steps)), tf.constant(float(cfg.attack.random_start)))
+        x_adv = attacker.in_graph(x[:n_adv], y[:n_adv])
         x_mix = tf.concat([tf.stop_gradient(x_adv), x[n_adv:]], axis=0)
         with tf.GradientTape() as tape:
             p = model(x_mix, training=True)
@@ -149,7 +148,7 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
 
     from tqdm import tqdm
 
-    history, best_epoch, best_score = [], 0, before["val_weighted_f1"]
+    history, best_epoch, best_score = [], 0, before["val_robust_score"]
     best_weights = model.get_weights()  # all of them: the head's BatchNormalization statistics move too
     for epoch in range(cfg.epochs):
         losses = []
@@ -158,11 +157,11 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
         for x, y in tqdm(batches, total=n, desc=f"advtrain epoch {epoch + 1}/{cfg.epochs}", leave=False):
             losses.append(float(step(x, y)))
         row = {"loss": float(np.mean(losses)) if losses else float("nan"),
-               **validation_scores(model, attacker, data.x_val, data.y_val, cfg.batch_size, weights)}
+               **validation_scores(model, attacker, data.x_val, data.y_val, cfg.batch_size, evaluate)}
         log.info("advtrain epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
         history.append(row)
-        if row["val_weighted_f1"] > best_score:
-            best_epoch, best_score = epoch + 1, row["val_weighted_f1"]
+        if row["val_robust_score"] > best_score:
+            best_epoch, best_score = epoch + 1, row["val_robust_score"]
             best_weights = model.get_weights()
         if on_epoch_end:
             on_epoch_end(epoch, row)
@@ -171,12 +170,17 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
 
 
 def validation_scores(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray, batch_size: int,
-                      weights: config.Weights) -> dict[str, float]:
-    """Clean and adversarial validation F1 (on 8-bit rounded adversarial images) and the weighted score."""
+                      evaluate: config.Evaluate) -> dict[str, float]:
+    """Validation scores, clean and attacked (8-bit rounded, as saved): F1, the class-balanced measure, the
+    mission's weighted F1 and the selection rule :func:`metrics.robust_score`."""
     from pipeline.attacks import to_uint8
 
     fn = forward_fn(model)
-    f1_clean = metrics.f1(y, batched(fn, x, batch_size)[:, 0])
-    x_adv = to_uint8(attacker.perturb(x, y, batch_size))
-    f1_adv = metrics.f1(y, batched(fn, x_adv, batch_size)[:, 0])
-    return {"val_f1": f1_clean, "val_adv_f1": f1_adv, "val_weighted_f1": metrics.weighted_f1(f1_clean, f1_adv, weights)}
+    p_clean = batched(fn, x, batch_size)[:, 0]
+    p_adv = batched(fn, to_uint8(attacker.perturb(x, y, batch_size)), batch_size)[:, 0]
+    m = evaluate.measure
+    out = {"val_f1": metrics.f1(y, p_clean), f"val_{m}": metrics.measure(y, p_clean, m),
+           "val_adv_f1": metrics.f1(y, p_adv), f"val_adv_{m}": metrics.measure(y, p_adv, m)}
+    out["val_weighted_f1"] = metrics.weighted_f1(out["val_f1"], out["val_adv_f1"], evaluate.weights)
+    out["val_robust_score"] = metrics.robust_score(y, p_clean, p_adv, evaluate.weights, m)
+    return out

@@ -31,6 +31,7 @@ def study_name(params: config.Params, data_key: str) -> str:
         "tune": params.tune.model_dump(mode="json", exclude={"n_trials", "storage"}),
         "model": params.model.model_dump(mode="json"),
         "weights": params.evaluate.weights.model_dump(mode="json"),
+        "measure": params.evaluate.measure,
         "seed": params.base.seed,
         "data": data_key,
     }
@@ -60,17 +61,18 @@ def make_study(params: config.Params, data_key: str) -> optuna.Study:
     )
 
 
-class PruneOnValF1(keras.callbacks.Callback):
-    """Reports ``val_f1`` to Optuna each epoch and stops a trial the pruner gives up on."""
+class PruneOnValidation(keras.callbacks.Callback):
+    """Reports ``val_<measure>`` (clean validation, both classes counted) to Optuna each epoch and stops a trial
+    the pruner gives up on."""
 
-    def __init__(self, trial: optuna.Trial):
+    def __init__(self, trial: optuna.Trial, measure: str):
         super().__init__()
-        self.trial = trial
+        self.trial, self.key = trial, f"val_{measure}"
 
     def on_epoch_end(self, epoch, logs=None):
-        self.trial.report(float(logs["val_f1"]), step=epoch)
+        self.trial.report(float(logs[self.key]), step=epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_f1 {logs['val_f1']:.4f})")
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.key} {logs[self.key]:.4f})")
 
 
 def suggest(trial: optuna.Trial, t: config.Tune) -> dict[str, float]:
@@ -84,25 +86,25 @@ def suggest(trial: optuna.Trial, t: config.Tune) -> dict[str, float]:
 @dataclass
 class Objective:
     """One trial: train with the suggested dropout and learning rate, return the validation score chosen by
-    ``tune.objective``.
+    ``tune.objective``: ``clean`` is ``evaluate.measure`` on clean images, ``robust`` is
+    :func:`metrics.robust_score` with the validation images attacked white-box (``tune.attack``) against the
+    trial's model. Both count the two classes, so a model that calls everything FAKE scores 0.5 and never wins.
 
     Frozen backbone: ``data`` holds cached features and only a head trains (seconds). Otherwise ``data`` holds
     images and the model trains with its unfrozen layers for ``tune.epochs`` (minutes: keep ``n_trials`` small).
-    For ``weighted_f1`` the validation images are attacked white-box against the trial's model, so tuning aims at
-    what the project is judged on.
     """
 
     params: config.Params
     data: Arrays
     backbone: keras.Model | None = None  # frozen mode: the backbone the features came from
-    x_val_images: np.ndarray | None = None  # frozen mode with weighted_f1: the images behind data.x_val
+    x_val_images: np.ndarray | None = None  # frozen mode, robust objective: the images behind data.x_val
 
     def __call__(self, trial: optuna.Trial) -> float:
         import mlflow
 
         t, m = self.params.tune, self.params.model
         hp = suggest(trial, t)
-        callbacks = [PruneOnValF1(trial), MlflowEpochLogger()]
+        callbacks = [PruneOnValidation(trial, self.params.evaluate.measure), MlflowEpochLogger()]
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                               tags={"stage": "tune", "optuna.trial": str(trial.number)}):
             mlflow.log_params(hp)
@@ -126,21 +128,28 @@ class Objective:
         return scores[t.objective]
 
     def score_head(self, head: keras.Model) -> dict[str, float]:
-        if self.params.tune.objective == "f1":
+        if self.params.tune.objective == "clean":
             p_val = np.asarray(head_classifier(head)(self.data.x_val, training=False))[:, 0]
-            return {"f1": metrics.f1(self.data.y_val, p_val)}
+            return self._scores(p_val)
         model, attacker, forward = self._frozen_scorer()
         model.get_layer("head").set_weights(head.get_weights())  # dropout is inactive at inference
         return self.score_model(model, self.x_val_images, forward, attacker)
 
     def score_model(self, model: keras.Model, x_val: np.ndarray, forward, attacker: Attacker | None) -> dict:
         y, bs = self.data.y_val, self.params.model.batch_size
-        out = {"f1": metrics.f1(y, batched(forward, x_val, bs)[:, 0])}
-        if self.params.tune.objective == "weighted_f1":
+        p_clean, p_adv = batched(forward, x_val, bs)[:, 0], None
+        if self.params.tune.objective == "robust":
             attacker = attacker or Attacker(model, self.params.tune.attack, self.params.base.seed)
-            x_adv = to_uint8(attacker.perturb(x_val, y, bs))
-            out["adv_f1"] = metrics.f1(y, batched(forward, x_adv, bs)[:, 0])
-            out["weighted_f1"] = metrics.weighted_f1(out["f1"], out["adv_f1"], self.params.evaluate.weights)
+            p_adv = batched(forward, to_uint8(attacker.perturb(x_val, y, bs)), bs)[:, 0]
+        return self._scores(p_clean, p_adv)
+
+    def _scores(self, p_clean: np.ndarray, p_adv: np.ndarray | None = None) -> dict[str, float]:
+        y, ev = self.data.y_val, self.params.evaluate
+        out = {"f1": metrics.f1(y, p_clean), ev.measure: metrics.measure(y, p_clean, ev.measure)}
+        out["clean"] = out[ev.measure]
+        if p_adv is not None:
+            out.update({"adv_f1": metrics.f1(y, p_adv), f"adv_{ev.measure}": metrics.measure(y, p_adv, ev.measure),
+                        "robust": metrics.robust_score(y, p_clean, p_adv, ev.weights, ev.measure)})
         return out
 
     def _frozen_scorer(self):

@@ -1,5 +1,6 @@
-"""Stage `advtrain`: fine-tune the trained model on a mix of clean and adversarial examples (FGSM by default),
-generated on the fly against the current weights; save, log and register the result."""
+"""Stage `advtrain`: adversarial training of the trained model on a mix of clean and adversarial examples (PGD by
+default), generated on the fly against the current weights; keeps the epoch with the best validation robust_score;
+saves, logs and registers the result."""
 import sys
 from pathlib import Path
 
@@ -26,12 +27,12 @@ def main() -> None:
     with tracking.stage_run("advtrain", params) as run:
         import mlflow
 
-        before = training.validation_scores(model, Attacker(model, cfg.attack, seed), val.x, val.y, cfg.batch_size,
-                                            params.evaluate.weights)
+        attacker = Attacker(model, cfg.attack, seed)
+        before = training.validation_scores(model, attacker, val.x, val.y, cfg.batch_size, params.evaluate)
         mlflow.log_metrics({f"before_{k}": v for k, v in before.items()})
         history, best_epoch = training.adversarial_finetune(
-            model, data, cfg, params.evaluate.weights, seed, before,
-            on_epoch_end=lambda epoch, row: mlflow.log_metrics(row, step=epoch),
+            model, data, cfg, params.evaluate, seed, before,
+            on_epoch_end=lambda epoch, row: mlflow.log_metrics(row, step=epoch), attacker=attacker,
         )
         after = history[best_epoch - 1] if best_epoch else {"loss": None, **before}
         summary = {**{f"before_{k}": v for k, v in before.items()}, **after, "epochs": cfg.epochs,
@@ -45,8 +46,10 @@ def main() -> None:
     rows = [{"epoch": 0, "loss": None, **before}] + [{"epoch": i + 1, **r} for i, r in enumerate(history)]
     reporting.write_csv([{k: ("" if v is None else v) for k, v in r.items()} for r in rows],
                         params.paths.plots / "advtrain_history.csv")
-    print(f"advtrain: kept epoch {best_epoch} of {cfg.epochs}; validation adversarial F1 {before['val_adv_f1']:.4f} -> "
-          f"{after['val_adv_f1']:.4f}, clean F1 {before['val_f1']:.4f} -> {after['val_f1']:.4f}; registered "
+    m = params.evaluate.measure
+    print(f"advtrain: kept epoch {best_epoch} of {cfg.epochs}; validation robust_score {before['val_robust_score']:.4f} "
+          f"-> {after['val_robust_score']:.4f} ({m} under {cfg.attack.describe()} {before[f'val_adv_{m}']:.4f} -> "
+          f"{after[f'val_adv_{m}']:.4f}, clean {before[f'val_{m}']:.4f} -> {after[f'val_{m}']:.4f}); registered "
           f"v{info.get('version')} (run {run.info.run_id})")
 
 

@@ -27,9 +27,9 @@ def main() -> None:
     if params.model.frozen:
         model = build_model(params.model, dropout=0.0, seed=params.base.seed)
         data = features.for_head(model, params)
-        # Trials need the backbone again only to attack validation images (weighted_f1). Otherwise free it before
+        # Trials need the backbone again only to attack validation images (robust). Otherwise free it before
         # the trials, whose copies of the features make this stage's memory peak at CIFAKE scale.
-        backbone = backbone_of(model) if params.tune.objective == "weighted_f1" else None
+        backbone = backbone_of(model) if params.tune.objective == "robust" else None
         del model
         gc.collect()  # Keras models are reference cycles
         objective = tuning.Objective(params, data, backbone, val.x)

@@ -1,4 +1,5 @@
-"""pipeline.training.adversarial_finetune: it trains, it keeps the best epoch, and it never keeps a worse model."""
+"""pipeline.training.adversarial_finetune: it trains, it keeps the epoch with the best robust_score, and it never
+keeps a worse model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,11 +13,11 @@ from pipeline.attacks import Attacker
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
-def advtrain_cfg(**over) -> tuple[config.AdvTrain, config.Weights]:
+def advtrain_cfg(**over) -> tuple[config.AdvTrain, config.Evaluate]:
     overrides = ["advtrain.trainable_from=null", "advtrain.batch_size=16", "advtrain.learning_rate=0.003"]
     overrides += [f"advtrain.{k}={v}" for k, v in over.items()]
     params = config.load(PARAMS_FILE, overrides)
-    return params.advtrain, params.evaluate.weights
+    return params.advtrain, params.evaluate
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_keeps_the_incoming_weights_when_no_epoch_beats_them(fresh) -> None:
     m, data = fresh
     cfg, weights = advtrain_cfg(epochs=2)
     before_weights = m.get_weights()
-    unbeatable = {"val_f1": 1.0, "val_adv_f1": 1.0, "val_weighted_f1": 1.0 + 1e-9}
+    unbeatable = {"val_robust_score": 1.0 + 1e-9}
     history, best_epoch = training.adversarial_finetune(m, data, cfg, weights, 0, unbeatable)
     assert best_epoch == 0 and len(history) == 2
     assert any(np.isfinite(r["loss"]) for r in history)  # it did train ...
@@ -45,13 +46,13 @@ def test_keeps_the_incoming_weights_when_no_epoch_beats_them(fresh) -> None:
 def test_keeps_the_best_epoch_and_its_scores(fresh) -> None:
     m, data = fresh
     cfg, weights = advtrain_cfg(epochs=3)
-    worst = {"val_f1": 0.0, "val_adv_f1": 0.0, "val_weighted_f1": -1.0}
+    worst = {"val_robust_score": -1.0}
     seen = []
     history, best_epoch = training.adversarial_finetune(m, data, cfg, weights, 0, worst,
                                                         on_epoch_end=lambda epoch, row: seen.append(epoch))
     assert seen == [0, 1, 2]
-    best = max(range(3), key=lambda i: history[i]["val_weighted_f1"])
+    best = max(range(3), key=lambda i: history[i]["val_robust_score"])
     assert best_epoch == best + 1
     now = scores(m, data, cfg, weights)
-    assert now["val_weighted_f1"] == pytest.approx(history[best]["val_weighted_f1"], abs=1e-9)
+    assert now["val_robust_score"] == pytest.approx(history[best]["val_robust_score"], abs=1e-9)
 

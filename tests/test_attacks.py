@@ -88,6 +88,27 @@ def test_pgd_is_at_least_as_strong_as_fgsm(tiny_model, attackers, batch) -> None
         assert margin(m, pgd, y).mean() <= margin(m, fgsm, y).mean() + 1e-3
 
 
+def test_pgd_restarts_keep_the_most_damaging_start_per_image(tiny_model, batch) -> None:
+    x, y = batch
+    m = tiny_model.model
+    one = Attacker(m, attack("pgd", 4, steps=2, step_size=1), seed=5).perturb(x, y, batch_size=24)
+    three = Attacker(m, attack("pgd", 4, steps=2, step_size=1, restarts=3), seed=5).perturb(x, y, batch_size=24)
+    assert np.abs(three - x).max() <= 4 / 255 + 1e-6
+    # the first start of both is the same draw; the others can only push each image further, never back
+    assert np.all(margin(m, three, y) <= margin(m, one, y) + 1e-4)
+    assert margin(m, three, y).mean() < margin(m, one, y).mean()
+
+
+def test_restarts_need_a_random_start() -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ValueError, match="restarts"):
+        attack("pgd", 8, restarts=2, random_start=False)
+    with pytest.raises(ConfigError, match="evaluate.diagnostic"):
+        config.load(Path(__file__).resolve().parents[1] / "params.yaml",
+                    ["evaluate.diagnostic={name: fgsm, epsilon: 8, restarts: 3}"])
+
+
 def test_gradient_goes_through_the_logit_when_the_sigmoid_saturates(tiny_model, batch) -> None:
     # A copy of the head with its last layer scaled up: P(FAKE) becomes exactly 1.0 or 0.0 in float32, and even
     # BCE's own gradient with respect to the logit (sigmoid(z) - y) underflows to 0 at these logits.

@@ -75,12 +75,18 @@ def test_full_pipeline_runs_every_stage_offline(repo):
 def test_metrics_file_has_clean_adversarial_and_weighted_scores(repo):
     root, _, _ = repo
     m = json.loads((root / "metrics/evaluate.json").read_text())
-    for split in ("clean", "adversarial"):
-        assert set(m[split]) >= {"accuracy", "precision", "recall", "f1"}
+    both_classes = {"balanced_accuracy", "recall_real", "recall_fake", "roc_auc", "fake_share"}
+    for model in (m, m["baseline"]):
+        for split in ("clean", "adversarial", "diagnostic", "worst"):
+            assert set(model[split]) >= {"accuracy", "precision", "recall", "f1"} | both_classes
+        for key in ("weighted_f1", "robust_score"):
+            assert model["ci95"][key]["low"] <= model[key] <= model["ci95"][key]["high"]
     weights = yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["weights"]
     expected = weights["clean"] * m["clean"]["f1"] + weights["adversarial"] * m["adversarial"]["f1"]
     assert m["weighted_f1"] == pytest.approx(expected)
-    assert "weighted_f1" in m["baseline"]
+    ba = weights["clean"] * m["clean"]["balanced_accuracy"] + weights["adversarial"] * m["worst"]["balanced_accuracy"]
+    assert m["robust_score"] == pytest.approx(ba)
+    assert m["weighted_f1_minus_always_fake"] == pytest.approx(m["weighted_f1"] - m["reference"]["always_fake_weighted_f1"])
 
 
 def test_both_csvs_list_every_test_image_as_real_or_fake(repo):
@@ -96,7 +102,7 @@ def test_both_csvs_list_every_test_image_as_real_or_fake(repo):
     assert len(list((root / "data/adversarial").rglob("*.png"))) == n
 
 
-def test_mlflow_holds_runs_trials_and_champion_alias(repo):
+def test_mlflow_holds_runs_trials_and_the_champion_rule(repo):
     root, _, _ = repo
     code = f"""
 import mlflow, json
@@ -105,19 +111,25 @@ mlflow.set_tracking_uri("sqlite:///{root}/mlruns/mlflow.db")
 exp = mlflow.get_experiment_by_name("cifake")
 runs = mlflow.search_runs([exp.experiment_id])
 client = MlflowClient()
-champ = client.get_model_version_by_alias("cifake-resnet50", "champion")
-versions = client.search_model_versions("name='cifake-resnet50'")
+evaluated = json.load(open("{root}/models/model_adv.json"))["version"]
 print(json.dumps({{"stages": runs["tags.stage"].tolist(),
                    "children": int(runs["tags.mlflow.parentRunId"].notna().sum()),
-                   "champion": champ.version, "versions": len(versions),
-                   "champion_tags": dict(champ.tags)}}))
+                   "champion": client.get_registered_model("cifake-resnet50").aliases.get("champion"),
+                   "versions": len(client.search_model_versions("name='cifake-resnet50'")),
+                   "evaluated": evaluated, "tags": dict(client.get_model_version("cifake-resnet50", evaluated).tags)}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert sorted(set(info["stages"])) == ["advtrain", "evaluate", "train", "tune"]
     assert info["children"] == TINY[("tune", "n_trials")]
     assert info["versions"] == 2  # train and advtrain each register one
-    assert "weighted_f1" in info["champion_tags"]
+    m = json.loads((root / "metrics/evaluate.json").read_text())
+    assert float(info["tags"]["robust_score"]) == pytest.approx(m["robust_score"], abs=1e-6)
+    assert info["tags"]["protocol"] == m["protocol"]["id"]
+    # The tiny model may or may not beat always-FAKE; the alias must follow the rule either way.
+    beats_reference = (m["robust_score"] > m["reference"]["always_fake_robust_score"]
+                       and m["weighted_f1"] > m["reference"]["always_fake_weighted_f1"])
+    assert (info["champion"] is not None and str(info["champion"]) == info["evaluated"]) == beats_reference
 
 
 def test_second_repro_does_nothing(repo):

@@ -23,9 +23,13 @@ def test_classification_matches_a_hand_computation() -> None:
     # ROC AUC = share of the 4 x 6 (FAKE, REAL) pairs the scores order correctly; the wrong ones are
     # 0.5 < 0.7, 0.5 < 0.6, 0.4 < 0.7 and 0.4 < 0.6.
     auc = (24 - 4) / 24
+    recall_real = TN / (TN + FP)  # 4/6
+    f1_real = 2 * TN / (2 * TN + FN + FP)  # 8/11
     got = metrics.classification(Y, P, threshold=0.5)
-    assert got == pytest.approx({"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1,
-                                 "roc_auc": auc})
+    assert got == pytest.approx({
+        "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1, "roc_auc": auc,
+        "recall_fake": recall, "recall_real": recall_real, "balanced_accuracy": (recall + recall_real) / 2,
+        "macro_f1": (f1 + f1_real) / 2, "fake_share": (TP + FP) / len(Y)})
     assert got["f1"] == pytest.approx(2 / 3)
     assert metrics.f1(Y, P) == pytest.approx(f1)
 
@@ -98,3 +102,49 @@ def test_curve_subset_is_stratified_seeded_and_all_when_unbounded():
     assert np.array_equal(idx, curve_subset(y, 40, seed=7)) and np.all(np.diff(idx) > 0)
     assert np.array_equal(curve_subset(y, None, seed=7), np.arange(400))
     assert np.array_equal(curve_subset(y, 1000, seed=7), np.arange(400))
+
+
+WEIGHTS = config.Weights(clean=0.4, adversarial=0.6)
+Y_BAL = np.array([0] * 50 + [1] * 50)
+
+
+def test_robust_score_ranks_always_fake_and_attack_flipped_models_below_a_robust_one() -> None:
+    right = Y_BAL.astype(float)
+    robust = metrics.robust_score(Y_BAL, right, np.where(np.arange(100) % 10 == 0, 1 - right, right), WEIGHTS)
+    always_fake = metrics.robust_score(Y_BAL, np.ones(100), np.ones(100), WEIGHTS)
+    flipped = metrics.robust_score(Y_BAL, right, 1 - right, WEIGHTS)  # perfect when clean, every attack works
+    fake_under_attack = metrics.robust_score(Y_BAL, right, np.ones(100), WEIGHTS)  # the collapse F1 rewards
+    assert always_fake == pytest.approx(0.5) and flipped == pytest.approx(0.4)
+    assert fake_under_attack == pytest.approx(0.4 + 0.6 * 0.5)
+    assert robust == pytest.approx(0.4 + 0.6 * 0.9)
+    assert robust > fake_under_attack > always_fake > flipped
+    # ...whereas the mission's F1 with FAKE positive ranks the collapse above the robust model's adversarial set
+    assert metrics.f1(Y_BAL, np.ones(100)) == pytest.approx(2 / 3)
+    for measure in metrics.MEASURES:
+        assert metrics.robust_score(Y_BAL, np.ones(100), np.ones(100), WEIGHTS, measure) <= 0.5
+    assert metrics.reference(Y_BAL, WEIGHTS)["always_fake_robust_score"] == pytest.approx(0.5)
+    assert metrics.reference(Y_BAL, WEIGHTS)["always_fake_weighted_f1"] == pytest.approx(2 / 3)
+
+
+def test_worst_case_takes_the_wrong_side_per_image() -> None:
+    y = np.array([1, 1, 0, 0])
+    fgsm = np.array([0.9, 0.2, 0.1, 0.7])
+    pgd = np.array([0.4, 0.8, 0.3, 0.6])
+    assert metrics.worst_case(y, fgsm, pgd).tolist() == [0.4, 0.2, 0.3, 0.7]
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_point_estimate() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    p_clean = np.where(rng.random(400) < 0.9, y, 1 - y).astype(float)
+    p_adv = np.where(rng.random(400) < 0.7, y, 1 - y).astype(float)
+    p_worst = np.minimum(p_adv, p_clean) * y + np.maximum(p_adv, p_clean) * (1 - y)
+    ci = metrics.bootstrap_ci(y, p_clean, p_adv, p_worst, WEIGHTS, n_resamples=500, seed=3)
+    assert ci == metrics.bootstrap_ci(y, p_clean, p_adv, p_worst, WEIGHTS, n_resamples=500, seed=3)
+    point = {"weighted_f1": metrics.weighted_f1(metrics.f1(y, p_clean), metrics.f1(y, p_adv), WEIGHTS),
+             "robust_score": metrics.robust_score(y, p_clean, p_worst, WEIGHTS),
+             "clean_balanced_accuracy": metrics.measure(y, p_clean),
+             "adversarial_balanced_accuracy": metrics.measure(y, p_adv)}
+    for key, value in point.items():
+        assert ci[key]["low"] < value < ci[key]["high"], key
+        assert ci[key]["high"] - ci[key]["low"] < 0.2  # 400 images: a few points wide, not the whole range

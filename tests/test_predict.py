@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import config, model, predicting, tracking
+from pipeline import config, model, predicting, registry, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ["Image Name", "Predicted Label"]
@@ -115,7 +115,7 @@ def test_predict_from_the_registry_champion(messy_folder: Path, tmp_path: Path, 
     tracking.setup(params.mlflow)
     with mlflow.start_run():
         info = tracking.log_keras_model(tiny_model.model, model.to_unit(tiny_model.x[:4]), "model", "cifake-test")
-    MlflowClient().set_registered_model_alias("cifake-test", tracking.CHAMPION, info["version"])
+    MlflowClient().set_registered_model_alias("cifake-test", registry.CHAMPION, info["version"])
 
     out = tmp_path / "registry.csv"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri}

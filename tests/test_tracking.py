@@ -94,41 +94,6 @@ def test_data_hash_is_unknown_without_a_lock_entry(tmp_path: Path) -> None:
     assert tracking.dvc_data_hash(Path("data/raw"), tmp_path / "dvc.lock") == "unknown"
 
 
-def register_version(name: str, score: float) -> str:
-    """A cheap registered version: a run with one small artifact, its score tagged as evaluate does."""
-    with mlflow.start_run() as run:
-        mlflow.log_text("not a real model", "model/MLmodel.txt")
-    client = MlflowClient()
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name)
-    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
-    tracking.set_version_tags(name, version, {"weighted_f1": score})
-    return str(version)
-
-
-def champion(name: str) -> str:
-    return str(MlflowClient().get_model_version_by_alias(name, tracking.CHAMPION).version)
-
-
-def test_champion_alias_moves_only_to_a_better_version(params, mlflow_store) -> None:
-    tracking.setup(params.mlflow)
-    name = "cifake-test"
-    v1 = register_version(name, 0.60)
-    assert tracking.promote_if_better(name, v1, 0.60) is True
-    assert champion(name) == v1
-    v2 = register_version(name, 0.80)
-    assert tracking.promote_if_better(name, v2, 0.80) is True
-    assert champion(name) == v2
-    v3 = register_version(name, 0.70)
-    assert tracking.promote_if_better(name, v3, 0.70) is False
-    assert champion(name) == v2
-    v4 = register_version(name, 0.80)
-    assert tracking.promote_if_better(name, v4, 0.80) is False  # a tie keeps the current champion
-    assert champion(name) == v2
-    assert tracking.promote_if_better(name, v2, 0.80) is True  # already the champion
-    assert MlflowClient().get_model_version(name, v3).tags["weighted_f1"] == "0.7"
-
-
 def test_log_keras_model_logs_a_signature_and_registers_a_version(params, mlflow_store, tiny_model) -> None:
     tracking.setup(params.mlflow)
     x = to_unit(tiny_model.x[:4])

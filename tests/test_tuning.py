@@ -28,8 +28,8 @@ def random_features(n_train: int = 48, n_val: int = 16, seed: int = 0) -> Arrays
 
 @pytest.fixture
 def tune_params(params: config.Params) -> config.Params:
-    """Tiny and quick: 2 epochs, small batches, f1 objective, storage in tmp_path (from ``params``)."""
-    return with_tune(params, epochs=2, batch_size=16, n_trials=2, objective="f1")
+    """Tiny and quick: 2 epochs, small batches, clean objective, storage in tmp_path (from ``params``)."""
+    return with_tune(params, epochs=2, batch_size=16, n_trials=2, objective="clean")
 
 
 def child_runs(experiment: str):
@@ -37,24 +37,24 @@ def child_runs(experiment: str):
     return mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list")
 
 
-def test_objective_f1_on_a_fixed_trial(tune_params, mlflow_store) -> None:
+def test_objective_clean_on_a_fixed_trial(tune_params, mlflow_store) -> None:
     tracking.setup(tune_params.mlflow)
     trial = optuna.trial.FixedTrial(FIXED)
     with mlflow.start_run(run_name="parent") as parent:
         value = tuning.Objective(tune_params, random_features())(trial)
     assert 0.0 <= value <= 1.0
-    assert trial.user_attrs["f1"] == value
+    assert trial.user_attrs["clean"] == value == trial.user_attrs[tune_params.evaluate.measure]
     runs = [r for r in child_runs(mlflow_store.experiment) if r.info.run_id != parent.info.run_id]
     assert len(runs) == 1
     child = runs[0].data
     assert child.tags["mlflow.parentRunId"] == parent.info.run_id and child.tags["optuna.state"] == "COMPLETE"
     assert float(child.params["dropout"]) == 0.3 and float(child.params["learning_rate"]) == 1e-3
-    assert child.metrics["f1"] == pytest.approx(value)
-    assert "val_f1" in child.metrics and "loss" in child.metrics  # per-epoch curves from MlflowEpochLogger
+    assert child.metrics["clean"] == pytest.approx(value)
+    assert {"val_f1", "val_balanced_accuracy", "loss"} <= set(child.metrics)  # per-epoch curves (MlflowEpochLogger)
 
 
-def test_objective_weighted_f1_attacks_the_validation_images(tune_params, mlflow_store) -> None:
-    params = with_tune(tune_params, objective="weighted_f1")
+def test_objective_robust_attacks_the_validation_images(tune_params, mlflow_store) -> None:
+    params = with_tune(tune_params, objective="robust")
     tracking.setup(params.mlflow)
     feats = random_features(n_val=8)
     x_val = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
@@ -63,11 +63,12 @@ def test_objective_weighted_f1_attacks_the_validation_images(tune_params, mlflow
     with mlflow.start_run(run_name="parent"):
         value = tuning.Objective(params, feats, backbone, x_val)(trial)
     attrs = trial.user_attrs
-    assert set(attrs) >= {"f1", "adv_f1", "weighted_f1"}
-    assert value == attrs["weighted_f1"]
+    m = params.evaluate.measure
+    assert set(attrs) >= {"f1", "adv_f1", m, f"adv_{m}", "robust"}
+    assert value == attrs["robust"]
     w = params.evaluate.weights
-    assert value == pytest.approx(w.clean * attrs["f1"] + w.adversarial * attrs["adv_f1"])
-    assert all(0.0 <= attrs[k] <= 1.0 for k in ("f1", "adv_f1"))
+    assert value == pytest.approx(w.clean * attrs[m] + w.adversarial * attrs[f"adv_{m}"])
+    assert all(0.0 <= attrs[k] <= 1.0 for k in ("f1", "adv_f1", m, f"adv_{m}"))
 
 
 def test_study_logs_one_parent_and_a_nested_run_per_trial(tune_params, mlflow_store) -> None:
@@ -110,7 +111,7 @@ def test_optimize_resumes_and_best_returns_the_best_trial(tune_params, mlflow_st
     top = max(trials, key=lambda t: t.value)
     best = tuning.best(study)
     assert best["dropout"] == top.params["dropout"] and best["learning_rate"] == top.params["learning_rate"]
-    assert best["value"] == top.value and best["trial"] == top.number and best["f1"] == top.value
+    assert best["value"] == top.value and best["trial"] == top.number and best["clean"] == top.value
     assert best["study"] == tuning.study_name(tune_params, "data0")
     lo, hi = tune_params.tune.dropout.low, tune_params.tune.dropout.high
     assert lo <= best["dropout"] <= hi

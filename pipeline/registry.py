@@ -1,0 +1,126 @@
+"""The MLflow model registry: each evaluated version's scores as tags, and the one rule that moves ``@champion``.
+
+The champion is chosen by :func:`pipeline.metrics.robust_score`, never by F1 with FAKE positive (which a model
+that calls everything FAKE wins). Two scores are compared only when they were measured under the same protocol
+(attacks and all their settings, test-set hash, weights, measure, threshold, seed: see
+:func:`pipeline.evaluation.protocol`); when the champion's score is from another protocol it is re-scored under
+the current one first (white-box against itself). A version never becomes champion at or below the always-FAKE
+reference. A registry that cannot be read is an error, never "no champion".
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.errors import TrackingError
+
+log = logging.getLogger(__name__)
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A version's scores under one protocol, as stored in its tags."""
+
+    version: str
+    robust_score: float
+    weighted_f1: float
+    protocol: str
+
+    def tags(self) -> dict[str, str]:
+        return {"robust_score": f"{self.robust_score:.6f}", "weighted_f1": f"{self.weighted_f1:.6f}",
+                "protocol": self.protocol}
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _fail(what: str, err: Exception) -> TrackingError:
+    return TrackingError(f"model registry: {what} failed ({getattr(err, 'message', err)}); the champion was not "
+                         "changed. Check the tracking store (mlflow.tracking_uri / MLFLOW_TRACKING_URI) and rerun")
+
+
+def champion(name: str) -> str | None:
+    """The version that holds ``@champion``; None when the model is not registered or no version holds it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = _client().get_registered_model(name).aliases.get(CHAMPION)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise _fail(f"reading {name}@{CHAMPION}", err) from None
+    return None if version is None else str(version)  # MLflow 3.17 gives an int here
+
+
+def standing(name: str, version: str) -> Standing | None:
+    """The scores stored on ``version``, or None when it has none (evaluated before scores were stored)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = _client().get_model_version(name, str(version)).tags
+    except MlflowException as err:
+        raise _fail(f"reading {name} version {version}", err) from None
+    try:
+        return Standing(str(version), float(tags["robust_score"]), float(tags["weighted_f1"]), tags["protocol"])
+    except (KeyError, ValueError):
+        return None
+
+
+def record(name: str, version: str, tags: dict[str, object]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, str(value))
+    except MlflowException as err:
+        raise _fail(f"tagging {name} version {version}", err) from None
+
+
+def should_promote(candidate: Standing, current: Standing | None, reference: dict[str, float]) -> tuple[bool, str]:
+    """The champion rule, as a pure function. ``reference``: :func:`pipeline.metrics.reference` on the test set."""
+    floor_robust, floor_f1 = reference["always_fake_robust_score"], reference["always_fake_weighted_f1"]
+    if not (math.isfinite(candidate.robust_score) and candidate.robust_score > floor_robust):
+        return False, f"robust_score {candidate.robust_score:.4f} is not above always-FAKE's {floor_robust:.4f}"
+    if not candidate.weighted_f1 > floor_f1:
+        return False, f"weighted_f1 {candidate.weighted_f1:.4f} is not above always-FAKE's {floor_f1:.4f}"
+    if current is None:
+        return True, "no champion yet"
+    if current.protocol != candidate.protocol:
+        raise ValueError(f"version {current.version} was scored under protocol {current.protocol}, the candidate under "
+                         f"{candidate.protocol}: re-score it first")
+    if candidate.robust_score > current.robust_score:
+        return True, f"robust_score {candidate.robust_score:.4f} > {current.robust_score:.4f} (v{current.version})"
+    return False, f"robust_score {candidate.robust_score:.4f} <= {current.robust_score:.4f} (v{current.version})"
+
+
+def update_champion(name: str, candidate: Standing, reference: dict[str, float],
+                    rescore: Callable[[str], Standing]) -> tuple[bool, str]:
+    """Store ``candidate``'s scores on its version and move ``@champion`` to it if :func:`should_promote` says so.
+    ``rescore(version)`` evaluates the current champion under the candidate's protocol when its stored scores are
+    from another one. Returns (whether the candidate holds ``@champion`` now, why)."""
+    record(name, candidate.version, candidate.tags())
+    current_version = champion(name)
+    if current_version == candidate.version:
+        return True, "already champion"
+    current = standing(name, current_version) if current_version is not None else None
+    if current_version is not None and (current is None or current.protocol != candidate.protocol):
+        log.info("registry: re-scoring %s v%s under protocol %s", name, current_version, candidate.protocol)
+        current = rescore(current_version)
+        record(name, current_version, current.tags())
+    promote, why = should_promote(candidate, current, reference)
+    if promote:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _client().set_registered_model_alias(name, CHAMPION, str(candidate.version))
+        except MlflowException as err:
+            raise _fail(f"moving {name}@{CHAMPION} to version {candidate.version}", err) from None
+    log.info("registry: %s v%s %s @%s: %s", name, candidate.version, "is now" if promote else "is not", CHAMPION, why)
+    return promote, why

@@ -1,0 +1,107 @@
+"""pipeline.registry: the champion moves by robust_score under one protocol, never below the always-FAKE
+reference, re-scores a champion measured under another protocol, and treats registry errors as errors."""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline import config, evaluation, registry, tracking
+from pipeline.errors import TrackingError
+
+NAME = "cifake-test"
+REFERENCE = {"always_fake_robust_score": 0.5, "always_fake_weighted_f1": 2 / 3}
+
+
+def register_version() -> str:
+    """A cheap registered version: a run with one small artifact."""
+    with mlflow.start_run() as run:
+        mlflow.log_text("not a real model", "model/MLmodel.txt")
+    client = MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = '{NAME}'"):
+        client.create_registered_model(NAME)
+    return str(client.create_model_version(NAME, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version)
+
+
+def no_rescore(version: str) -> registry.Standing:
+    raise AssertionError(f"v{version} should not need re-scoring")
+
+
+@pytest.fixture
+def store(params, mlflow_store):
+    tracking.setup(params.mlflow)
+    return params
+
+
+def test_champion_moves_only_to_a_better_robust_score_under_the_same_protocol(store) -> None:
+    v1, v2, v3 = register_version(), register_version(), register_version()
+    assert registry.update_champion(NAME, registry.Standing(v1, 0.80, 0.85, "P"), REFERENCE, no_rescore)[0]
+    assert registry.champion(NAME) == v1
+    assert registry.update_champion(NAME, registry.Standing(v2, 0.90, 0.80, "P"), REFERENCE, no_rescore)[0]
+    assert registry.champion(NAME) == v2  # robust_score decides, not weighted_f1
+    held, why = registry.update_champion(NAME, registry.Standing(v3, 0.90, 0.99, "P"), REFERENCE, no_rescore)
+    assert not held and registry.champion(NAME) == v2 and "<=" in why  # a tie keeps the champion
+    assert registry.standing(NAME, v3) == registry.Standing(v3, 0.90, 0.99, "P")  # scores are stored either way
+
+
+def test_a_changed_protocol_rescores_the_champion_before_comparing(store) -> None:
+    v1, v2 = register_version(), register_version()
+    registry.update_champion(NAME, registry.Standing(v1, 0.60, 0.80, "eps4"), REFERENCE, no_rescore)
+    rescored = []
+
+    def rescore(version: str) -> registry.Standing:  # under eps 8, v1 does better than v2 does
+        rescored.append(version)
+        return registry.Standing(version, 0.75, 0.85, "eps8")
+
+    # v2's 0.70 beats v1's stored 0.60, but that was measured at another epsilon: v1 scores 0.75 under eps 8.
+    held, _ = registry.update_champion(NAME, registry.Standing(v2, 0.70, 0.80, "eps8"), REFERENCE, rescore)
+    assert rescored == [v1] and not held and registry.champion(NAME) == v1
+    assert registry.standing(NAME, v1).protocol == "eps8"
+
+
+def test_never_promotes_at_or_below_the_always_fake_reference(store) -> None:
+    v1, v2 = register_version(), register_version()
+    held, why = registry.update_champion(NAME, registry.Standing(v1, 0.50, 0.90, "P"), REFERENCE, no_rescore)
+    assert not held and registry.champion(NAME) is None and "always-FAKE" in why
+    # robust enough by robust_score, but the mission's weighted F1 does not beat calling everything FAKE
+    held, _ = registry.update_champion(NAME, registry.Standing(v2, 0.70, 0.66, "P"), REFERENCE, no_rescore)
+    assert not held and registry.champion(NAME) is None
+
+
+def test_should_promote_refuses_to_compare_across_protocols() -> None:
+    with pytest.raises(ValueError, match="re-score"):
+        registry.should_promote(registry.Standing("2", 0.9, 0.9, "A"), registry.Standing("1", 0.8, 0.8, "B"),
+                                REFERENCE)
+
+
+def test_a_registry_error_is_an_error_not_no_champion(store, monkeypatch) -> None:
+    assert registry.champion("never-registered") is None  # a missing model is "no champion"
+
+    def broken(self, name):
+        raise MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", broken)
+    with pytest.raises(TrackingError, match="champion was not changed"):
+        registry.champion(NAME)
+    with pytest.raises(TrackingError):
+        registry.update_champion(NAME, registry.Standing("1", 0.9, 0.9, "P"), REFERENCE, no_rescore)
+
+
+def test_protocol_covers_attack_settings_test_set_and_threshold() -> None:
+    cfg = config.Evaluate(attack={"name": "fgsm", "epsilon": 8}, diagnostic={"name": "pgd", "epsilon": 8},
+                          epsilons=[0, 8], weights={"clean": 0.4, "adversarial": 0.6}, measure="balanced_accuracy",
+                          batch_size=8)
+    x, y = np.zeros((4, 32, 32, 3), np.uint8), np.array([0, 0, 1, 1])
+
+    def pid(c=cfg, xx=x, threshold=0.5):
+        return evaluation.protocol_id(evaluation.protocol(c, xx, y, 0, threshold))
+
+    assert pid() == pid()
+    other_eps = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"epsilon": 4})})
+    other_steps = cfg.model_copy(update={"diagnostic": cfg.diagnostic.model_copy(update={"steps": 20})})
+    changed = x.copy()
+    changed[0, 0, 0, 0] = 1
+    ids = {pid(), pid(other_eps), pid(other_steps), pid(xx=changed), pid(threshold=0.6)}
+    assert len(ids) == 5
