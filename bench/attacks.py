@@ -11,7 +11,8 @@ Figures (one JSON line each), on ``pipeline.model.build_model`` (ResNet50, weigh
   params from params.yaml (FGSM at evaluate.attack.epsilon plus the robustness curve over evaluate.epsilons), on
   the built-in sample's test split (``pipeline.sample.write_sample`` with test_per_class 10,000, preprocessed),
   tracing included; ``attacked_images``/``forward_images`` count the image passes (the curve runs on
-  ``evaluate.curve_images`` images where that is set) (that is what the stage pays, and the stage calls it twice: advtrained and baseline model).
+  ``evaluate.curve_images`` images where that is set) (that is what the stage pays, and the stage calls it twice:
+  advtrained and baseline model).
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def main() -> None:
          attack=ev.attack.name, epsilon=ev.attack.epsilon, epsilons=ev.epsilons, batch_size=ev.batch_size,
          curve_images=curve_n, attacked_images=len(x) + len(extra_eps) * curve_n,
          forward_images=2 * len(x) + len(extra_eps) * curve_n,
-         data="built-in sample test split (write_sample test_per_class=%d, preprocessed)" % (len(x) // 2),
+         data=f"built-in sample test split (write_sample test_per_class={len(x) // 2}, preprocessed)",
          sample_made_s=round(made_s, 1), weighted_f1=round(result.weighted_f1, 4),
          path="pipeline.evaluation.evaluate (tracing included)")
 

@@ -78,7 +78,7 @@ def machine(**extra) -> dict:
         "tensorflow": _version("tensorflow-cpu") or _version("tensorflow"),
         "keras": _version("keras"),
         "numpy": _version("numpy"),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_1m": loadavg(),
         "quiet_flag": QUIET_FLAG.exists(),
         "git": git_state(),

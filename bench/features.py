@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import emit, loadavg, repeat, summary, timed  # noqa: E402
-
 import numpy as np  # noqa: E402
+
+from bench.common import emit, loadavg, repeat, summary, timed  # noqa: E402
 
 GFLOP_PER_IMAGE = {32: 0.158, 64: 0.633}  # from /work/shared/MEASURED.md; checked by resnet50_flops below
 
@@ -95,7 +95,7 @@ def extraction(image_size: int, precision: str, x: np.ndarray, batch: int, ceili
 
     # One whole extract() call, as the tune/train stages make it (trace included).
     load = loadavg()
-    call_s, feats = timed(lambda: features.extract(model, x, batch))
+    call_s, feats = timed(lambda: features.extract(model, x, batch))  # noqa: F821  (ruff: confused by `del model`)
     assert feats.shape == (len(x), 2048), feats.shape
 
     # Steady state: the same compiled function, warm-up batch excluded.

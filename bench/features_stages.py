@@ -2,11 +2,11 @@
 
     python bench/features_stages.py          # 2,048 images, batch 256
 
-Each prefix of the backbone (input -> end of conv1 + max pool, conv2, ..., conv5) is compiled like ``pipeline.model.forward_fn``
-and timed (warm-up, then the median of 3); a stage's time is the difference of two prefixes. Its GFLOP are the
-Conv2D multiply-adds x2 of its layers (``bench.features.conv_gflops`` of each prefix). One JSON line per stage, with its
-feature-map size, share of the FLOPs and of the time, and GFLOP/s against the float32 matmul ceiling measured in
-the same run.
+Each prefix of the backbone (input -> end of conv1 + max pool, conv2, ..., conv5) is compiled like
+``pipeline.model.forward_fn`` and timed (warm-up, then the median of 3); a stage's time is the difference of two
+prefixes. Its GFLOP are the Conv2D multiply-adds x2 of its layers (``bench.features.conv_gflops`` of each prefix).
+One JSON line per stage, with its feature-map size, share of the FLOPs and of the time, and GFLOP/s against the
+float32 matmul ceiling measured in the same run.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def main() -> None:
         prev_s, prev_gflop = total_s, gflop
     total_s, total_gflop = prev_s, prev_gflop
     emit("resnet50_stages_total", None, gflop_per_image=round(total_gflop, 4),
-         images_per_s=round(len(x) / total_s, 1), fraction_of_ceiling=round(total_gflop * len(x) / total_s / ceiling, 3),
+         images_per_s=round(len(x) / total_s, 1),
+         fraction_of_ceiling=round(total_gflop * len(x) / total_s / ceiling, 3),
          share_of_time={label(e): round(s / total_s, 3) for e, s, _ in rows},
          share_of_flops={label(e): round(g / total_gflop, 3) for e, _, g in rows})
 

@@ -9,10 +9,10 @@ random frozen backbone on the built-in sample, so the costs are what this measur
 
     sample.train_per_class 50000·s, sample.test_per_class 10000·s
     model.trainable_from null (frozen backbone: tune and train fit heads on cached features)
-    tune.n_trials 20·s (>= 2), tune.epochs 20·s (>= 1), tune.objective f1
+    tune.n_trials 20·s (>= 2), tune.epochs 20·s (>= 1), tune.objective clean
     train.epochs 60·s (>= 1), train.patience 8·s (>= 1), train.batch_size 256
     advtrain.epochs 1 (one pass over the whole train split; the whole net trains, as in params.yaml)
-    evaluate: params.yaml (FGSM at epsilon 8, robustness curve over evaluate.epsilons)
+    evaluate: params.yaml (FGSM at epsilon 8, the PGD diagnostic, robustness curve over evaluate.epsilons)
 
 each stage runs on its own, in pipeline order, as ``/usr/bin/time -v dvc repro -s <stage>``: one JSON line per
 stage (wall time, CPU, peak RSS: the largest single process of the stage, DVC or the stage script; and, through a
@@ -45,7 +45,7 @@ def scaled_params(s: float) -> dict[tuple[str, ...], object]:
         ("model", "trainable_from"): None,
         ("tune", "n_trials"): max(2, round(20 * s)),
         ("tune", "epochs"): max(1, round(20 * s)),
-        ("tune", "objective"): "f1",
+        ("tune", "objective"): "clean",
         ("train", "epochs"): max(1, round(60 * s)),
         ("train", "patience"): max(1, round(8 * s)),
         ("train", "batch_size"): 256,
@@ -130,12 +130,18 @@ def main() -> None:
         f = repo / "metrics" / f"{name}.json"
         if f.exists():
             m = json.loads(f.read_text())
-            extras[name] = {k: m[k] for k in ("epochs_run", "weighted_f1", "n_test", "val_f1", "epochs") if k in m}
+            extras[name] = {k: m[k] for k in ("epochs_run", "weighted_f1", "robust_score", "n_test", "val_f1",
+                                              "val_robust_score", "epochs") if k in m}
+            if name == "evaluate":
+                from bench.seeds import headline
+
+                extras[name].update(headline(m))
     best = repo / "models" / "best_params.json"
     if best.exists():
         extras["tune"] = {k: v for k, v in json.loads(best.read_text()).items() if k in ("trial", "value")}
     emit("fullscale_total", None, scale=args.scale, wall_s=round(total_wall, 1), wall_min=round(total_wall / 60, 1),
-         cpu_s=round(total_cpu, 1), peak_rss_mib=round(peak / 2**20, 1), peak_stage=max(rows, key=lambda r: r["peak_rss_mib"])["stage"],
+         cpu_s=round(total_cpu, 1), peak_rss_mib=round(peak / 2**20, 1),
+         peak_stage=max(rows, key=lambda r: r["peak_rss_mib"])["stage"],
          target_wall_min=30, target_peak_gib=4, meets_wall=total_wall < 30 * 60, meets_memory=peak < 4 * GIB,
          params=params, outcome=extras)
 

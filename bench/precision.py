@@ -47,9 +47,8 @@ def run(precision: str, params, hp: dict) -> dict:
     x_adv = to_uint8(Attacker(full, params.evaluate.attack, params.base.seed).perturb(test.x, test.y, cfg.batch_size))
     attack_s = time.perf_counter() - t0
     p_adv = model.predict_proba(full, x_adv, cfg.batch_size)
-    f1_clean, f1_adv = metrics.f1(test.y, p_clean), metrics.f1(test.y, p_adv)
-    return {"precision": precision, "test_f1": round(f1_clean, 4), "test_adv_f1": round(f1_adv, 4),
-            "weighted_f1": round(metrics.weighted_f1(f1_clean, f1_adv, params.evaluate.weights), 4),
+    s = metrics.scores(test.y, p_clean, p_adv, params.evaluate)
+    return {"precision": precision, **{f"test_{k}": round(v, 4) for k, v in s.items()},
             "val_f1": round(metrics.f1(splits["val"].y, model.predict_proba(full, splits["val"].x)), 4),
             "extract_images_per_s": round(n_images / extract_s), "attack_images_per_s": round(len(test.x) / attack_s)}
 

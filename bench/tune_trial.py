@@ -71,8 +71,8 @@ def main() -> None:
     raw, processed, made_s = sample_data(per_class, 256 if args.small else 10_000)
 
     import mlflow
-    import optuna
 
+    import optuna
     from pipeline import features, tracking, tuning
     from pipeline.data import load_split
     from pipeline.model import backbone_of, build_model

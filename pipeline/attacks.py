@@ -2,9 +2,9 @@
 
 Epsilon and step size are in 8-bit pixel units (``epsilon: 8`` is 8/255). The steps follow binary cross-entropy's
 gradient sign, taken through the model's logit (see ``_loss``): differentiating the sigmoid output instead gives
-zero gradients once it saturates, and the attack silently does nothing. Each step is one compiled ``tf.function`` over a whole batch; epsilon is a tensor argument,
-so sweeping a list of epsilons never re-traces. PGD with ``restarts`` > 1 runs from several random starts and keeps,
-per image, the one that did the most damage.
+zero gradients once it saturates, and the attack silently does nothing. Each step is one compiled ``tf.function``
+over a whole batch; epsilon is a tensor argument, so sweeping a list of epsilons never re-traces. PGD with
+``restarts`` > 1 runs from several random starts and keeps, per image, the one that did the most damage.
 """
 from __future__ import annotations
 

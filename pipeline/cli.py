@@ -24,8 +24,26 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# Set (by the tests) to a folder: each stage writes there which params keys it read, as <stage>.json.
+RECORD_ENV = "CIFAKE_RECORD_PARAMS"
+
+
 def load_params(args: argparse.Namespace) -> config.Params:
-    return config.load(args.params, args.overrides)
+    params = config.load(args.params, args.overrides)
+    if os.environ.get(RECORD_ENV):
+        import atexit
+        import json
+        from pathlib import Path
+
+        reads = config.record_reads()
+        target = Path(os.environ[RECORD_ENV]) / f"{Path(sys.argv[0]).stem}.json"
+
+        def write() -> None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(sorted(reads)))
+
+        atexit.register(write)
+    return params
 
 
 def seed_everything(seed: int) -> None:

@@ -11,8 +11,8 @@ import multiprocessing
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from multiprocessing.pool import Pool
+from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
@@ -118,8 +118,7 @@ class _NpyWriter:
     """Append rows to a ``.npy`` whose length is known only at the end (a context manager).
 
     Plain buffered writes rather than ``open_memmap``: pages written through a memmap count in this process's RSS
-    until the kernel evicts them (measured here: 100k rows took a process from 27 to 321 MiB), so peak memory would
-    grow with the dataset. NumPy pads the header so the first axis can grow to 21 digits; the header is rewritten
+    until the kernel evicts them, so peak memory would grow with the dataset. NumPy pads the header so the first axis can grow to 21 digits; the header is rewritten
     in place with the final count on a clean exit.
     """
 

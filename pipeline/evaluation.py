@@ -42,6 +42,12 @@ class Result:
     def adversarial(self) -> dict[str, float]:
         return self.sets["adversarial"]
 
+    def line(self, cfg: config.Evaluate) -> str:
+        ba = {k: v["balanced_accuracy"] for k, v in self.sets.items()}
+        return (f"robust_score {self.robust_score:.4f}, weighted_f1 {self.weighted_f1:.4f}; balanced accuracy clean "
+                f"{ba['clean']:.3f}, {cfg.attack.describe()} {ba['adversarial']:.3f}, {cfg.diagnostic.describe()} "
+                f"{ba['diagnostic']:.3f}")
+
     def summary(self, reference: dict[str, float]) -> dict:
         return {"weighted_f1": self.weighted_f1, "robust_score": self.robust_score,
                 "weighted_f1_minus_always_fake": self.weighted_f1 - reference["always_fake_weighted_f1"],
@@ -67,11 +73,9 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     p_worst = metrics.worst_case(y, p_adv, p_diag)
     sets = {k: metrics.classification(y, p, threshold) for k, p in
             (("clean", p_clean), ("adversarial", p_adv), ("diagnostic", p_diag), ("worst", p_worst))}
-    weighted = metrics.weighted_f1(sets["clean"]["f1"], sets["adversarial"]["f1"], cfg.weights)
-    robust = metrics.robust_score(y, p_clean, p_worst, cfg.weights, cfg.measure, threshold)
+    headline = metrics.scores(y, p_clean, p_adv, cfg, threshold, p_robust=p_worst)
 
-    # The curve is on a seeded subset (all images when curve_images is null): at CIFAKE scale one attack pass
-    # over 20,000 images costs about a minute here, and the curve needs one per epsilon.
+    # The curve is on a seeded subset (all images when curve_images is null): it needs an attack pass per epsilon.
     idx = curve_subset(y, cfg.curve_images, seed)
     others = [e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)]
     attacked = attacker.sweep(x[idx], y[idx], others, bs, progress=bar("robustness curve")) if others else {}
@@ -85,15 +89,16 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
             p = batched(fn, attacked.pop(eps), bs)[:, 0]
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
-    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve)
+    return Result(p_clean, x_adv, p_adv, p_diag, sets, headline["weighted_f1"], headline["robust_score"], curve)
 
 
 def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, threshold: float) -> dict:
     """Seeded bootstrap 95 % intervals of the headline figures (empty when ``cfg.bootstrap`` is 0)."""
     if not cfg.bootstrap:
         return {}
-    return metrics.bootstrap_ci(y, result.p_clean, result.p_adv, metrics.worst_case(y, result.p_adv, result.p_diagnostic),
-                                cfg.weights, cfg.measure, threshold, cfg.bootstrap, seed)
+    p_worst = metrics.worst_case(y, result.p_adv, result.p_diagnostic)
+    return metrics.bootstrap_ci(y, result.p_clean, result.p_adv, p_worst, cfg.weights, cfg.measure, threshold,
+                                cfg.bootstrap, seed)
 
 
 def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, threshold: float) -> dict:
@@ -127,9 +132,3 @@ def write_png_set(x: np.ndarray, names: list[str], target: Path) -> None:
             path = tmp / Path(name).with_suffix(".png")
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img, "RGB").save(path, format="PNG", compress_level=1)
-
-
-def confusion_rows(y: np.ndarray, p: np.ndarray, threshold: float) -> list[dict]:
-    """One row per image, the shape DVC's confusion template reads."""
-    label = np.array(["Real", "Fake"])
-    return [{"actual": a, "predicted": b} for a, b in zip(label[y.astype(int)], label[(p >= threshold).astype(int)])]

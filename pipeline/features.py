@@ -2,26 +2,29 @@
 
 With a frozen backbone the pooled features do not depend on the head's hyperparameters, so every tuning trial
 and the final head training read the same cached arrays. The cache key covers everything the features depend
-on: the image bytes, the weights, the image size, the precision and the library versions.
+on: the image bytes, the weights, the image size, the precision, the seed, the library versions and the code that
+computes them (this module and :mod:`pipeline.model` with what it imports). Only the newest ``KEEP`` entries per
+split stay in the cache: a run never reuses a stale entry, and old ones do not pile up (each is N x 2048 float32).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from pipeline import config
+from pipeline import config, provenance
 from pipeline.io import atomic_path
 from pipeline.model import batched, feature_extractor, forward_fn
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = "1"
+KEEP = 2  # entries per split: the current setting and one other (e.g. two dvc exp branches in turn)
 
 
-def _file_digest(path: Path, h: "hashlib._Hash") -> None:
+def _file_digest(path: Path, h: hashlib._Hash) -> None:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
@@ -34,7 +37,8 @@ def cache_key(x_file: Path, cfg: config.Model, seed: int) -> str:
     _file_digest(x_file, h)
     # The seed matters with weights: none, where the backbone's random weights come from it.
     h.update(f"|{cfg.weights}|{cfg.image_size}|{cfg.precision}|{seed}|{keras.__version__}|{tf.__version__}".encode())
-    h.update(f"|{FORMAT_VERSION}".encode())
+    h.update(f"|{provenance.code_digest('pipeline.model')}|".encode())
+    h.update(Path(__file__).read_bytes())
     if cfg.weights not in ("imagenet", "none"):
         _file_digest(Path(cfg.weights), h)
     return h.hexdigest()[:20]
@@ -56,15 +60,26 @@ def cached(model: keras.Model, x: np.ndarray, x_file: Path, cfg: config.Model, s
         feats = np.load(target, mmap_mode="r")
         if feats.shape == (len(x), model.get_layer("gap").output.shape[-1]):
             log.info("features: cache hit %s", target)
+            os.utime(target)  # recently used: pruning keeps the newest
             return np.asarray(feats)
     feats = extract(model, x, cfg.batch_size, desc=f"features {name}")
     with atomic_path(target) as tmp:
         np.save(tmp, feats)
     log.info("features: wrote %s %s", target, feats.shape)
+    prune(Path(cache_dir), name)
     return feats
 
 
-def for_head(model: keras.Model, params: config.Params) -> "Arrays":
+def prune(cache_dir: Path, name: str, keep: int = KEEP) -> list[Path]:
+    """Delete all but the ``keep`` newest cached feature files of split ``name``; returns what was deleted."""
+    entries = sorted(cache_dir.glob(f"{name}-*.npy"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        old.unlink(missing_ok=True)
+        log.info("features: removed stale cache entry %s", old)
+    return entries[keep:]
+
+
+def for_head(model: keras.Model, params: config.Params) -> "Arrays":  # noqa: F821, UP037  (imported below)
     """Cached train/val features and labels: the head's whole training input when the backbone is frozen."""
     from pipeline.data import load_split
     from pipeline.training import Arrays

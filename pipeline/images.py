@@ -77,7 +77,7 @@ def walk(folder: Path, recursive: bool = True) -> list[str]:
     """Every file under ``folder`` (hidden ones too) as a relative POSIX path, sorted, so the order is the same
     on every machine and filesystem. Strings, not Paths: at 120k files pathlib's parsing costs seconds."""
     found: list[str] = []
-    for root, dirs, files in os.walk(folder):
+    for root, _, files in os.walk(folder):
         rel = os.path.relpath(root, folder).replace(os.sep, "/")
         found.extend(files if rel == "." else (f"{rel}/{f}" for f in files))
         if not recursive:

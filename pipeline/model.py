@@ -64,7 +64,8 @@ def build_backbone(cfg: config.Model) -> keras.Model:
             input_shape=(size, size, 3),
         )
     except Exception as err:  # Keras raises a bare Exception("URL fetch failure ...") offline
-        raise ModelError(f"model.weights: imagenet: could not download the ImageNet weights ({err}); {IMAGENET_HINT}")
+        raise ModelError(
+            f"model.weights: imagenet: could not download the ImageNet weights ({err}); {IMAGENET_HINT}") from None
     if weights_file is not None:
         try:
             backbone.load_weights(weights_file)
@@ -82,8 +83,7 @@ def set_trainable(backbone: keras.Model, trainable_from: str | None) -> None:
 
     BatchNormalization layers stay frozen after it too, as Keras's fine-tuning guide advises: in Keras 3 a frozen
     BN layer runs in inference mode, so a fine-tune on small, attack-heavy batches cannot rewrite the statistics
-    that the layers around it were fitted to (measured: with them trainable, FGSM fine-tuning of the offline
-    default wrecked the clean F1).
+    that the layers around it were fitted to.
     """
     names = [layer.name for layer in backbone.layers]
     if trainable_from is not None and trainable_from not in names:
@@ -184,8 +184,8 @@ def to_unit(x: np.ndarray) -> np.ndarray:
 def forward_fn(model: keras.Model):
     """``model`` as a compiled inference function with a fixed signature, so no batch size re-traces it.
 
-    Measured here: a compiled tf.function runs ResNet50 at ~1,470 img/s where ``model.predict`` manages ~900.
-    Built once per model and reused (tracing costs ~1 s; advtrain scores validation after every epoch).
+    A compiled tf.function is much faster than ``model.predict`` on CPU (``bench/features.py``). Built once per
+    model and reused: tracing takes a while, and advtrain scores validation after every epoch.
     """
     fn = getattr(model, "_cifake_forward", None)
     if fn is None:

@@ -21,6 +21,12 @@ def write_csv(rows: list[dict], target: str | Path) -> None:
         writer.writerows(rows)
 
 
+def confusion_rows(y: np.ndarray, p: np.ndarray, threshold: float) -> list[dict]:
+    """One row per image, the shape DVC's confusion template reads."""
+    label = np.array(["Real", "Fake"])
+    return [{"actual": a, "predicted": b} for a, b in zip(label[y.astype(int)], label[(p >= threshold).astype(int)])]
+
+
 def write_history_csv(history: dict[str, list[float]], target: str | Path) -> None:
     epochs = len(next(iter(history.values()), []))
     write_csv([{"epoch": i + 1, **{k: float(v[i]) for k, v in history.items()}} for i in range(epochs)], target)
@@ -65,14 +71,36 @@ def roc(curves: dict[str, list[dict]], title: str = "ROC (FAKE positive)"):
     return fig
 
 
-def robustness(rows: list[dict], title: str = "F1 under attack"):
-    """``rows``: dicts with ``model``, ``epsilon`` (1/255 units) and ``f1``."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+def robustness(rows: list[dict], title: str = "Under attack (the mission's attack, white-box)"):
+    """``rows``: dicts with ``model``, ``epsilon`` (1/255 units), ``balanced_accuracy`` and ``f1``."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name in dict.fromkeys(r["model"] for r in rows):
         pts = [r for r in rows if r["model"] == name]
-        ax.plot([r["epsilon"] for r in pts], [r["f1"] for r in pts], marker="o", label=name)
-    ax.set(xlabel="epsilon (/255)", ylabel="F1 (FAKE positive)", ylim=(0, 1), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        for ax, key in zip(axes, ("balanced_accuracy", "f1")):
+            ax.plot([r["epsilon"] for r in pts], [r[key] for r in pts], marker="o", label=name)
+    axes[0].axhline(0.5, color="k", ls=":", lw=1, label="chance / constant answer")
+    axes[0].set(xlabel="epsilon (/255)", ylabel="balanced accuracy", ylim=(0, 1), title=title)
+    axes[1].set(xlabel="epsilon (/255)", ylabel="F1 (FAKE positive)", ylim=(0, 1),
+                title="F1 (always-FAKE scores 0.667)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     return fig
+
+
+def evaluation_plots(y: np.ndarray, p_by_split: dict[str, np.ndarray], curve: list[dict], threshold: float,
+                     folder: str | Path) -> dict:
+    """The evaluate stage's DVC plots (robustness curve, confusion rows and ROC points per split) as CSV files;
+    returns the matplotlib figures of the same for MLflow."""
+    from pipeline.metrics import roc_points
+
+    folder = Path(folder)
+    write_csv(curve, folder / "robustness.csv")
+    rocs = {split: roc_points(y, p) for split, p in p_by_split.items()}
+    figures = {"robustness.png": robustness(curve), "roc.png": roc(rocs)}
+    for split, p in p_by_split.items():
+        write_csv(confusion_rows(y, p, threshold), folder / f"confusion_{split}.csv")
+        write_csv(rocs[split], folder / f"roc_{split}.csv")
+        figures[f"confusion_{split}.png"] = confusion(y, (p >= threshold).astype(int), f"Test_dataset_{split}")
+    return figures

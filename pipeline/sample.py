@@ -28,10 +28,9 @@ disjoint photographs, so the test set measures generalisation to unseen scenes.
 
 **Byte-identical on every CPU.** All arithmetic is float64, and the colour basis has a fixed sign (eigenvectors
 are only defined up to one). BLAS picks its kernels by CPU and they sum in different orders: in float32 that moved
-pixels across a rounding boundary (measured: 2 of 500 files differed between OpenBLAS's Zen and SkylakeX kernels
-on one machine, and the whole default sample differed between an AMD and an Intel machine); in float64 the
-differences are ~1e-13 of a grey level and never reach a rounding boundary in practice. ``tests/test_sample.py`` checks a golden hash, also under other OpenBLAS kernels and with
-numpy's AVX-512 code paths switched off.
+pixels across a rounding boundary (bench/README.md has the files that differed); in float64 the differences are
+far below a grey level and do not reach a rounding boundary in practice. ``tests/test_sample.py``
+checks a golden hash, also under other OpenBLAS kernels and with numpy's AVX-512 code paths switched off.
 
 Measured with ``python bench/sample.py --measure --resnet --cnn`` at the default size; see ``bench/README.md``.
 """
@@ -171,7 +170,7 @@ class Decoder:
         moments = np.zeros((28, 40))
         for i in range(0, len(rows), 1 << 18):  # float64 sums in chunks: precise without a 2x memory copy
             chunk = rows[i:i + (1 << 18)].astype(np.float64)
-            moments += chunk[:, :28].T @ chunk  # one product: numpy's A.T @ A special case is 30x slower here
+            moments += chunk[:, :28].T @ chunk  # one product: numpy's A.T @ A special case is much slower here
         weights = np.linalg.solve(moments[:, :28] + ridge * np.eye(28), moments[:, 28:])
         decoded = _from_blocks(_neighbourhoods(encode(x)) @ weights)
         resid = x - decoded
@@ -238,7 +237,7 @@ def _croppers() -> dict[str, Cropper]:
             for split, photos in (("train", TRAIN_PHOTOS), ("test", TEST_PHOTOS))}
 
 
-@functools.lru_cache(maxsize=2)  # a pure function of the seed; the cache saves ~1 s per sample in one process
+@functools.lru_cache(maxsize=2)  # a pure function of the seed: fit once per process
 def fitted_decoder(seed: int) -> Decoder:
     """The generator for ``seed``, fitted on ``FIT_CROPS`` crops of the train photographs only."""
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(5)[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -97,48 +98,85 @@ def dvc_data_hash(raw_path: Path, lock_file: Path = Path("dvc.lock")) -> str:
 
 def run_tags(stage: str, params: config.Params) -> dict[str, str]:
     commit = git_commit()
+    with config.unrecorded():
+        source = params.data.source
     return {
         "stage": stage,
         "mlflow.source.git.commit": commit,
         "git_commit": commit,
         "dvc_data_hash": dvc_data_hash(params.paths.raw),
-        "data_source": params.data.source,
+        "data_source": source,
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "workspace": str(Path.cwd().resolve()),
     }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def close_abandoned_runs(stage: str) -> list[str]:
+    """Mark KILLED the runs of ``stage`` from this workspace that are still RUNNING although their process is gone
+    (killed with SIGKILL, or the machine went down): an exception already ends a run as FAILED, a lost process
+    cannot. Runs of other hosts or workspaces are left alone. Returns the run ids closed."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    host, workspace = socket.gethostname(), str(Path.cwd().resolve())
+    runs = mlflow.search_runs(filter_string=f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
+                              output_format="list")
+    closed = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("host") != host or tags.get("workspace") != workspace or _alive(int(tags.get("pid", "0") or 0)):
+            continue
+        MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+        log.warning("tracking: run %s of stage %s was left RUNNING by a process that is gone: marked KILLED",
+                    run.info.run_id, stage)
+    return closed
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: config.Params, run_name: str | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage, tagged for traceability, with every params.yaml value logged."""
+    """An MLflow run for one stage, opened before its work and closed after it (FAILED if the stage raised),
+    tagged for traceability, with every params.yaml value logged."""
     import mlflow
 
     setup(params.mlflow)
+    close_abandoned_runs(stage)
     with mlflow.start_run(run_name=run_name or stage, tags=run_tags(stage, params)) as run:
-        log_params({f"params.{k}": v for k, v in config.flatten(params).items()})
+        with config.unrecorded():
+            log_params({f"params.{k}": v for k, v in config.flatten(params).items()})
         yield run
 
 
 def log_params(values: dict[str, Any]) -> None:
-    """Log params in chunks (the API caps a batch at 100) with values cut to MLflow's length limit."""
+    """Log params (MLflow batches them itself) with values cut to MLflow's length limit, which it would refuse."""
     import mlflow
 
-    items = [(k, "null" if v is None else str(v)[:6000]) for k, v in values.items()]
-    for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i : i + 100]))
+    mlflow.log_params({k: "null" if v is None else str(v)[:6000] for k, v in values.items()})
 
 
 def log_keras_model(model, x_example, name: str, registered_name: str | None) -> dict[str, str]:
     """Log ``model`` with a signature inferred from a few real inputs, register a new version, return ids."""
+    import keras
     import mlflow
     import mlflow.keras
+    import tensorflow as tf
     from mlflow.models import infer_signature
 
     from pipeline.model import predict_proba
 
-    import keras
-    import tensorflow as tf
-
     signature = infer_signature(x_example, predict_proba(model, x_example)[:, None])
-    # Stated, not inferred: inference loads the model in a subprocess (~10 s) and then falls back anyway.
+    # Stated, not inferred: inference loads the model in a subprocess (slow) and then falls back anyway.
     requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
     # input_example is not passed: MLflow 3.17's keras flavour fails writing it (shared/MEASURED.md).
     info = mlflow.keras.log_model(model, name=name, signature=signature, registered_model_name=registered_name,

@@ -117,17 +117,20 @@ def fit_model(model: keras.Model, data: Arrays, learning_rate: float, epochs: in
 
 
 def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain, evaluate: config.Evaluate,
-                         seed: int, before: dict[str, float], on_epoch_end=None,
+                         seed: int, on_epoch_end=None, before: dict[str, float] | None = None,
                          attacker: Attacker | None = None) -> tuple[list[dict], int]:
     """Adversarial training (Madry et al. 2018 with PGD, the default; FGSM also offered): a share ``adv_ratio`` of
     each batch is replaced by its adversarial version, made on the fly against the current weights. One compiled
     step per batch: attack, then update.
 
     The model keeps the weights of the epoch with the best validation :func:`metrics.robust_score` (clean and
-    attacked with ``cfg.attack``); ``before`` (the incoming model's scores) is epoch 0, so a fine-tune that only
-    hurts changes nothing, and a model that answers FAKE to every attacked image cannot win (it scores 0.5).
-    Returns the per-epoch rows and the kept epoch (0 = the incoming weights)."""
+    attacked with ``cfg.attack``). The incoming model is epoch 0 (its scores are measured unless ``before`` gives
+    them), so a fine-tune that only hurts changes nothing, and a model that answers FAKE to every attacked image
+    cannot win (it scores 0.5). Returns one row per epoch, epoch 0 first (``loss`` None there), and the kept epoch.
+    ``on_epoch_end(epoch, row)`` is called for epochs 1 onward."""
     attacker = attacker or Attacker(model, cfg.attack, seed)
+    if before is None:
+        before = validation_scores(model, attacker, data.x_val, data.y_val, cfg.batch_size, evaluate)
     optimizer = keras.optimizers.Adam(cfg.learning_rate)
     loss_fn = keras.losses.BinaryCrossentropy()
     trainable = model.trainable_variables
@@ -148,7 +151,7 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
 
     from tqdm import tqdm
 
-    history, best_epoch, best_score = [], 0, before["val_robust_score"]
+    history, best_epoch, best_score = [{"loss": None, **before}], 0, before["val_robust_score"]
     best_weights = model.get_weights()  # all of them: the head's BatchNormalization statistics move too
     for epoch in range(cfg.epochs):
         losses = []
@@ -164,7 +167,7 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
             best_epoch, best_score = epoch + 1, row["val_robust_score"]
             best_weights = model.get_weights()
         if on_epoch_end:
-            on_epoch_end(epoch, row)
+            on_epoch_end(epoch + 1, row)
     model.set_weights(best_weights)
     return history, best_epoch
 
@@ -178,9 +181,4 @@ def validation_scores(model: keras.Model, attacker: Attacker, x: np.ndarray, y: 
     fn = forward_fn(model)
     p_clean = batched(fn, x, batch_size)[:, 0]
     p_adv = batched(fn, to_uint8(attacker.perturb(x, y, batch_size)), batch_size)[:, 0]
-    m = evaluate.measure
-    out = {"val_f1": metrics.f1(y, p_clean), f"val_{m}": metrics.measure(y, p_clean, m),
-           "val_adv_f1": metrics.f1(y, p_adv), f"val_adv_{m}": metrics.measure(y, p_adv, m)}
-    out["val_weighted_f1"] = metrics.weighted_f1(out["val_f1"], out["val_adv_f1"], evaluate.weights)
-    out["val_robust_score"] = metrics.robust_score(y, p_clean, p_adv, evaluate.weights, m)
-    return out
+    return {f"val_{k}": v for k, v in metrics.scores(y, p_clean, p_adv, evaluate).items()}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import optuna
 
-from pipeline import config, metrics
+import optuna
+from pipeline import config, metrics, provenance
 from pipeline.attacks import Attacker, to_uint8
 from pipeline.model import assemble, batched, build_head, build_model, forward_fn, head_classifier
 from pipeline.training import Arrays, MlflowEpochLogger, fit_head, fit_model
@@ -27,7 +27,10 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def study_name(params: config.Params, data_key: str) -> str:
+    """A hash of everything the trials' results depend on (search space, model, selection rule, seed, data, and
+    the code the trials run), so that a persisted study is resumed only by identical trials."""
     relevant = {
+        "code": provenance.code_digest("pipeline.tuning"),
         "tune": params.tune.model_dump(mode="json", exclude={"n_trials", "storage"}),
         "model": params.model.model_dump(mode="json"),
         "weights": params.evaluate.weights.model_dump(mode="json"),
@@ -144,12 +147,10 @@ class Objective:
         return self._scores(p_clean, p_adv)
 
     def _scores(self, p_clean: np.ndarray, p_adv: np.ndarray | None = None) -> dict[str, float]:
-        y, ev = self.data.y_val, self.params.evaluate
-        out = {"f1": metrics.f1(y, p_clean), ev.measure: metrics.measure(y, p_clean, ev.measure)}
-        out["clean"] = out[ev.measure]
+        out = metrics.scores(self.data.y_val, p_clean, p_adv, self.params.evaluate)
+        out["clean"] = out[self.params.evaluate.measure]
         if p_adv is not None:
-            out.update({"adv_f1": metrics.f1(y, p_adv), f"adv_{ev.measure}": metrics.measure(y, p_adv, ev.measure),
-                        "robust": metrics.robust_score(y, p_clean, p_adv, ev.weights, ev.measure)})
+            out["robust"] = out["robust_score"]
         return out
 
     def _frozen_scorer(self):

@@ -4,12 +4,7 @@
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `pipeline` importable
-
-from pipeline import cli, sources  # noqa: E402
+from pipeline import cli, sources
 
 log = cli.log
 

@@ -10,11 +10,9 @@ Any size or mode is handled as preprocess does; unreadable files are listed on s
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import cli, predicting, tracking  # noqa: E402
-from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.model import predict_proba  # noqa: E402
+from pipeline import cli, predicting, tracking
+from pipeline.errors import ConfigError
+from pipeline.model import predict_proba
 
 
 def predict_folder(model, found: predicting.FolderImages, folder: Path, output: Path, params, threshold: float) -> None:

@@ -5,11 +5,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python src/preprocess.py`
-
-from pipeline import cli, data, io  # noqa: E402
+from pipeline import cli, data, io
 
 
 def main() -> None:

@@ -3,14 +3,11 @@
 With a frozen backbone (the default) only the head trains, on the cached backbone features, and is then put on
 the backbone; otherwise the unfrozen part of the backbone trains with it, on images.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import cli, features, metrics, model as modellib, reporting, tracking, training  # noqa: E402
-from pipeline.data import load_split  # noqa: E402
-from pipeline.io import read_json, write_json  # noqa: E402
+from pipeline import cli, features, metrics, reporting, tracking, training
+from pipeline import model as modellib
+from pipeline.data import load_split
+from pipeline.io import read_json, write_json
 
 
 def main() -> None:
@@ -19,7 +16,6 @@ def main() -> None:
     cli.seed_everything(params.base.seed)
     hp = read_json(params.paths.best_params)
     t, m = params.train, params.model
-    tracking.setup(params.mlflow)
 
     with tracking.stage_run("train", params) as run:
         tracking.log_params({"dropout": hp["dropout"], "learning_rate": hp["learning_rate"]})

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import config, evaluation, metrics
+from pipeline import config, metrics, reporting
 
 # 10 images. Truth: 4 FAKE, 6 REAL. At threshold 0.5 the model says FAKE for images 0, 1, 2 (FAKE) and 4, 5 (REAL).
 Y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -82,7 +82,7 @@ def test_roc_points_are_finite_and_span_the_corners() -> None:
 
 
 def test_confusion_rows_label_real_and_fake() -> None:
-    rows = evaluation.confusion_rows(Y, P, threshold=0.5)
+    rows = reporting.confusion_rows(Y, P, threshold=0.5)
     assert len(rows) == len(Y)
     assert rows[0] == {"actual": "Fake", "predicted": "Fake"}
     assert rows[3] == {"actual": "Fake", "predicted": "Real"}

@@ -101,7 +101,7 @@ def test_golden_hash() -> None:
     assert golden_hash() == GOLDEN_SHA256
 
 
-@pytest.mark.parametrize("env", GOLDEN_ENVIRONMENTS, ids=lambda e: "-".join(f"{k}={v.split()[0]}" for k, v in e.items()))
+@pytest.mark.parametrize("env", GOLDEN_ENVIRONMENTS, ids=lambda e: next(f"{k}={v.split()[0]}" for k, v in e.items()))
 def test_golden_hash_under_other_cpu_code_paths(env: dict[str, str]) -> None:
     code = "from tests.test_sample import golden_hash; print(golden_hash())"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,

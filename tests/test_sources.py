@@ -116,7 +116,9 @@ def test_layout_errors_say_what_is_missing(tmp_path: Path, as_zip: bool) -> None
 
 
 def test_unusable_paths_are_clear(tmp_path: Path) -> None:
-    fetch = lambda path: sources.fetch(params_for(tmp_path, "data.source=local", f"data.path={path}"), tmp_path / "raw")
+    def fetch(path):
+        return sources.fetch(params_for(tmp_path, "data.source=local", f"data.path={path}"), tmp_path / "raw")
+
     with pytest.raises(DataError, match="not found"):
         fetch(tmp_path / "nowhere")
     (tmp_path / "notes.txt").write_text("hello")
