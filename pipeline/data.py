@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import config, images
+from pipeline import config, filetree, images
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir
 
@@ -62,38 +62,40 @@ def load_split(processed_dir: Path, name: str, mmap: bool = True) -> Split:
 
 @dataclass
 class _Listing:
-    """The files of one split: names relative to ``root`` ("FAKE/1.jpg") and their labels, in a fixed order."""
+    """The files of one split: names relative to the split ("FAKE/1.jpg") and their labels, in a fixed order."""
 
-    root: Path  # raw/train or raw/test
+    tree: str  # the raw folder or zip
+    split: str  # "train" or "test": the names live under "<split>/" in the tree
     names: list[str]
     labels: np.ndarray  # uint8
 
     def subset(self, keep: np.ndarray) -> _Listing:
-        return _Listing(self.root, [n for n, k in zip(self.names, keep) if k], self.labels[keep])
+        return _Listing(self.tree, self.split, [n for n, k in zip(self.names, keep) if k], self.labels[keep])
 
 
-def _layout(raw_dir: Path) -> str:
-    return f"{raw_dir}/{{train,test}}/{{REAL,FAKE}}/*.jpg"
+def _layout(raw: Path) -> str:
+    return f"{raw}: {{train,test}}/{{REAL,FAKE}}/*.jpg"
 
 
-def _list_raw(raw_dir: Path) -> dict[str, _Listing]:
-    missing = [f"{s}/{c}" for s in RAW_SPLITS for c in CLASSES if not (raw_dir / s / c).is_dir()]
-    if missing:
-        raise DataError(
-            f"{raw_dir}: missing class folder(s) {', '.join(missing)}; expected the CIFAKE layout "
-            f"{_layout(raw_dir)} (check paths.raw, or run the fetch stage: dvc repro fetch)"
-        )
+def _list_raw(raw: Path) -> dict[str, _Listing]:
+    if not raw.exists():
+        raise DataError(f"{raw}: not found; run the fetch stage (dvc repro fetch) or check paths.raw")
+    with filetree.Tree(raw) as tree:
+        files = tree.names()
     out: dict[str, _Listing] = {}
     for split in RAW_SPLITS:
         names: list[str] = []
         labels: list[int] = []
         for label, cls in enumerate(CLASSES):
-            found = images.walk(raw_dir / split / cls)
+            prefix = f"{split}/{cls}/"
+            found = [f.removeprefix(f"{split}/") for f in files if f.startswith(prefix)]
             if not found:
-                raise DataError(f"{raw_dir / split / cls}: no files; expected {_layout(raw_dir)}")
-            names.extend(f"{cls}/{rel}" for rel in found)
+                raise DataError(
+                    f"{raw}: no files in {split}/{cls}; expected the CIFAKE layout {_layout(raw)} (check "
+                    "paths.raw, or run the fetch stage: dvc repro fetch)")
+            names.extend(found)
             labels.extend([label] * len(found))
-        out[split] = _Listing(raw_dir / split, names, np.array(labels, dtype=np.uint8))
+        out[split] = _Listing(str(raw), split, names, np.array(labels, dtype=np.uint8))
     return out
 
 
@@ -118,8 +120,8 @@ class _NpyWriter:
     """Append rows to a ``.npy`` whose length is known only at the end (a context manager).
 
     Plain buffered writes rather than ``open_memmap``: pages written through a memmap count in this process's RSS
-    until the kernel evicts them, so peak memory would grow with the dataset. NumPy pads the header so the first axis can grow to 21 digits; the header is rewritten
-    in place with the final count on a clean exit.
+    until the kernel evicts them, so peak memory would grow with the dataset. NumPy pads the header so the first
+    axis can grow to 21 digits; the header is rewritten in place with the final count on a clean exit.
     """
 
     def __init__(self, path: Path, row_shape: tuple[int, ...]) -> None:
@@ -167,22 +169,23 @@ class _Tally:
 Outcome = tuple[str, bool] | images.BadImage  # (source mode, resized) for a good image
 
 
-def _decode_one(path: str, resize: str, max_pixels: int) -> images.Decoded | images.BadImage:
-    if not images.is_image_name(path):
-        suffix = os.path.splitext(path)[1] or "(none)"
+def _decode_one(tree: filetree.Tree, name: str, resize: str, max_pixels: int) -> images.Decoded | images.BadImage:
+    if not images.is_image_name(name):
+        suffix = os.path.splitext(name)[1] or "(none)"
         return images.BadImage("not an image", f"suffix {suffix!r} is not one of {sorted(images.IMAGE_SUFFIXES)}")
     try:
-        return images.decode_with_info(path, IMAGE_SIZE, resize, max_pixels)  # type: ignore[arg-type]
+        return images.decode_with_info(tree.read(name), IMAGE_SIZE, resize, max_pixels)  # type: ignore[arg-type]
     except images.BadImage as bad:
         return bad
 
 
-def _decode_chunk(args: tuple[str, list[str], str, int]) -> tuple[np.ndarray, list[Outcome]]:
+def _decode_chunk(args: tuple[str, str, list[str], str, int]) -> tuple[np.ndarray, list[Outcome]]:
     """Decode a run of files; good pixels come back stacked in one array (one pickle, not hundreds)."""
-    root, names, resize, max_pixels = args
+    tree_path, split, names, resize, max_pixels = args
+    tree = filetree.cached(tree_path)  # opened once per worker process
     pixels, outcomes = [], []
     for name in names:
-        res = _decode_one(os.path.join(root, name), resize, max_pixels)
+        res = _decode_one(tree, f"{split}/{name}", resize, max_pixels)
         if isinstance(res, images.BadImage):
             outcomes.append(res)
         else:
@@ -202,14 +205,14 @@ def _decode_split(split: str, listing: _Listing, folder: Path, cfg: config.Prepr
     folder.mkdir()
     keep = np.zeros(len(listing.names), dtype=bool)
     starts = range(0, len(listing.names), _CHUNK)
-    tasks = ((str(listing.root), listing.names[i : i + _CHUNK], cfg.resize, cfg.max_pixels) for i in starts)
+    tasks = ((listing.tree, listing.split, listing.names[i : i + _CHUNK], cfg.resize, cfg.max_pixels) for i in starts)
     results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)  # both keep the order
     with _NpyWriter(folder / "x.npy", (IMAGE_SIZE, IMAGE_SIZE, 3)) as writer:
         for start, (pixels, outcomes) in zip(starts, results):
             writer.append(pixels)
             for i, out in enumerate(outcomes, start):
                 if isinstance(out, images.BadImage):
-                    tally.bad.append({"file": f"{listing.root.name}/{listing.names[i]}", "split": split,
+                    tally.bad.append({"file": f"{listing.split}/{listing.names[i]}", "split": split,
                                       "reason": out.reason})
                     tally.bad_kinds[out.kind] += 1
                 else:
@@ -248,7 +251,7 @@ def preprocess(
     progress: bool = True,
     workers: int | None = None,
 ) -> dict:
-    """Decode ``raw_dir`` (CIFAKE layout) into ``out_dir/{train,val,test}`` and return the report.
+    """Decode ``raw_dir`` (CIFAKE layout, a folder or a zip) into ``out_dir/{train,val,test}``; return the report.
 
     The train file list is split into train/val (stratified, seeded) before decoding, so each file is decoded
     once. Output goes to a temporary folder swapped in whole at the end: a failure or interrupt leaves the previous

@@ -8,6 +8,7 @@ the worse of the two attacks."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -17,9 +18,8 @@ import keras
 import numpy as np
 from PIL import Image
 
-from pipeline import config, metrics
+from pipeline import config, filetree, metrics
 from pipeline.attacks import Attacker, to_uint8
-from pipeline.io import atomic_dir
 from pipeline.model import batched, forward_fn
 
 
@@ -125,10 +125,10 @@ def curve_subset(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
 
 
 def write_png_set(x: np.ndarray, names: list[str], target: Path) -> None:
-    """Images as lossless PNG under ``target`` in CIFAKE layout (``REAL/…``, ``FAKE/…``): JPEG would erase the
-    perturbation. Written to a temporary folder and renamed, so a half-written set is never left."""
-    with atomic_dir(target) as tmp:
+    """Images as lossless PNG in CIFAKE layout (``REAL/…``, ``FAKE/…``) in ``target``, a zip (or a folder):
+    JPEG would erase the perturbation. Replaced whole at the end, so a half-written set is never left."""
+    with filetree.writer(target) as put:
         for img, name in zip(x, names):
-            path = tmp / Path(name).with_suffix(".png")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img, "RGB").save(path, format="PNG", compress_level=1)
+            buf = io.BytesIO()
+            Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=1)
+            put(Path(name).with_suffix(".png").as_posix(), buf.getvalue())

@@ -73,28 +73,6 @@ def is_image_name(path: Path | str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
 
 
-def walk(folder: Path, recursive: bool = True) -> list[str]:
-    """Every file under ``folder`` (hidden ones too) as a relative POSIX path, sorted, so the order is the same
-    on every machine and filesystem. Strings, not Paths: at 120k files pathlib's parsing costs seconds."""
-    found: list[str] = []
-    for root, _, files in os.walk(folder):
-        rel = os.path.relpath(root, folder).replace(os.sep, "/")
-        found.extend(files if rel == "." else (f"{rel}/{f}" for f in files))
-        if not recursive:
-            break
-    return sorted(found)
-
-
-def list_files(folder: Path, recursive: bool = True) -> list[Path]:
-    """Every file under ``folder`` in :func:`walk` order (non-images too, so callers can report them)."""
-    return [Path(folder, rel) for rel in walk(folder, recursive)]
-
-
-def list_images(folder: Path, recursive: bool = True) -> list[Path]:
-    """Files with an image suffix (case-insensitive: ``.JPG`` counts), in :func:`walk` order."""
-    return [Path(folder, rel) for rel in walk(folder, recursive) if is_image_name(rel)]
-
-
 def _open_source(source: Path | str | bytes) -> BinaryIO:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import images
+from pipeline import filetree, images
 from pipeline.errors import DataError, ModelError
 from pipeline.io import atomic_path
 
@@ -29,21 +29,26 @@ class FolderImages:
     bad: list[tuple[str, str]]  # (name, reason)
 
 
-def read_folder(folder: Path, resize: str, max_pixels: int) -> FolderImages:
+def read_folder(folder: Path, resize: str, max_pixels: int, under: str = "") -> FolderImages:
+    """Every image in ``folder`` (a folder or a .zip, searched recursively; only below ``under`` if given), with
+    names relative to it (and to ``under``)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"--input {folder}: not a folder")
-    files = images.list_images(folder, recursive=True)
-    if not files:
-        raise DataError(f"--input {folder}: no images (looked for {', '.join(sorted(images.IMAGE_SUFFIXES))})")
-    pixels, names, bad = [], [], []
-    for path in tqdm(files, desc="decode", unit="img", leave=False):
-        name = path.relative_to(folder).as_posix()
-        try:
-            pixels.append(images.decode(path, 32, resize, max_pixels))
-            names.append(name)
-        except images.BadImage as err:
-            bad.append((name, err.reason))
+    if not folder.is_dir() and not filetree.is_zip(folder):
+        raise DataError(f"--input {folder}: not a folder or a .zip")
+    prefix = f"{under.strip('/')}/" if under else ""
+    with filetree.Tree(folder) as tree:
+        files = [n for n in tree.names() if n.startswith(prefix) and images.is_image_name(n)]
+        if not files:
+            raise DataError(f"--input {folder / prefix}: no images (looked for "
+                            f"{', '.join(sorted(images.IMAGE_SUFFIXES))})")
+        pixels, names, bad = [], [], []
+        for member in tqdm(files, desc="decode", unit="img", leave=False):
+            name = member.removeprefix(prefix)
+            try:
+                pixels.append(images.decode(tree.read(member), 32, resize, max_pixels))
+                names.append(name)
+            except images.BadImage as err:
+                bad.append((name, err.reason))
     x = np.stack(pixels) if pixels else np.zeros((0, 32, 32, 3), np.uint8)
     return FolderImages(x, names, bad)
 

@@ -38,7 +38,7 @@ def training_curves(history: dict[str, list[float]]):
     for key in ("loss", "val_loss"):
         if key in history:
             axes[0].plot(epochs, history[key], label=key)
-    for key in ("accuracy", "val_accuracy", "val_f1"):
+    for key in ("accuracy", "val_accuracy", "val_balanced_accuracy", "val_f1"):
         if key in history:
             axes[1].plot(epochs, history[key], label=key)
     axes[0].set(xlabel="epoch", ylabel="binary cross-entropy", title="loss")

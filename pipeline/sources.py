@@ -1,17 +1,14 @@
 """Where the raw CIFAKE tree comes from: the built-in sample, a local folder or .zip, or Kaggle.
 
-Whatever the source, the output is ``{train,test}/{REAL,FAKE}/*`` written atomically: an interrupted or failed
-fetch leaves the previous output as it was.
+Whatever the source, the output is ``{train,test}/{REAL,FAKE}/*`` in one zip (``paths.raw``; a folder if that path
+does not end in .zip), written atomically: an interrupted or failed fetch leaves the previous output as it was.
 """
 from __future__ import annotations
 
-import shutil
-import stat
 import zipfile
-import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from pipeline import config, io, sample
+from pipeline import config, filetree, sample
 from pipeline.errors import DataError
 
 CLASS_DIRS = tuple(f"{split}/{cls}" for split in sample.SPLITS for cls in sample.CLASSES)
@@ -19,14 +16,13 @@ LAYOUT = ("expected CIFAKE layout: train/REAL, train/FAKE, test/REAL and test/FA
           "top level or inside one folder (as in the Kaggle zip)")
 
 
-def fetch(params: config.Params, out_dir: Path) -> dict[str, int]:
-    """Fill ``out_dir`` from ``params.data.source``; return the file count per ``split/CLASS`` folder."""
+def fetch(params: config.Params, out: Path) -> dict[str, int]:
+    """Write ``out`` from ``params.data.source``; return the file count per ``split/CLASS`` folder."""
     data = params.data
-    with io.atomic_dir(out_dir) as tmp:
-        if data.source == "sample":
-            return sample.write_sample(tmp, params.sample, params.base.seed)
-        path = data.path if data.source == "local" else download(data.kaggle_handle)
-        return copy_local(Path(path), tmp)
+    if data.source == "sample":
+        return sample.write_sample(out, params.sample, params.base.seed)
+    path = data.path if data.source == "local" else download(data.kaggle_handle)
+    return copy_local(Path(path), out)
 
 
 def download(handle: str) -> Path:
@@ -46,18 +42,26 @@ def download(handle: str) -> Path:
 
 
 def copy_local(path: Path, out: Path) -> dict[str, int]:
-    """Copy a CIFAKE folder or extract a CIFAKE .zip into ``out``; return counts per class folder."""
+    """Copy the class folders of a CIFAKE folder or .zip into ``out`` (a folder, or a zip when it ends in .zip);
+    return counts per class folder. A zip with any unsafe entry is refused whole, before anything is written."""
+    path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: not found (data.path must be a CIFAKE folder or .zip)")
-    if path.is_dir():
-        root = _find_root({p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}, str(path))
-        for rel in CLASS_DIRS:
-            shutil.copytree(path / root / rel, out / rel)
-    elif path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
-        _extract(path, out)
-    else:
+    if not path.is_dir() and not zipfile.is_zipfile(path) and not filetree.is_zip(path):
         raise DataError(f"{path}: neither a folder nor a .zip archive; {LAYOUT}")
-    return {rel: sum(1 for p in (out / rel).rglob("*") if p.is_file()) for rel in CLASS_DIRS}
+    counts = dict.fromkeys(CLASS_DIRS, 0)
+    with filetree.Tree(path) as tree:
+        root = _find_root(set(tree.names()), str(path))
+        prefix = f"{root}/" if root else ""
+        with filetree.writer(out) as put:
+            for name in tree.names():
+                rel = name.removeprefix(prefix)
+                folder = next((d for d in CLASS_DIRS if rel.startswith(f"{d}/")), None)
+                if not name.startswith(prefix) or folder is None:
+                    continue  # anything beside the class folders (a README, __MACOSX/) is not data
+                put(rel, tree.read(name))
+                counts[folder] += 1
+    return counts
 
 
 def _find_root(files: set[str], label: str) -> str:
@@ -73,41 +77,3 @@ def _find_root(files: set[str], label: str) -> str:
     missing = [rel for rel in CLASS_DIRS if rel not in present[best]]
     where_txt = f"{label}/{best}" if best else label
     raise DataError(f"{where_txt}: missing or empty: {', '.join(missing)}; {LAYOUT}")
-
-
-def _unsafe(info: zipfile.ZipInfo) -> str | None:
-    """Why extracting this entry could write outside the target, or None if it is safe."""
-    name = info.filename
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return "is a symbolic link"
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        return "has an absolute path"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        return "has a '..' component"
-    return None
-
-
-def _extract(archive: Path, out: Path) -> None:
-    """Extract the class folders of a CIFAKE zip, refusing the whole archive if any entry is unsafe."""
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            for info in infos:  # check everything before writing anything
-                if reason := _unsafe(info):
-                    raise DataError(f"{archive}: refusing unsafe zip entry {info.filename!r}: it {reason}")
-            files = {PurePosixPath(i.filename).as_posix().removeprefix("./"): i for i in infos if not i.is_dir()}
-            root = _find_root(set(files), str(archive))
-            prefix = f"{root}/" if root else ""
-            target = out.resolve()
-            for name, info in files.items():
-                rel = name.removeprefix(prefix)
-                if not name.startswith(prefix) or not rel.startswith(tuple(f"{d}/" for d in CLASS_DIRS)):
-                    continue  # anything beside the class folders (a README, __MACOSX/) is not data
-                dest = (out / rel).resolve()
-                if not dest.is_relative_to(target):  # belt and braces after _unsafe
-                    raise DataError(f"{archive}: refusing zip entry {info.filename!r}: it resolves outside {out}")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(dest, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as err:
-        raise DataError(f"{archive}: cannot extract the zip archive: {err}") from err

@@ -26,7 +26,7 @@ def predict_folder(model, found: predicting.FolderImages, folder: Path, output: 
 
 def main() -> None:
     parser = cli.stage_parser(__doc__)
-    parser.add_argument("--input", type=Path, help="a folder of images (searched recursively)")
+    parser.add_argument("--input", type=Path, help="a folder or .zip of images (searched recursively)")
     parser.add_argument("--output", type=Path, help="the CSV to write (with --input)")
     parser.add_argument("--model", help="a .keras file or models:/NAME@ALIAS (default: paths.model_adv)")
     parser.add_argument("--threshold", type=float, help="P(FAKE) at or above this is Fake (default: predict.threshold)")
@@ -38,17 +38,18 @@ def main() -> None:
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold must lie in (0, 1) (got {threshold})")
     out = params.paths.predictions
-    jobs = ([(args.input, args.output)] if args.input is not None else
-            [(params.paths.raw / "test", out / "Test_1_results.csv"),
-             (params.paths.adversarial, out / "Test_2_results.csv")])
+    # (where, the part of it to read, the CSV): Test_dataset_1 is the test half of the raw dataset
+    jobs = ([(args.input, "", args.output)] if args.input is not None else
+            [(params.paths.raw, "test", out / "Test_1_results.csv"),
+             (params.paths.adversarial, "", out / "Test_2_results.csv")])
     # Read the images first: a wrong or empty folder is reported before the model takes seconds to load.
-    found = [predicting.read_folder(folder, params.preprocess.resize, params.preprocess.max_pixels)
-             for folder, _ in jobs]
+    found = [predicting.read_folder(folder, params.preprocess.resize, params.preprocess.max_pixels, under)
+             for folder, under, _ in jobs]
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
     model = predicting.load_any_model(args.model or str(params.paths.model_adv))
-    for (folder, output), images in zip(jobs, found):
-        predict_folder(model, images, folder, output, params, threshold)
+    for (folder, under, output), images in zip(jobs, found):
+        predict_folder(model, images, folder / under, output, params, threshold)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """pipeline.attacks: FGSM/PGD budgets, strength on a trained model, logit gradients, 8-bit PNG round trip."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import keras
@@ -9,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import config, evaluation, model
+from pipeline import config, evaluation, filetree, model
 from pipeline.attacks import Attacker, to_uint8
 
 
@@ -146,14 +147,14 @@ def test_uint8_png_round_trip_keeps_the_perturbation_exactly(attackers, batch, t
     x8 = to_uint8(x)
     assert np.abs(x_adv.astype(int) - x8.astype(int)).max() <= 8
     names = [f"{'FAKE' if label else 'REAL'}/{i} ({i + 1}).jpg" for i, label in enumerate(y)]
-    target = tmp_path / "adversarial"
+    target = tmp_path / "Test_dataset_2.zip"
     evaluation.write_png_set(x_adv, names, target)
+    tree = filetree.Tree(target)
     for img, name in zip(x_adv, names):
-        path = target / Path(name).with_suffix(".png")
-        with Image.open(path) as f:
+        with Image.open(io.BytesIO(tree.read(Path(name).with_suffix(".png").as_posix()))) as f:
             assert f.format == "PNG" and f.mode == "RGB"
             np.testing.assert_array_equal(np.asarray(f), img)
-    assert sorted(p.name for p in target.iterdir()) == ["FAKE", "REAL"]
+    assert sorted({n.split("/")[0] for n in tree.names()}) == ["FAKE", "REAL"]
 
 
 def test_to_uint8_rounds_and_clips() -> None:

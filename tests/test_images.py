@@ -225,17 +225,6 @@ def test_bomb_warning_filter_does_not_leak() -> None:
     assert warnings.filters == before
 
 
-def test_listing_is_sorted_case_insensitive_and_recursive(tmp_path: Path) -> None:
-    (tmp_path / "sub").mkdir()
-    for name in ["b.JPG", "a.png", "c.PNG", "d.jpeg", "e.WebP", "f.bmp", "notes.txt", "Thumbs.db", "sub/g.jpg"]:
-        (tmp_path / name).write_bytes(b"x")
-    names = [p.relative_to(tmp_path).as_posix() for p in images.list_images(tmp_path)]
-    assert names == ["a.png", "b.JPG", "c.PNG", "d.jpeg", "e.WebP", "f.bmp", "sub/g.jpg"]
-    assert [p.name for p in images.list_images(tmp_path, recursive=False)][-1] == "f.bmp"
-    every = {p.name for p in images.list_files(tmp_path)}
-    assert {"notes.txt", "Thumbs.db"} <= every and len(every) == 9
-
-
 def test_bad_image_pickles_with_its_kind() -> None:
     import pickle
 

@@ -69,6 +69,20 @@ def test_read_folder_decodes_every_usable_image_and_reports_the_rest(messy_folde
     assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
 
 
+def test_a_zip_reads_like_the_folder_and_under_picks_a_part(messy_folder: Path, tmp_path: Path) -> None:
+    from pipeline import filetree
+
+    archive = tmp_path / "images.zip"
+    with filetree.writer(archive) as put:
+        for path in sorted(messy_folder.rglob("*")):
+            if path.is_file():
+                put(f"test/{path.relative_to(messy_folder).as_posix()}", path.read_bytes())
+    put_aside = predicting.read_folder(messy_folder, PREPROCESS.resize, PREPROCESS.max_pixels)
+    from_zip = predicting.read_folder(archive, PREPROCESS.resize, PREPROCESS.max_pixels, under="test")
+    assert from_zip.names == put_aside.names and np.array_equal(from_zip.x, put_aside.x)
+    assert from_zip.bad == put_aside.bad
+
+
 def test_predict_cli_writes_the_csv_contract(messy_folder: Path, tmp_path: Path, tiny_model, tiny_model_file) -> None:
     out = tmp_path / "out" / "predictions.csv"
     proc = run_predict("--input", str(messy_folder), "--output", str(out), "--model", str(tiny_model_file))

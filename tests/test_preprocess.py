@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import config, data, images
+from pipeline import config, data, filetree, images
 from pipeline.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,15 +135,22 @@ def test_missing_class_folder_names_the_layout(tmp_path: Path) -> None:
 def test_each_file_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = make_raw(tmp_path / "raw", train=12, test=3)
     calls: list[str] = []
-    real = images.decode_with_info
+    real_read, real_decode = filetree.Tree.read, images.decode_with_info
 
-    def counting(path, *a, **k):  # type: ignore[no-untyped-def]
-        calls.append(str(path))
-        return real(path, *a, **k)
+    def reading(tree, name):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        return real_read(tree, name)
 
-    monkeypatch.setattr(images, "decode_with_info", counting)
+    decoded: list[int] = []
+
+    def decoding(source, *a, **k):  # type: ignore[no-untyped-def]
+        decoded.append(1)
+        return real_decode(source, *a, **k)
+
+    monkeypatch.setattr(filetree.Tree, "read", reading)
+    monkeypatch.setattr(images, "decode_with_info", decoding)
     data.preprocess(raw, tmp_path / "out", cfg(), seed=0, progress=False, workers=1)
-    assert len(calls) == len(set(calls)) == 30
+    assert len(calls) == len(set(calls)) == len(decoded) == 30
 
 
 def test_worker_pool_gives_identical_output(tmp_path: Path) -> None:

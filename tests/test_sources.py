@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline import config, sample, sources
+from pipeline import config, filetree, sample, sources
 from pipeline.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_unusable_paths_are_clear(tmp_path: Path) -> None:
         fetch(tmp_path / "notes.txt")
     archive = zip_tree(make_tree(tmp_path / "tree"), tmp_path / "cut.zip")
     archive.write_bytes(archive.read_bytes()[:300])  # a truncated download
-    with pytest.raises(DataError, match="cannot extract the zip archive"):
+    with pytest.raises(DataError, match="not a readable zip archive"):
         fetch(archive)
 
 
@@ -198,11 +198,11 @@ def test_failure_midway_keeps_previous_output(tmp_path: Path, monkeypatch: pytes
         return real(*args, **kwargs)
 
     if source == "sample":
-        real = sample._save
-        monkeypatch.setattr(sample, "_save", failing)
+        real = sample._jpeg
+        monkeypatch.setattr(sample, "_jpeg", failing)
     else:
-        real = sources.shutil.copyfileobj
-        monkeypatch.setattr(sources.shutil, "copyfileobj", failing)
+        real = filetree.Tree.read
+        monkeypatch.setattr(filetree.Tree, "read", failing)
     params = params_for(tmp_path, *overrides)
     with pytest.raises((OSError, DataError), match="No space left"):
         sources.fetch(params, params.paths.raw)
@@ -229,3 +229,34 @@ def test_stage_script_writes_the_tree_and_fails_cleanly(tmp_path: Path) -> None:
     assert failed.returncode == 1
     assert "error:" in failed.stderr and "not found" in failed.stderr and "Traceback" not in failed.stderr
     assert len(list((tmp_path / "raw").rglob("*.jpg"))) == 6  # the earlier output survives the failure
+
+
+def test_fetch_to_a_zip_is_byte_stable_and_preprocesses_like_the_folder(tmp_path: Path) -> None:
+    from pipeline import data
+
+    small = ["sample.train_per_class=6", "sample.test_per_class=3"]
+    params = params_for(tmp_path, *small)
+    first, again, folder = tmp_path / "a.zip", tmp_path / "b.zip", tmp_path / "tree"
+    counts = sources.fetch(params, first)
+    assert counts == {"train/REAL": 6, "train/FAKE": 6, "test/REAL": 3, "test/FAKE": 3}
+    sources.fetch(params, again)
+    sources.fetch(params, folder)
+    assert first.read_bytes() == again.read_bytes()  # one file for DVC, the same bytes every time
+    with zipfile.ZipFile(first) as zf:
+        assert {i.filename for i in zf.infolist()} == {p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg")}
+        assert all(zf.read(p.relative_to(folder).as_posix()) == p.read_bytes() for p in folder.rglob("*.jpg"))
+    cfg = params.preprocess
+    for name, raw in (("zip", first), ("folder", folder)):
+        data.preprocess(raw, tmp_path / f"out-{name}", cfg, seed=0, progress=False)
+    for split in ("train", "val", "test"):
+        for f in ("x.npy", "y.npy", "names.json"):
+            assert (tmp_path / "out-zip" / split / f).read_bytes() == (tmp_path / "out-folder" / split / f).read_bytes()
+
+
+def test_a_local_zip_can_be_repacked_into_the_raw_zip(tmp_path: Path) -> None:
+    archive = zip_tree(make_tree(tmp_path / "tree"), tmp_path / "c.zip", prefix="cifake/", extra={"README.md": b"x"})
+    params = params_for(tmp_path, "data.source=local", f"data.path={archive}")
+    counts = sources.fetch(params, tmp_path / "raw.zip")
+    assert counts == dict.fromkeys(FOLDERS, 2)
+    with zipfile.ZipFile(tmp_path / "raw.zip") as zf:  # the class folders at the top, nothing else
+        assert sorted({n.rsplit("/", 1)[0] for n in zf.namelist()}) == sorted(FOLDERS)
