@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from PIL import Image
 
-from pipeline import config, filetree, metrics
+from pipeline import config, filetree, metrics, registry
 from pipeline.attacks import Attacker, to_uint8
 from pipeline.model import batched, forward_fn
 
@@ -90,6 +90,17 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
     return Result(p_clean, x_adv, p_adv, p_diag, sets, headline["weighted_f1"], headline["robust_score"], curve)
+
+
+def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
+            threshold: float) -> registry.Standing:
+    """A registered version's scores under this protocol, attacked white-box against itself: what the champion
+    rule needs when the champion's stored scores come from another protocol."""
+    from pipeline.predicting import load_any_model
+
+    result = evaluate(load_any_model(f"models:/{name}/{version}"), x, y, cfg, seed, threshold, f"v{version}")
+    return registry.Standing(str(version), result.robust_score, result.weighted_f1,
+                             protocol_id(protocol(cfg, x, y, seed, threshold)))
 
 
 def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, threshold: float) -> dict:

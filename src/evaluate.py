@@ -2,7 +2,7 @@
 the mission's attack against the adversarially trained model, written as PNG), a stronger diagnostic attack (PGD),
 figures that count both classes with bootstrap intervals, the robustness curve, the same for the model from before
 `advtrain`, and the registry's `champion` alias (moved by robust_score under one protocol)."""
-from pipeline import cli, config, evaluation, metrics, predicting, registry, reporting, tracking
+from pipeline import cli, config, evaluation, metrics, registry, reporting, tracking
 from pipeline import model as modellib
 from pipeline.data import load_split
 from pipeline.io import read_json, write_json
@@ -22,11 +22,6 @@ def main() -> None:
     def evaluate(model, name: str) -> tuple[evaluation.Result, dict]:
         result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name)
         return result, {**result.summary(reference), "ci95": evaluation.intervals(result, test.y, cfg, seed, threshold)}
-
-    def rescore(version: str) -> registry.Standing:  # the champion, white-box under this run's protocol
-        model = predicting.load_any_model(f"models:/{info['registered_model']}/{version}")
-        result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, f"v{version}")
-        return registry.Standing(version, result.robust_score, result.weighted_f1, protocol_id)
 
     with tracking.stage_run("evaluate", params):
         import mlflow
@@ -51,7 +46,9 @@ def main() -> None:
         champion = ""
         if "version" in info:
             candidate = registry.Standing(info["version"], final.robust_score, final.weighted_f1, protocol_id)
-            holds, why = registry.update_champion(info["registered_model"], candidate, reference, rescore)
+            holds, why = registry.update_champion(
+                info["registered_model"], candidate, reference,
+                lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed, threshold))
             mlflow.set_tags({"champion": str(holds), "champion_reason": why})
             champion = f"; v{info['version']} {'is' if holds else 'is not'} @champion ({why})"
 

@@ -2,6 +2,8 @@
 reference, re-scores a champion measured under another protocol, and treats registry errors as errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from pipeline import config, evaluation, registry, tracking
 from pipeline.errors import TrackingError
 
 NAME = "cifake-test"
+ROOT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 REFERENCE = {"always_fake_robust_score": 0.5, "always_fake_weighted_f1": 2 / 3}
 
 
@@ -105,3 +108,18 @@ def test_protocol_covers_attack_settings_test_set_and_threshold() -> None:
     changed[0, 0, 0, 0] = 1
     ids = {pid(), pid(other_eps), pid(other_steps), pid(xx=changed), pid(threshold=0.6)}
     assert len(ids) == 5
+
+
+def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store, tiny_model) -> None:
+    from pipeline.model import to_unit
+
+    with mlflow.start_run():
+        info = tracking.log_keras_model(tiny_model.model, to_unit(tiny_model.x[:4]), "model", NAME)
+    cfg = config.load(ROOT_PARAMS, ["evaluate.diagnostic.steps=2", "evaluate.epsilons=[0, 8]"]).evaluate
+    x, y = tiny_model.x[::8], tiny_model.y[::8]
+    got = evaluation.rescore(NAME, info["version"], x, y, cfg, 0, 0.5)
+    direct = evaluation.evaluate(tiny_model.model, x, y, cfg, 0, 0.5)
+    assert got.version == info["version"]
+    assert got.protocol == evaluation.protocol_id(evaluation.protocol(cfg, x, y, 0, 0.5))
+    assert got.robust_score == pytest.approx(direct.robust_score)
+    assert got.weighted_f1 == pytest.approx(direct.weighted_f1)
