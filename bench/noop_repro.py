@@ -2,6 +2,7 @@
 
     python bench/noop_repro.py            # whole pipeline on a tiny sample, then the no-op and the epsilon edit
     python bench/noop_repro.py --small    # only fetch + preprocess (dvc repro preprocess), then its no-op
+    python bench/noop_repro.py --small --cifake   # the same with CIFAKE's 120,000 images (where the files are)
 
 In a temporary copy of the repository (copied as tests/test_e2e.py does: without data, models, mlruns, .git, DVC
 cache, bench, ...; then git init + commit) with tiny params (sample 48/16 per class, tune.n_trials 2, tune.epochs
@@ -73,12 +74,15 @@ def repro(repo: Path, targets: list[str], log: str) -> tuple[float, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="fetch + preprocess only")
+    parser.add_argument("--cifake", action="store_true", help="CIFAKE size: 50,000 + 10,000 per class")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     targets = ["preprocess"] if args.small else []
     repo = SCRATCH / "noop-repo"
-    copy_repo(repo, TINY)
-    params = {".".join(k): v for k, v in TINY.items()}
+    values = {**TINY, ("sample", "train_per_class"): 50_000, ("sample", "test_per_class"): 10_000} if args.cifake \
+        else TINY
+    copy_repo(repo, values)
+    params = {".".join(k): v for k, v in values.items()}
 
     load = loadavg()
     first_s, ran = repro(repo, targets, "noop-first.log")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -108,3 +109,45 @@ def test_log_keras_model_logs_a_signature_and_registers_a_version(params, mlflow
     assert list(outputs["tensor-spec"]["shape"]) == [-1, 1]
     version = MlflowClient().get_model_version("cifake-test", "1")
     assert version.run_id == run.info.run_id
+
+
+def test_a_server_that_accepts_but_never_answers_fails_within_the_timeout(params, monkeypatch) -> None:
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts connections; nobody ever reads or answers
+    uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = with_mlflow(params, tracking_uri=uri, timeout_s=1.5).mlflow
+    start = time.monotonic()
+    try:
+        with pytest.raises(TrackingError, match="did not answer within 1.5 s"):
+            tracking.setup(cfg)
+    finally:
+        silent.close()
+    assert time.monotonic() - start < 1.5 + 2
+
+
+def test_a_failing_stage_leaves_its_run_failed(params, mlflow_store) -> None:
+    with pytest.raises(RuntimeError), tracking.stage_run("train", params) as run:
+        raise RuntimeError("boom")
+    assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_a_run_left_running_by_a_killed_process_is_marked_killed(params, mlflow_store) -> None:
+    tracking.setup(params.mlflow)
+    code = (f"import os, mlflow; mlflow.set_tracking_uri({mlflow_store.uri!r}); "
+            f"mlflow.set_experiment({params.mlflow.experiment!r}); "
+            "from pipeline import tracking, config; "
+            f"p = config.load({str(Path(__file__).resolve().parents[1] / 'params.yaml')!r}); "
+            "run = mlflow.start_run(tags=tracking.run_tags('advtrain', p)); print(run.info.run_id, flush=True); "
+            "os.kill(os.getpid(), 9)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -9, out.stderr[-2000:]  # SIGKILL: nothing could end the run
+    run_id = out.stdout.split()[0]
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+    with tracking.stage_run("advtrain", params) as again:
+        pass
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
+    assert MlflowClient().get_run(again.info.run_id).info.status == "FINISHED"
