@@ -178,8 +178,22 @@ class Attack(Section):
                 + (" rs" if self.random_start else ""))
 
 
+class Heartbeat(Section):
+    """RDB storages: a running trial beats every ``interval_s``; one silent for ``grace_s`` is failed and retried."""
+
+    interval_s: PositiveInt = 30
+    grace_s: PositiveInt = 120
+
+    @model_validator(mode="after")
+    def _grace_longer(self) -> Heartbeat:
+        if self.grace_s <= self.interval_s:
+            raise ValueError(f"grace_s ({self.grace_s}) must be longer than interval_s ({self.interval_s})")
+        return self
+
+
 class Tune(Section):
     n_trials: PositiveInt
+    workers: PositiveInt = 1  # trial processes on this machine, sharing the study through tune.storage
     epochs: PositiveInt
     batch_size: PositiveInt
     dropout: Range
@@ -187,6 +201,7 @@ class Tune(Section):
     objective: Literal["clean", "robust"]
     attack: Attack
     storage: str = Field(min_length=1)
+    heartbeat: Heartbeat = Heartbeat()
     pruner: Literal["median", "none"]
 
     @field_validator("dropout")

@@ -19,3 +19,7 @@ class ModelError(PipelineError):
 
 class TrackingError(PipelineError):
     """The MLflow tracking store cannot be reached or used."""
+
+
+class TuneError(PipelineError):
+    """The tuning study cannot be used (storage unreachable, driver missing, no study to join)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,13 @@ import numpy as np
 import optuna
 from pipeline import config, metrics, provenance
 from pipeline.attacks import Attacker, to_uint8
+from pipeline.errors import TuneError
 from pipeline.model import assemble, batched, build_head, build_model, forward_fn, head_classifier
 from pipeline.training import Arrays, MlflowEpochLogger, fit_head, fit_model
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+FAIL = optuna.trial.TrialState.FAIL
 
 
 def study_name(params: config.Params, data_key: str) -> str:
@@ -31,7 +34,7 @@ def study_name(params: config.Params, data_key: str) -> str:
     the code the trials run), so that a persisted study is resumed only by identical trials."""
     relevant = {
         "code": provenance.code_digest("pipeline.tuning"),
-        "tune": params.tune.model_dump(mode="json", exclude={"n_trials", "storage"}),
+        "tune": params.tune.model_dump(mode="json", exclude={"n_trials", "storage", "workers", "heartbeat"}),
         "model": params.model.model_dump(mode="json"),
         "weights": params.evaluate.weights.model_dump(mode="json"),
         "measure": params.evaluate.measure,
@@ -42,26 +45,59 @@ def study_name(params: config.Params, data_key: str) -> str:
     return f"cifake-head-{digest}"
 
 
-def storage(url: str) -> optuna.storages.RDBStorage:
-    """RDB storage with heartbeats: a trial whose worker died is marked failed and retried, not left RUNNING."""
+def storage(url: str, heartbeat: config.Heartbeat | None = None) -> optuna.storages.BaseStorage:
+    """The study's storage from ``tune.storage``: ``journal:///<file>`` (Optuna's journal file, for several
+    processes on one machine) or any SQLAlchemy URL (``sqlite:///…``, ``postgresql://…`` across machines). RDB
+    storages get heartbeats: a trial whose worker died is marked failed and retried, not left RUNNING forever."""
+    heartbeat = heartbeat or config.Heartbeat()
+    if url.startswith("journal:///"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8; they work and we want them
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=30, grace_period=120,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat.interval_s, grace_period=heartbeat.grace_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+        except ImportError as err:  # e.g. postgresql:// without psycopg
+            raise TuneError(f"tune.storage {url!r}: its database driver is missing ({err}); for PostgreSQL: "
+                            "pip install psycopg[binary]") from None
+        except Exception as err:  # sqlalchemy OperationalError and friends: the server is not there
+            raise TuneError(f"tune.storage {url!r} cannot be used: {str(err).splitlines()[0]}") from None
+
+
+def _sampler_and_pruner(params: config.Params):
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3) if params.tune.pruner == "median"
+              else optuna.pruners.NopPruner())
+    return optuna.samplers.TPESampler(seed=params.base.seed), pruner
 
 
 def make_study(params: config.Params, data_key: str) -> optuna.Study:
-    t = params.tune
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3) if t.pruner == "median"
-              else optuna.pruners.NopPruner())
+    """Create the study (or open it to resume). Run this once, in one process, before any worker starts:
+    creating a fresh store from several processes at once breaks it."""
+    sampler, pruner = _sampler_and_pruner(params)
     return optuna.create_study(
-        study_name=study_name(params, data_key), storage=storage(t.storage), load_if_exists=True,
-        direction="maximize", sampler=optuna.samplers.TPESampler(seed=params.base.seed), pruner=pruner,
+        study_name=study_name(params, data_key), storage=storage(params.tune.storage, params.tune.heartbeat),
+        load_if_exists=True, direction="maximize", sampler=sampler, pruner=pruner,
     )
+
+
+def join_study(params: config.Params, data_key: str) -> optuna.Study:
+    """Open the study a coordinator (``python src/tune.py``) created, to add trials to it from another process."""
+    sampler, pruner = _sampler_and_pruner(params)
+    name = study_name(params, data_key)
+    try:
+        return optuna.load_study(study_name=name, storage=storage(params.tune.storage, params.tune.heartbeat),
+                                 sampler=sampler, pruner=pruner)
+    except KeyError:
+        raise TuneError(f"no study {name} in {params.tune.storage}: start the coordinator first (dvc repro tune, "
+                        "or python src/tune.py), with the same params, data and code") from None
 
 
 class PruneOnValidation(keras.callbacks.Callback):
@@ -101,6 +137,7 @@ class Objective:
     data: Arrays
     backbone: keras.Model | None = None  # frozen mode: the backbone the features came from
     x_val_images: np.ndarray | None = None  # frozen mode, robust objective: the images behind data.x_val
+    parent_run_id: str | None = None  # the study's MLflow run, when this process did not open it (a worker)
 
     def __call__(self, trial: optuna.Trial) -> float:
         import mlflow
@@ -108,8 +145,10 @@ class Objective:
         t, m = self.params.tune, self.params.model
         hp = suggest(trial, t)
         callbacks = [PruneOnValidation(trial, self.params.evaluate.measure), MlflowEpochLogger()]
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
-                              tags={"stage": "tune", "optuna.trial": str(trial.number)}):
+        tags = {"stage": "tune", "optuna.trial": str(trial.number)}
+        if self.parent_run_id:  # a worker process: nest under the coordinator's run by its id
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=self.parent_run_id is None, tags=tags):
             mlflow.log_params(hp)
             try:
                 if m.frozen:
@@ -162,15 +201,50 @@ class Objective:
         return self._compiled
 
 
-def optimize(study: optuna.Study, objective: Objective, n_trials: int) -> int:
-    """Run trials until ``n_trials`` have finished in this study (resuming counts earlier ones). Returns how
-    many ran now."""
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    todo = max(0, n_trials - done)
-    if todo:
-        study.optimize(objective, n_trials=todo, callbacks=[optuna.study.MaxTrialsCallback(n_trials, FINISHED)],
-                       gc_after_trial=True)
-    return todo
+class _Surplus(Exception):
+    """A trial asked for after the study's ``n_trials`` slots were all taken by other workers."""
+
+
+def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: bool = True,
+             poll_s: float = 1.0) -> int:
+    """Run trials in this process until the study holds exactly ``n_trials`` finished (complete or pruned) trials,
+    with other processes doing the same on the same study (resuming counts earlier trials). Returns how many this
+    process finished now.
+
+    Exactly: trial numbers are handed out by the storage in order, so a trial that finds ``n_trials`` live
+    (finished, running or waiting) trials numbered before it is surplus and stops at once, marked failed and
+    ``surplus``. A worker killed mid-trial leaves a RUNNING trial that heartbeats (RDB storages) turn into a
+    failure and a retry, which the next worker to look picks up. With ``wait``, this process (the coordinator)
+    stays until the last slot is finished, so what it writes afterwards covers all ``n_trials``; a joining worker
+    leaves as soon as every slot is taken."""
+
+    ran = 0
+
+    def guarded(trial: optuna.Trial) -> float:
+        nonlocal ran
+        ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != FAIL]
+        if len(ahead) >= n_trials:
+            trial.set_user_attr("surplus", True)
+            raise _Surplus(f"trial {trial.number}: the study already has its {n_trials} trials")
+        ran += 1  # pruned or complete, it counts; any other error stops this process
+        return objective(trial)
+
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if sum(t.state in FINISHED for t in trials) >= n_trials:
+            return ran
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        if sum(t.state in FINISHED for t in trials) + running >= n_trials and not any(
+                t.state == optuna.trial.TrialState.WAITING for t in trials):
+            if not wait:
+                return ran
+            time.sleep(poll_s)  # others hold the last slots; if one dies, its retry comes back as WAITING
+            if optuna.storages._heartbeat.is_heartbeat_enabled(study._storage):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+            continue
+        study.optimize(guarded, n_trials=1, catch=(_Surplus,), gc_after_trial=True)
 
 
 def best(study: optuna.Study) -> dict:

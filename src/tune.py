@@ -3,8 +3,18 @@
 With a frozen backbone every trial trains only the head, on backbone features computed once and cached (seconds
 a trial); with `model.trainable_from` set, every trial trains the unfrozen model on images for `tune.epochs`.
 One MLflow parent run holds the study, with a nested child run per trial.
+
+Several processes can share the study through `tune.storage`: `tune.workers` of them on this machine (this one
+starts the others), and any number more, on this or other machines, started with
+
+    python src/tune.py --join [-S ...]      # same params, data and code; a server-backed tune.storage
+
+which run trials until the study has `tune.n_trials` and leave. Only this process (the coordinator) writes the
+best params, once all trials are finished.
 """
 import gc
+import subprocess
+import sys
 
 from pipeline import cli, features, tracking, tuning
 from pipeline.data import load_split
@@ -12,42 +22,67 @@ from pipeline.io import write_json
 from pipeline.model import backbone_of, build_model
 from pipeline.training import Arrays
 
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+def objective(params) -> tuning.Objective:
+    train, val = (load_split(params.paths.processed, n) for n in ("train", "val"))
+    if not params.model.frozen:  # every trial trains the unfrozen layers on images
+        return tuning.Objective(params, Arrays(train.x, train.y, val.x, val.y))
+    model = build_model(params.model, dropout=0.0, seed=params.base.seed)
+    data = features.for_head(model, params)
+    # Trials need the backbone again only to attack validation images (robust). Otherwise free it before the
+    # trials, whose copies of the features make this stage's memory peak at CIFAKE scale.
+    backbone = backbone_of(model) if params.tune.objective == "robust" else None
+    del model
+    gc.collect()  # Keras models are reference cycles
+    return tuning.Objective(params, data, backbone, val.x)
+
+
+def join(params) -> None:
+    tracking.setup(params.mlflow)
+    study = tuning.join_study(params, features.data_key(params))
+    trials = objective(params)
+    trials.parent_run_id = study.user_attrs.get(PARENT_ATTR)
+    ran = tuning.optimize(study, trials, params.tune.n_trials, wait=False)
+    print(f"tune worker: ran {ran} trials of study {study.study_name}")
+
 
 def main() -> None:
-    args = cli.stage_parser(__doc__).parse_args()
+    parser = cli.stage_parser(__doc__)
+    parser.add_argument("--join", action="store_true", help="add trials to the running study, then leave")
+    args = parser.parse_args()
     params = cli.load_params(args)
     cli.seed_everything(params.base.seed)
+    if args.join:
+        return join(params)
     t = params.tune
 
     with tracking.stage_run("tune", params) as run:
         import mlflow
 
-        train, val = (load_split(params.paths.processed, n) for n in ("train", "val"))
-        if params.model.frozen:
-            model = build_model(params.model, dropout=0.0, seed=params.base.seed)
-            data = features.for_head(model, params)
-            # Trials need the backbone again only to attack validation images (robust). Otherwise free it before
-            # the trials, whose copies of the features make this stage's memory peak at CIFAKE scale.
-            backbone = backbone_of(model) if t.objective == "robust" else None
-            del model
-            gc.collect()  # Keras models are reference cycles
-            objective = tuning.Objective(params, data, backbone, val.x)
-        else:  # every trial trains the unfrozen layers on images
-            objective = tuning.Objective(params, Arrays(train.x, train.y, val.x, val.y))
-        study = tuning.make_study(params, features.data_key(params))
+        trials = objective(params)  # fills the feature cache before any worker needs it
+        study = tuning.make_study(params, features.data_key(params))  # created here, once, before the workers
+        study.set_user_attr(PARENT_ATTR, run.info.run_id)
         mlflow.set_tag("mlflow.runName", f"tune {study.study_name}")
-        ran = tuning.optimize(study, objective, t.n_trials)
-        if ran == 0:
+        workers = [subprocess.Popen([sys.executable, __file__, "--join", "--params", args.params,
+                                     *(a for o in args.overrides for a in ("-S", o))])
+                   for _ in range(t.workers - 1)]
+        ran = tuning.optimize(study, trials, t.n_trials)
+        failed = [w.args for w in workers if w.wait() != 0]
+        if failed:
+            cli.log.warning("tune: %d worker(s) failed; the study still has its %d trials", len(failed), t.n_trials)
+        if ran == 0 and not workers:
             cli.log.warning("tune: study %s already holds %d finished trials, so none ran now; its best params are "
                             "handed on. It is keyed by params, data and code, so this is a resumed or repeated run "
                             "of the same trials; delete %s to start over.", study.study_name, t.n_trials, t.storage)
         best = tuning.best(study)
-        mlflow.log_params({"study": study.study_name, "best_trial": best["trial"], "trials_run_now": ran})
+        mlflow.log_params({"study": study.study_name, "best_trial": best["trial"], "trials_run_here": ran})
         mlflow.log_params({f"best_{k}": best[k] for k in ("dropout", "learning_rate")})
         mlflow.log_metric(f"best_{t.objective}", best["value"])
     write_json(params.paths.best_params, best)
-    print(f"tune: best of {t.n_trials} trials (ran {ran} now): dropout {best['dropout']:.3f}, learning_rate "
-          f"{best['learning_rate']:.2e}, {t.objective} {best['value']:.4f} (run {run.info.run_id})")
+    print(f"tune: best of {t.n_trials} trials ({ran} run by this process): dropout {best['dropout']:.3f}, "
+          f"learning_rate {best['learning_rate']:.2e}, {t.objective} {best['value']:.4f} (run {run.info.run_id})")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 # Keys no stage depends on, by design: paths.* are the stage definitions themselves (templated into dvc.yaml),
-# mlflow.* and tune.storage say where runs and the study are kept, not what they compute.
-NOT_DEPENDENCIES = ("paths.", "mlflow.", "tune.storage")
+# mlflow.*, tune.storage and tune.heartbeat say where runs and the study are kept and how a dead worker is noticed,
+# not what they compute.
+NOT_DEPENDENCIES = ("paths.", "mlflow.", "tune.storage", "tune.heartbeat")
 
 
 def leaves(tree: dict, prefix: str = "") -> list[str]:

@@ -165,6 +165,7 @@ KEY_STAGES = {
     "model": {"tune", "train"},
     "tune": {"tune"},
     "tune.storage": set(),
+    "tune.heartbeat": set(),
     "train": {"train"},
     "advtrain": {"advtrain"},
     "evaluate": {"evaluate"},

@@ -1,0 +1,137 @@
+"""Parallel tuning: worker processes sharing one study reach exactly n_trials, and a worker killed with SIGKILL in
+the middle of a trial has that trial failed and retried. Real processes, real storages: an SQLite file, a journal
+file, and PostgreSQL when one is reachable (``.ci/run`` starts one on loopback and sets CIFAKE_TEST_POSTGRES_URL;
+by hand without it those cases are skipped, saying so)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import optuna
+from pipeline import config, tuning
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES = os.environ.get("CIFAKE_TEST_POSTGRES_URL")
+FAST = config.Heartbeat(interval_s=1, grace_s=3)
+
+# A worker: opens the study the test created and runs trials of a toy objective (the storage and the scheduling
+# are under test here, not Keras) that sleeps ``delay`` seconds per trial.
+WORKER = """
+import sys, time, optuna
+from pipeline import config, tuning
+url, name, n, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.load_study(study_name=name, storage=tuning.storage(url, config.Heartbeat(interval_s=1, grace_s=3)))
+def objective(trial):
+    x = trial.suggest_float("x", 0.0, 1.0)
+    print("started", trial.number, flush=True)
+    time.sleep(delay)
+    return x
+print("ran", tuning.optimize(study, objective, n, wait=False, poll_s=0.2), flush=True)
+"""
+
+
+URLS = ["sqlite", "journal", "postgresql"]
+
+
+def url_for(kind: str, tmp_path: Path) -> str:
+    if kind == "postgresql":
+        if not POSTGRES:
+            pytest.skip("no PostgreSQL: set CIFAKE_TEST_POSTGRES_URL (.ci/run starts one on loopback)")
+        _create_schema_once(POSTGRES)
+        return POSTGRES
+    return f"sqlite:///{tmp_path}/study.db" if kind == "sqlite" else f"journal:///{tmp_path}/study.log"
+
+
+def _create_schema_once(url: str) -> None:
+    """Optuna creates its tables on first use; two test processes doing that at once on a fresh database break
+    it, so the first one does it under a lock that the others wait for."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "cifake-optuna-schema.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tuning.storage(url, FAST)
+
+
+def new_study(url: str) -> str:
+    """Created here, once, before any worker starts (creating a fresh store from several processes breaks it)."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    optuna.create_study(study_name=name, storage=tuning.storage(url, FAST), direction="maximize")
+    return name
+
+
+def start_worker(url: str, name: str, n: int, delay: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", WORKER, url, name, str(n), str(delay)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=tuning.storage(url, FAST)).get_trials(deepcopy=False)
+
+
+@pytest.mark.parametrize("kind", URLS)
+def test_two_workers_reach_exactly_n_trials(tmp_path: Path, kind: str) -> None:
+    url = url_for(kind, tmp_path)
+    name = new_study(url)
+    workers = [start_worker(url, name, 8, 0.3) for _ in range(2)]
+    outs = [w.communicate(timeout=240) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outs]
+    done = trials(url, name)
+    finished = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 8
+    assert len({t.number for t in done}) == len(done)  # no trial number handed out twice
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in done)
+    # both took part, and anything beyond the 8 stopped at once, marked as surplus
+    assert all(int(out.split("ran ")[-1]) > 0 for out, _ in outs)
+    assert all(t.user_attrs.get("surplus") for t in done if t.state == optuna.trial.TrialState.FAIL)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_worker_killed_mid_trial_has_its_trial_retried(tmp_path: Path, kind: str) -> None:
+    url = url_for(kind, tmp_path)
+    name = new_study(url)
+    victim = start_worker(url, name, 3, 600.0)  # its first trial would take 10 minutes
+    line = victim.stdout.readline()
+    assert line.startswith("started"), victim.stderr.read()[-2000:]
+    killed = int(line.split()[1])
+    time.sleep(1.5)  # a heartbeat or two on record
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert next(t for t in trials(url, name) if t.number == killed).state == optuna.trial.TrialState.RUNNING
+
+    # The coordinator's loop (wait=True) notices the silent trial after grace_s, fails it and runs its retry.
+    study = optuna.load_study(study_name=name, storage=tuning.storage(url, FAST))
+    start = time.monotonic()
+    ran = tuning.optimize(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), 3, poll_s=0.2)
+    assert time.monotonic() - start < 60
+    done = trials(url, name)
+    assert next(t for t in done if t.number == killed).state == optuna.trial.TrialState.FAIL
+    retried = [t for t in done if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == next(t for t in done if t.number == killed).params  # the same trial, again
+    assert ran == 3 and sum(t.state == optuna.trial.TrialState.COMPLETE for t in done) == 3
+
+
+def test_joining_a_study_that_does_not_exist_says_to_start_the_coordinator(tmp_path: Path, params) -> None:
+    from pipeline.errors import TuneError
+
+    params = params.model_copy(update={"tune": params.tune.model_copy(update={
+        "storage": f"sqlite:///{tmp_path}/empty.db"})})
+    with pytest.raises(TuneError, match="start the coordinator first"):
+        tuning.join_study(params, "nodata")
+
+
+def test_a_storage_url_without_its_driver_or_server_is_one_clear_error(tmp_path: Path) -> None:
+    from pipeline.errors import TuneError
+
+    with pytest.raises(TuneError, match="tune.storage"):
+        tuning.storage("postgresql+psycopg://nobody@127.0.0.1:9/none")
