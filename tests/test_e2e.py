@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -60,12 +61,60 @@ def _ran(stdout: str) -> set[str]:
     return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage '")}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on loopback (SQLite backend, artifacts served by the server), as a team runs one."""
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    url = f"http://127.0.0.1:{_free_port()}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
+         "--workers", "1"],
+        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the server keeps it)
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.25)
+        else:
+            raise AssertionError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _api(server: str, path: str, body: dict | None = None) -> dict:
+    """MLflow's REST API, as any client would call it."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{server}/api/2.0/mlflow/{path}", method="POST" if body else "GET",
+                                     data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("e2e") / "repo"
     _copy_repo(root)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHON": sys.executable}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    # The stages run unchanged against a tracking server: only the environment says where it is.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHON": sys.executable, "MLFLOW_TRACKING_URI": mlflow_server}
     # Each stage writes which params keys it read (pipeline.cli.RECORD_ENV), checked against dvc.yaml below.
     first = _repro(root, {**env, "CIFAKE_RECORD_PARAMS": str(root.parent / "reads")})
     return root, env, first
@@ -108,27 +157,21 @@ def test_both_csvs_list_every_test_image_as_real_or_fake(repo):
         assert len([name for name in zf.namelist() if name.endswith(".png")]) == n
 
 
-def test_mlflow_holds_runs_trials_and_the_champion_rule(repo):
+def test_the_tracking_server_holds_runs_trials_versions_and_the_champion_rule(repo, mlflow_server):
     root, _, _ = repo
-    code = f"""
-import mlflow, json
-from mlflow import MlflowClient
-mlflow.set_tracking_uri("sqlite:///{root}/mlruns/mlflow.db")
-exp = mlflow.get_experiment_by_name("cifake")
-runs = mlflow.search_runs([exp.experiment_id])
-client = MlflowClient()
-evaluated = json.load(open("{root}/models/model_adv.json"))["version"]
-print(json.dumps({{"stages": runs["tags.stage"].tolist(),
-                   "children": int(runs["tags.mlflow.parentRunId"].notna().sum()),
-                   "champion": client.get_registered_model("cifake-resnet50").aliases.get("champion"),
-                   "versions": len(client.search_model_versions("name='cifake-resnet50'")),
-                   "evaluated": evaluated, "tags": dict(client.get_model_version("cifake-resnet50", evaluated).tags)}}))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
-    info = json.loads(out.stdout.strip().splitlines()[-1])
-    assert sorted(set(info["stages"])) == ["advtrain", "evaluate", "train", "tune"]
-    assert info["children"] == TINY[("tune", "n_trials")]
-    assert info["versions"] == 2  # train and advtrain each register one
+    experiment = _api(mlflow_server, "experiments/get-by-name?experiment_name=cifake")["experiment"]
+    runs = _api(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 500})
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs["runs"]]
+    assert sorted({t.get("stage") for t in tags}) == ["advtrain", "evaluate", "train", "tune"]
+    assert sum("mlflow.parentRunId" in t for t in tags) == TINY[("tune", "n_trials")]
+    assert all(r["info"]["status"] == "FINISHED" for r in runs["runs"])
+    model = _api(mlflow_server, "registered-models/get?name=cifake-resnet50")["registered_model"]
+    versions = _api(mlflow_server, "model-versions/search?filter=name%3D%27cifake-resnet50%27")["model_versions"]
+    assert len(versions) == 2  # train and advtrain each register one
+    evaluated = json.loads((root / "models/model_adv.json").read_text())["version"]
+    version = _api(mlflow_server, f"model-versions/get?name=cifake-resnet50&version={evaluated}")["model_version"]
+    info = {"tags": {t["key"]: t["value"] for t in version.get("tags", [])}, "evaluated": evaluated,
+            "champion": next((a["version"] for a in model.get("aliases", []) if a["alias"] == "champion"), None)}
     m = json.loads((root / "metrics/evaluate.json").read_text())
     assert float(info["tags"]["robust_score"]) == pytest.approx(m["robust_score"], abs=1e-6)
     assert info["tags"]["protocol"] == m["protocol"]["id"]
@@ -225,6 +268,26 @@ def test_editing_each_module_reruns_exactly_the_stages_that_import_it(repo):
 
 def _stages(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
+def test_a_fresh_clone_plus_dvc_pull_is_up_to_date(repo):
+    root, env, _ = repo
+    remote, clone = root.parent / "dvc-remote", root.parent / "clone"
+
+    def run(*cmd: str, cwd: Path = root) -> str:
+        out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{cmd}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
+        return out.stdout
+
+    run("dvc", "remote", "add", "-d", "store", str(remote))  # a folder here; S3, GCS, SSH... for a team
+    run("git", "add", "-A")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results")
+    run("dvc", "push")
+    run("git", "clone", "-q", str(root), str(clone), cwd=root.parent)
+    run("dvc", "pull", cwd=clone)
+    assert "up to date" in run("dvc", "status", cwd=clone)
+    assert _ran(_repro(clone, env)) == set()  # nothing recomputed: what a colleague ran is reused
+    assert (clone / "models/model_adv.keras").read_bytes() == (root / "models/model_adv.keras").read_bytes()
 
 
 def test_editing_evaluate_epsilon_reruns_only_evaluate_and_predict(repo):

@@ -135,3 +135,45 @@ def test_a_storage_url_without_its_driver_or_server_is_one_clear_error(tmp_path:
 
     with pytest.raises(TuneError, match="tune.storage"):
         tuning.storage("postgresql+psycopg://nobody@127.0.0.1:9/none")
+
+
+@pytest.mark.slow
+def test_tune_killed_mid_study_resumes_without_losing_finished_trials(tmp_path: Path) -> None:
+    from pipeline import data, sample
+    from tests.conftest import PARAMS_FILE, tmp_overrides
+
+    overrides = tmp_overrides(tmp_path) + ["tune.n_trials=6", "tune.epochs=3", "tune.pruner=none",
+                                           "tune.heartbeat={interval_s: 1, grace_s: 3}"]
+    params = config.load(PARAMS_FILE, overrides)
+    raw = tmp_path / "raw.zip"
+    sample.write_sample(raw, config.Sample(train_per_class=24, test_per_class=4, jpeg_quality=95), 0, progress=False)
+    data.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
+    args = [sys.executable, "src/tune.py", *(a for o in overrides for a in ("-S", o))]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    url = params.tune.storage
+
+    def finished() -> dict[int, float]:
+        try:
+            studies = optuna.get_all_study_names(tuning.storage(url, FAST))
+            study = optuna.load_study(study_name=studies[0], storage=tuning.storage(url, FAST))
+        except (IndexError, KeyError):
+            return {}
+        return {t.number: t.value for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])}
+
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(finished()) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert first.poll() is None, f"tune ended before it could be killed: {first.stderr.read()[-2000:]}"
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    before = finished()
+    assert 2 <= len(before) < 6 and not params.paths.best_params.exists()
+
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = finished()
+    assert len(after) == 6 and all(after[n] == v for n, v in before.items())  # nothing finished was lost or redone
+    assert f"({6 - len(before)} run by this process)" in again.stdout
+    assert params.paths.best_params.exists()
