@@ -5,13 +5,19 @@ that calls everything FAKE wins). Two scores are compared only when they were me
 (attacks and all their settings, test-set hash, weights, measure, threshold, seed: see
 :func:`pipeline.evaluation.protocol`); when the champion's score is from another protocol it is re-scored under
 the current one first (white-box against itself). A version never becomes champion at or below the always-FAKE
-reference. A registry that cannot be read is an error, never "no champion".
+reference. A registry that cannot be read is an error, never "no champion". Decisions are serialised across
+processes and machines by :func:`champion_lock`, so two evaluations finishing at once cannot both move the alias
+against the same stale champion.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pipeline.errors import TrackingError
@@ -100,11 +106,60 @@ def should_promote(candidate: Standing, current: Standing | None, reference: dic
     return False, f"robust_score {candidate.robust_score:.4f} <= {current.robust_score:.4f} (v{current.version})"
 
 
+@contextlib.contextmanager
+def champion_lock(name: str, stale_after_s: float = 1800.0, poll_s: float = 0.5,
+                  timeout_s: float = 3600.0) -> Iterator[None]:
+    """Mutual exclusion for the champion decision, through the registry itself (it is the one thing every
+    workspace shares): each contender takes a ticket, a version of the model ``<name>.champion-lock`` that the
+    registry numbers atomically, and goes once no lower ticket is left (a bakery lock). A ticket older than
+    ``stale_after_s`` belongs to a process that died holding it and is removed."""
+    from mlflow.exceptions import MlflowException
+
+    client, lock = _client(), f"{name}.champion-lock"
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        try:
+            client.create_registered_model(lock, description=f"Tickets serialising {name}@{CHAMPION} decisions")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        ticket = int(client.create_model_version(lock, source="mlflow-artifacts:/champion-lock",
+                                                 tags={"holder": holder}).version)
+    except MlflowException as err:
+        raise _fail(f"taking a ticket for {name}@{CHAMPION}", err) from None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ahead = [v for v in client.search_model_versions(f"name='{lock}'") if int(v.version) < ticket]
+            now_ms = time.time() * 1000
+            for stale in [v for v in ahead if now_ms - v.creation_timestamp > stale_after_s * 1000]:
+                log.warning("registry: removing stale %s ticket %s of %s", lock, stale.version, stale.tags)
+                client.delete_model_version(lock, stale.version)
+                ahead.remove(stale)
+            if not ahead:
+                break
+            if time.monotonic() > deadline:
+                raise TrackingError(f"model registry: waited {timeout_s:.0f} s for {name}@{CHAMPION} decisions "
+                                    f"ahead of this one ({[v.tags.get('holder') for v in ahead]})")
+            time.sleep(poll_s)
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_model_version(lock, str(ticket))
+
+
 def update_champion(name: str, candidate: Standing, reference: dict[str, float],
                     rescore: Callable[[str], Standing]) -> tuple[bool, str]:
-    """Store ``candidate``'s scores on its version and move ``@champion`` to it if :func:`should_promote` says so.
-    ``rescore(version)`` evaluates the current champion under the candidate's protocol when its stored scores are
-    from another one. Returns (whether the candidate holds ``@champion`` now, why)."""
+    """Store ``candidate``'s scores on its version and move ``@champion`` to it if :func:`should_promote` says so,
+    holding :func:`champion_lock`. ``rescore(version)`` evaluates the current champion under the candidate's
+    protocol when its stored scores are from another one. Returns (whether the candidate holds ``@champion`` now,
+    why)."""
+    with champion_lock(name):
+        return _update_champion(name, candidate, reference, rescore)
+
+
+def _update_champion(name: str, candidate: Standing, reference: dict[str, float],
+                     rescore: Callable[[str], Standing]) -> tuple[bool, str]:
     record(name, candidate.version, candidate.tags())
     current_version = champion(name)
     if current_version == candidate.version:

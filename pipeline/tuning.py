@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -145,7 +147,7 @@ class Objective:
         t, m = self.params.tune, self.params.model
         hp = suggest(trial, t)
         callbacks = [PruneOnValidation(trial, self.params.evaluate.measure), MlflowEpochLogger()]
-        tags = {"stage": "tune", "optuna.trial": str(trial.number)}
+        tags = {"stage": "tune", "optuna.trial": str(trial.number), "worker": f"{socket.gethostname()}:{os.getpid()}"}
         if self.parent_run_id:  # a worker process: nest under the coordinator's run by its id
             tags["mlflow.parentRunId"] = self.parent_run_id
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=self.parent_run_id is None, tags=tags):

@@ -123,3 +123,45 @@ def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store
     assert got.protocol == evaluation.protocol_id(evaluation.protocol(cfg, x, y, 0, 0.5))
     assert got.robust_score == pytest.approx(direct.robust_score)
     assert got.weighted_f1 == pytest.approx(direct.weighted_f1)
+
+
+CONTENDER = """
+import sys, time, mlflow
+from pipeline import registry
+uri, name, version, score = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+mlflow.set_tracking_uri(uri)
+def rescore(v):  # slow on purpose: without the lock, both contenders would judge against the same stale champion
+    time.sleep(2.0)
+    return registry.Standing(v, 0.55, 0.7, "new")
+reference = {"always_fake_robust_score": 0.5, "always_fake_weighted_f1": 2 / 3}
+held, why = registry.update_champion(name, registry.Standing(version, score, 0.9, "new"), reference, rescore)
+print("held" if held else "not", why, flush=True)
+"""
+
+
+def test_two_evaluations_at_once_cannot_both_take_the_champion(store, mlflow_store) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    v1, better, worse = register_version(), register_version(), register_version()
+    registry.update_champion(NAME, registry.Standing(v1, 0.60, 0.80, "old"), REFERENCE, no_rescore)
+    env = {**os.environ, "PYTHONPATH": str(ROOT_PARAMS.parent)}
+
+    def contender(version: str, score: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", CONTENDER, mlflow_store.uri, NAME, version, str(score)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # The better one takes its ticket first; the worse one starts while the first is still deciding (its re-score
+    # of v1 takes 2 s). Unserialised, both would judge against v1 and the worse, writing last, would win.
+    first = contender(better, 0.90)
+    deadline = time.monotonic() + 60
+    while not MlflowClient().search_model_versions(f"name='{NAME}.champion-lock'") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = contender(worse, 0.80)
+    outs = [p.communicate(timeout=120) for p in (first, second)]
+    assert all(p.returncode == 0 for p in (first, second)), [err[-2000:] for _, err in outs]
+    assert outs[0][0].startswith("held") and outs[1][0].startswith("not"), outs
+    assert registry.champion(NAME) == better
+    assert not MlflowClient().search_model_versions(f"name='{NAME}.champion-lock'")  # every ticket returned

@@ -177,3 +177,33 @@ def test_tune_killed_mid_study_resumes_without_losing_finished_trials(tmp_path: 
     assert len(after) == 6 and all(after[n] == v for n, v in before.items())  # nothing finished was lost or redone
     assert f"({6 - len(before)} run by this process)" in again.stdout
     assert params.paths.best_params.exists()
+
+
+@pytest.mark.slow
+def test_tune_stage_with_two_workers_logs_every_trial_under_one_parent(tmp_path: Path) -> None:
+    import mlflow
+
+    from pipeline import data, sample
+    from tests.conftest import PARAMS_FILE, tmp_overrides
+
+    # Trials long enough (15 epochs, no pruning) that the second process, which starts TensorFlow first, gets some.
+    overrides = tmp_overrides(tmp_path) + ["tune.n_trials=10", "tune.epochs=15", "tune.pruner=none", "tune.workers=2",
+                                           f"tune.storage=journal:///{tmp_path}/optuna/study.log"]
+    params = config.load(PARAMS_FILE, overrides)
+    raw = tmp_path / "raw.zip"
+    sample.write_sample(raw, config.Sample(train_per_class=24, test_per_class=4, jpeg_quality=95), 0, progress=False)
+    data.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([sys.executable, "src/tune.py", *(a for o in overrides for a in ("-S", o))], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert params.paths.best_params.exists()
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    finished = [c for c in children if c.data.tags.get("optuna.state") in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 10 and len({c.data.tags["optuna.trial"] for c in finished}) == 10
+    assert len({c.data.tags["worker"] for c in children}) == 2  # both processes ran trials

@@ -1,0 +1,57 @@
+"""A stage killed with SIGKILL while it writes its output leaves nothing the next stage or DVC would trust, its
+MLflow run does not stay RUNNING once the stage runs again, and the rerun succeeds."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import config, data, model, sample
+from tests.conftest import PARAMS_FILE, tmp_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_advtrain_killed_while_saving_leaves_no_model_and_reruns_cleanly(tmp_path: Path, tiny_model_file) -> None:
+    overrides = tmp_overrides(tmp_path) + ["advtrain.epochs=1", "advtrain.batch_size=16",
+                                           "advtrain.trainable_from=null"]
+    params = config.load(PARAMS_FILE, overrides)
+    raw = tmp_path / "raw.zip"
+    sample.write_sample(raw, config.Sample(train_per_class=16, test_per_class=4, jpeg_quality=95), 0, progress=False)
+    data.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
+    params.paths.model.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_model_file, params.paths.model)
+    args = [sys.executable, "src/advtrain.py", *(a for o in overrides for a in ("-S", o))]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    target = params.paths.model_adv
+
+    stage = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while stage.poll() is None and time.monotonic() < deadline:  # wait until the model file is being written
+        if any(p.name.startswith(f".{target.name}.") for p in target.parent.iterdir()):
+            stage.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    stage.wait(timeout=30)
+    assert stage.returncode == -signal.SIGKILL, f"the stage was not caught writing: {stage.stderr.read()[-2000:]}"
+    assert not target.exists()  # the half-written file has a temporary name nothing reads
+    assert not (params.paths.metrics / "advtrain.json").exists()
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
+    assert [r.info.status for r in runs] == ["RUNNING"]  # SIGKILL: nothing could close it
+
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert model.load(target) is not None and (params.paths.metrics / "advtrain.json").exists()
+    runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
