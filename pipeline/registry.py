@@ -107,12 +107,13 @@ def should_promote(candidate: Standing, current: Standing | None, reference: dic
 
 
 @contextlib.contextmanager
-def champion_lock(name: str, stale_after_s: float = 1800.0, poll_s: float = 0.5,
+def champion_lock(name: str, run_id: str, stale_after_s: float = 1800.0, poll_s: float = 0.5,
                   timeout_s: float = 3600.0) -> Iterator[None]:
     """Mutual exclusion for the champion decision, through the registry itself (it is the one thing every
     workspace shares): each contender takes a ticket, a version of the model ``<name>.champion-lock`` that the
     registry numbers atomically, and goes once no lower ticket is left (a bakery lock). A ticket older than
-    ``stale_after_s`` belongs to a process that died holding it and is removed."""
+    ``stale_after_s`` belongs to a process that died holding it and is removed. A tracking server accepts a
+    version only with a source inside a real run, so the ticket points into the contender's run ``run_id``."""
     from mlflow.exceptions import MlflowException
 
     client, lock = _client(), f"{name}.champion-lock"
@@ -123,8 +124,8 @@ def champion_lock(name: str, stale_after_s: float = 1800.0, poll_s: float = 0.5,
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        ticket = int(client.create_model_version(lock, source="mlflow-artifacts:/champion-lock",
-                                                 tags={"holder": holder}).version)
+        ticket = int(client.create_model_version(lock, source=f"runs:/{run_id}/champion-lock", run_id=run_id,
+                                                 tags={"holder": holder}, await_creation_for=0).version)
     except MlflowException as err:
         raise _fail(f"taking a ticket for {name}@{CHAMPION}", err) from None
     try:
@@ -154,7 +155,13 @@ def update_champion(name: str, candidate: Standing, reference: dict[str, float],
     holding :func:`champion_lock`. ``rescore(version)`` evaluates the current champion under the candidate's
     protocol when its stored scores are from another one. Returns (whether the candidate holds ``@champion`` now,
     why)."""
-    with champion_lock(name):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_id = _client().get_model_version(name, candidate.version).run_id
+    except MlflowException as err:
+        raise _fail(f"reading {name} v{candidate.version}", err) from None
+    with champion_lock(name, run_id):
         return _update_champion(name, candidate, reference, rescore)
 
 

@@ -10,6 +10,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 import uuid  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -138,3 +141,43 @@ def tiny_model_file(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFact
     path = tmp_path_factory.mktemp("tiny-model") / "model.keras"
     model.save(tiny_model.model, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------ tracking server
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on loopback (SQLite backend, artifacts served by the server), as a team runs one."""
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    url = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
+         "--workers", "1"],
+        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the server keeps it)
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.25)
+        else:
+            raise AssertionError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -59,43 +58,6 @@ def _repro(cwd: Path, env: dict) -> str:
 
 def _ran(stdout: str) -> set[str]:
     return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage '")}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server on loopback (SQLite backend, artifacts served by the server), as a team runs one."""
-    import urllib.request
-
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    url = f"http://127.0.0.1:{_free_port()}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
-         "--workers", "1"],
-        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the server keeps it)
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.25)
-        else:
-            raise AssertionError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}")
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _api(server: str, path: str, body: dict | None = None) -> dict:

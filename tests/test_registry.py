@@ -139,7 +139,20 @@ print("held" if held else "not", why, flush=True)
 """
 
 
-def test_two_evaluations_at_once_cannot_both_take_the_champion(store, mlflow_store) -> None:
+@pytest.fixture(params=["sqlite", "server"])
+def shared_registry(request, store, mlflow_store, monkeypatch) -> str:
+    """The registry two workspaces share: a SQLite store, or a real tracking server (which, unlike a local store,
+    validates every model version's source)."""
+    if request.param == "sqlite":
+        return mlflow_store.uri
+    uri = request.getfixturevalue("mlflow_server")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("registry-tests")
+    return uri
+
+
+def test_two_evaluations_at_once_cannot_both_take_the_champion(shared_registry) -> None:
     import os
     import subprocess
     import sys
@@ -150,7 +163,7 @@ def test_two_evaluations_at_once_cannot_both_take_the_champion(store, mlflow_sto
     env = {**os.environ, "PYTHONPATH": str(ROOT_PARAMS.parent)}
 
     def contender(version: str, score: float) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", CONTENDER, mlflow_store.uri, NAME, version, str(score)],
+        return subprocess.Popen([sys.executable, "-c", CONTENDER, shared_registry, NAME, version, str(score)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     # The better one takes its ticket first; the worse one starts while the first is still deciding (its re-score
