@@ -2,6 +2,7 @@
 
     python bench/predict.py            # the 20,000 32×32 JPEGs of the built-in sample's test split
     python bench/predict.py --small    # 512 JPEGs
+    python bench/predict.py --scale    # the tool on 2,000 and on 20,000 images: time and peak memory
 
 Figures (one JSON line each):
 - ``predict_tool``: ``python src/predict.py --input DIR --output F --model M`` as a subprocess from the repository
@@ -14,6 +15,8 @@ Figures (one JSON line each):
 - ``predict_proba``: ``pipeline.model.predict_proba(model, x, 256)`` on the decoded images: first call (it traces a
   new ``tf.function`` every call, as the tool pays), a second call, and the steady state of one compiled function
   warmed up on one batch.
+- ``predict_scale`` (``--scale`` only): the tool on the first 2,000 and on all 20,000 images, wall time and peak
+  RSS of the process (``/usr/bin/time``): the tool streams in chunks, so memory should not grow with the folder.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from bench.common import OUT, SCRATCH, emit, loadavg, run_logged, sample_data, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="512 images")
+    parser.add_argument("--scale", action="store_true", help="only the 2k vs 20k time and memory figure")
     args = parser.parse_args()
     raw, processed, made_s = sample_data(100 if args.small else 2000, 256 if args.small else 10_000)
     folder = raw / "test"
@@ -56,11 +60,30 @@ def main() -> None:
             shutil.copy(p, tiny / cls / p.name)
 
     def tool(inp: Path, csv: Path, log: str) -> float:
-        cmd = [sys.executable, "src/predict.py", "--input", str(inp), "--output", str(csv), "--model", str(model_path)]
+        return tool_rss(inp, csv, log)[0]
+
+    def tool_rss(inp: Path, csv: Path, log: str) -> tuple[float, float]:
+        cmd = ["/usr/bin/time", "-f", "peak_rss_kib=%M", sys.executable, "src/predict.py", "--input", str(inp),
+               "--output", str(csv), "--model", str(model_path)]
         seconds, out = run_logged(cmd, ROOT, stage_env(), OUT / "logs" / log)
         if out.returncode != 0:
             raise SystemExit(f"predict tool failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
-        return seconds
+        kib = int(out.stderr.rsplit("peak_rss_kib=", 1)[1].split()[0])
+        return seconds, kib / 1024
+
+    if args.scale:
+        part = SCRATCH / "predict-2k"
+        shutil.rmtree(part, ignore_errors=True)
+        for cls in ("REAL", "FAKE"):
+            (part / cls).mkdir(parents=True)
+            for p in sorted((folder / cls).glob("*.jpg"))[:1000]:
+                shutil.copy(p, part / cls / p.name)
+        for n, inp in ((2000, part), (n_files, folder)):
+            load = loadavg()
+            seconds, peak = tool_rss(inp, OUT / f"predict-{n}.csv", f"predict-{n}.log")
+            emit("predict_scale", load, images=n, seconds=round(seconds, 2), images_per_s=round(n / seconds, 1),
+                 peak_rss_mib=round(peak, 1), path="python src/predict.py --input DIR --output F --model M")
+        return
 
     load = loadavg()
     startup_s = tool(tiny, OUT / "predict-tiny.csv", "predict-tiny.log")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import stat
 import zipfile
@@ -19,7 +20,13 @@ from pathlib import Path, PurePosixPath
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir, atomic_path
 
+log = logging.getLogger(__name__)
+
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: no build time leaks into the bytes
+# A zip bomb declares huge entries in a tiny archive. No image this pipeline reads comes near these sizes (Pillow
+# refuses more than 89 M pixels anyway), and zlib cannot beat ~1,030:1, which only near-constant data reaches.
+MAX_ENTRY_BYTES = 256 * 2**20
+MAX_RATIO = 200  # for entries above 1 MiB: photographs and encoded images compress far less
 
 
 def is_zip(path: str | Path) -> bool:
@@ -35,7 +42,20 @@ def unsafe_entry(info: zipfile.ZipInfo) -> str | None:
         return "has an absolute path"
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
         return "has a '..' component"
+    if info.file_size > MAX_ENTRY_BYTES:
+        return f"declares {info.file_size / 2**20:,.0f} MiB uncompressed (at most {MAX_ENTRY_BYTES // 2**20} MiB)"
+    if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+        return (f"expands {info.compress_size:,} bytes to {info.file_size:,} (more than {MAX_RATIO}:1, a zip bomb's "
+                "signature)")
     return None
+
+
+def declared_size(path: str | Path) -> int:
+    """The bytes a zip's entries declare uncompressed (0 for a folder): what extracting it would write."""
+    if Path(path).is_dir():
+        return 0
+    with zipfile.ZipFile(path) as zf:
+        return sum(i.file_size for i in zf.infolist())
 
 
 class Tree:
@@ -101,11 +121,25 @@ def _cached(path: str, *_stat: int) -> Tree:
 
 def _walk(folder: Path) -> list[str]:
     """Every file under ``folder`` (hidden ones too) as a relative POSIX path, sorted, so the order is the same
-    on every machine and filesystem. Strings, not Paths: pathlib's parsing is slow at 100k files."""
+    on every machine and filesystem. Strings, not Paths: pathlib's parsing is slow at 100k files. Symbolic links
+    that lead outside ``folder`` are not followed (a shared folder must not make the pipeline read or copy files
+    it was not given); links that stay inside are, as are DVC's links into a cache inside the folder."""
     found: list[str] = []
-    for root, _, files in os.walk(folder):
+    inside = os.path.realpath(folder)
+    outside: list[str] = []
+    for root, dirs, files in os.walk(folder):  # os.walk does not descend into linked folders
         rel = os.path.relpath(root, folder).replace(os.sep, "/")
-        found.extend(files if rel == "." else (f"{rel}/{f}" for f in files))
+        prefix = "" if rel == "." else f"{rel}/"
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path) and os.path.commonpath([inside, os.path.realpath(path)]) != inside:
+                outside.append(prefix + name)
+            else:
+                found.append(prefix + name)
+        outside.extend(prefix + d for d in dirs if os.path.islink(os.path.join(root, d)))
+    if outside:
+        log.warning("%s: not following %d symbolic link(s) that lead outside it (e.g. %s); copy the files in to "
+                    "use them", folder, len(outside), sorted(outside)[0])
     return sorted(found)
 
 

@@ -5,6 +5,7 @@ does not end in .zip), written atomically: an interrupted or failed fetch leaves
 """
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -50,7 +51,12 @@ def copy_local(path: Path, out: Path) -> dict[str, int]:
     if not path.is_dir() and not zipfile.is_zipfile(path) and not filetree.is_zip(path):
         raise DataError(f"{path}: neither a folder nor a .zip archive; {LAYOUT}")
     counts = dict.fromkeys(CLASS_DIRS, 0)
-    with filetree.Tree(path) as tree:
+    with filetree.Tree(path) as tree:  # refuses unsafe and bomb-like entries before anything is written
+        out.parent.mkdir(parents=True, exist_ok=True)
+        need, free = filetree.declared_size(path), shutil.disk_usage(out.parent).free
+        if need > free:
+            raise DataError(f"{path}: its entries expand to {need / 2**30:.1f} GiB, more than the "
+                            f"{free / 2**30:.1f} GiB free at {out.parent}; free space or use another paths.raw")
         root = _find_root(set(tree.names()), str(path))
         prefix = f"{root}/" if root else ""
         with filetree.writer(out) as put:

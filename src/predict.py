@@ -15,15 +15,6 @@ from pipeline.errors import ConfigError
 from pipeline.model import predict_proba
 
 
-def predict_folder(model, found: predicting.FolderImages, folder: Path, output: Path, params, threshold: float) -> None:
-    for name, reason in found.bad:
-        print(f"skipped {folder / name}: {reason}", file=sys.stderr)
-    p_fake = predict_proba(model, found.x, params.predict.batch_size)
-    predicting.write_csv(found.names, predicting.labels(p_fake, threshold), output)
-    print(f"predict: {len(found.names)} images -> {output} ({int((p_fake >= threshold).sum())} Fake, "
-          f"{len(found.bad)} skipped)")
-
-
 def main() -> None:
     parser = cli.stage_parser(__doc__)
     parser.add_argument("--input", type=Path, help="a folder or .zip of images (searched recursively)")
@@ -42,14 +33,17 @@ def main() -> None:
     jobs = ([(args.input, "", args.output)] if args.input is not None else
             [(params.paths.raw, "test", out / "Test_1_results.csv"),
              (params.paths.adversarial, "", out / "Test_2_results.csv")])
-    # Read the images first: a wrong or empty folder is reported before the model takes seconds to load.
-    found = [predicting.read_folder(folder, params.preprocess.resize, params.preprocess.max_pixels, under)
-             for folder, under, _ in jobs]
+    # List the images first: a wrong or empty folder is reported before the model takes seconds to load.
+    listings = [predicting.list_images(folder, under) for folder, under, _ in jobs]
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
     model = predicting.load_any_model(args.model or str(params.paths.model_adv))
-    for (folder, under, output), images in zip(jobs, found):
-        predict_folder(model, images, folder / under, output, params, threshold)
+    for listing, (_, _, output) in zip(listings, jobs):
+        done = predicting.predict_to_csv(lambda x: predict_proba(model, x, params.predict.batch_size), listing,
+                                         params.preprocess.resize, params.preprocess.max_pixels, threshold, output)
+        for name, reason in done.bad:
+            print(f"skipped {listing.folder / listing.prefix / name}: {reason}", file=sys.stderr)
+        print(f"predict: {done.images} images -> {output} ({done.fake} Fake, {len(done.bad)} skipped)")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,24 @@ def test_a_zip_reads_like_the_folder_and_under_picks_a_part(messy_folder: Path, 
     assert from_zip.bad == put_aside.bad
 
 
+def test_streaming_in_chunks_writes_what_one_pass_would(messy_folder: Path, tmp_path: Path, tiny_model) -> None:
+    seen: list[int] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        seen.append(len(x))
+        return model.predict_proba(tiny_model.model, x)
+
+    listing = predicting.list_images(messy_folder)
+    done = predicting.predict_to_csv(predict, listing, PREPROCESS.resize, PREPROCESS.max_pixels, 0.5,
+                                     tmp_path / "streamed.csv", chunk=2)
+    assert max(seen) <= 2 and sum(seen) == len(USABLE)  # never more than one chunk in memory
+    found = predicting.read_folder(messy_folder, PREPROCESS.resize, PREPROCESS.max_pixels)
+    want = predicting.labels(model.predict_proba(tiny_model.model, found.x), 0.5)
+    assert read_csv(tmp_path / "streamed.csv") == [HEADER, *map(list, zip(USABLE, want))]
+    assert done.images == len(USABLE) and done.fake == want.count("Fake")
+    assert [name for name, _ in done.bad] == ["corrupt.jpg"]
+
+
 def test_predict_cli_writes_the_csv_contract(messy_folder: Path, tmp_path: Path, tiny_model, tiny_model_file) -> None:
     out = tmp_path / "out" / "predictions.csv"
     proc = run_predict("--input", str(messy_folder), "--output", str(out), "--model", str(tiny_model_file))
