@@ -136,7 +136,7 @@ def main() -> None:
                 from bench.seeds import headline
 
                 extras[name].update(headline(m))
-    best = repo / "models" / "best_params.json"
+    best = repo / "metrics" / "tune.json"
     if best.exists():
         extras["tune"] = {k: v for k, v in json.loads(best.read_text()).items() if k in ("trial", "value")}
     emit("fullscale_total", None, scale=args.scale, wall_s=round(total_wall, 1), wall_min=round(total_wall / 60, 1),

@@ -229,6 +229,7 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
             trial.set_user_attr("surplus", True)
             raise _Surplus(f"trial {trial.number}: the study already has its {n_trials} trials")
         ran += 1  # pruned or complete, it counts; any other error stops this process
+        study._storage.set_trial_system_attr(trial._trial_id, "worker", WORKER)  # best() hands user attrs on
         return objective(trial)
 
     while True:
@@ -245,8 +246,45 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(study)
+            else:
+                fail_dead_local_trials(study)
             continue
         study.optimize(guarded, n_trials=1, catch=(_Surplus,), gc_after_trial=True)
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_dead_local_trials(study: optuna.Study) -> list[int]:
+    """What heartbeats do, for storages without them (a journal file, whose workers share one machine): a RUNNING
+    trial whose worker process on this machine is gone is marked failed and retried with the same parameters.
+    Returns the numbers of the trials failed."""
+    host, failed = socket.gethostname(), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        where, _, pid = str(trial.system_attrs.get("worker", "")).rpartition(":")
+        if where != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+            failed.append(trial.number)
+            retry(study, study._storage.get_trial(trial._trial_id))
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited, unreaped
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def best(study: optuna.Study) -> dict:

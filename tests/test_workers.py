@@ -95,7 +95,7 @@ def test_two_workers_reach_exactly_n_trials(tmp_path: Path, kind: str) -> None:
     assert all(t.user_attrs.get("surplus") for t in done if t.state == optuna.trial.TrialState.FAIL)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("kind", URLS)
 def test_a_worker_killed_mid_trial_has_its_trial_retried(tmp_path: Path, kind: str) -> None:
     url = url_for(kind, tmp_path)
     name = new_study(url)
@@ -108,7 +108,8 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried(tmp_path: Path, kind: s
     victim.wait(timeout=30)
     assert next(t for t in trials(url, name) if t.number == killed).state == optuna.trial.TrialState.RUNNING
 
-    # The coordinator's loop (wait=True) notices the silent trial after grace_s, fails it and runs its retry.
+    # The coordinator's loop (wait=True) notices the silent trial after grace_s (RDB storages), or at once that its
+    # process is gone (a journal file, no heartbeats, workers on one machine), fails it and runs its retry.
     study = optuna.load_study(study_name=name, storage=tuning.storage(url, FAST))
     start = time.monotonic()
     ran = tuning.optimize(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), 3, poll_s=0.2)
