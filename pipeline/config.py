@@ -94,6 +94,7 @@ class Paths(Section):
     model_info: Path
     model_adv: Path
     model_adv_info: Path
+    model_h5: Path
     adversarial: Path
     metrics: Path
     plots: Path
@@ -256,8 +257,12 @@ class Evaluate(Section):
     batch_size: PositiveInt
 
 
+class Threshold(Section):
+    rule: Literal["criterion", "fixed"]
+    fixed: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
 class Predict(Section):
-    threshold: Annotated[float, Field(gt=0.0, lt=1.0)]
     batch_size: PositiveInt
 
 
@@ -279,6 +284,7 @@ class Params(Section):
     train: Train
     advtrain: AdvTrain
     evaluate: Evaluate
+    threshold: Threshold
     predict: Predict
     mlflow: Mlflow
 

@@ -13,6 +13,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -93,14 +94,17 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
 
 
 def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
-            threshold: float) -> registry.Standing:
-    """A registered version's scores under this protocol, attacked white-box against itself: what the champion
-    rule needs when the champion's stored scores come from another protocol."""
-    from pipeline.predicting import load_any_model
+            threshold_rule: Any) -> registry.Standing:
+    """A registered version's scores under this protocol, attacked white-box against itself and judged at its own
+    stored threshold (0.5 for a version that stored none): what the champion rule needs when the champion's stored
+    scores come from another protocol."""
+    from pipeline.predicting import choose_threshold, load_with_threshold
 
-    result = evaluate(load_any_model(f"models:/{name}/{version}"), x, y, cfg, seed, threshold, f"v{version}")
+    model, stored = load_with_threshold(f"models:/{name}/{version}")
+    threshold, _ = choose_threshold(None, stored, 0.5)
+    result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}")
     return registry.Standing(str(version), result.robust_score, result.weighted_f1,
-                             protocol_id(protocol(cfg, x, y, seed, threshold)))
+                             protocol_id(protocol(cfg, x, y, seed, threshold_rule)))
 
 
 def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, threshold: float) -> dict:
@@ -112,8 +116,9 @@ def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, th
                                 cfg.bootstrap, seed)
 
 
-def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, threshold: float) -> dict:
-    """Everything a score depends on besides the model: two scores compare only when their protocols match."""
+def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, threshold: Any) -> dict:
+    """Everything a score depends on besides the model: two scores compare only when their protocols match.
+    ``threshold`` is how each model's threshold is set (params ``threshold``), each model being judged at its own."""
     h = hashlib.sha256(np.ascontiguousarray(x).tobytes())
     h.update(np.asarray(y, np.uint8).tobytes())
     return {"attack": cfg.attack.model_dump(mode="json"), "diagnostic": cfg.diagnostic.model_dump(mode="json"),

@@ -215,3 +215,13 @@ def grid_figure(x_clean: np.ndarray, x_adv: np.ndarray, maps_clean: np.ndarray, 
             ax.set_title(title, fontsize=7)
             ax.set_axis_off()
     return fig
+
+
+def figure_for(model: keras.Model, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, threshold: float,
+               per_class: int = 4):
+    """:func:`grid_figure` for the first ``per_class`` images of each class (fixed, so runs compare image by
+    image): where the model looks on the clean image and on its attacked version."""
+    pick = np.concatenate([np.flatnonzero(np.asarray(y) == c)[:per_class] for c in (0, 1)])
+    maps_clean, p_clean = gradcam_and_proba(model, x[pick], threshold=threshold)
+    maps_adv, p_adv = gradcam_and_proba(model, x_adv[pick], threshold=threshold)
+    return grid_figure(x[pick], x_adv[pick], maps_clean, maps_adv, p_clean, p_adv, np.asarray(y)[pick], threshold)

@@ -74,6 +74,28 @@ def robust_score(y: np.ndarray, p_clean: np.ndarray, p_attacked: np.ndarray, wei
             + weights.adversarial * measure(y, p_attacked, measure_name, threshold))
 
 
+def best_threshold(y: np.ndarray, p_clean: np.ndarray, p_attacked: np.ndarray | None, weights: config.Weights,
+                   measure_name: str = "balanced_accuracy") -> float:
+    """The threshold on P(FAKE) that maximises :func:`robust_score` (or, without attacked scores, the measure on
+    clean ones) over every threshold that changes an answer; of equally good ones, the nearest to 0.5, so a model
+    whose classes are well apart keeps the usual threshold. Exact and vectorised: one sort per set."""
+    y = np.asarray(y).astype(bool)
+    sets = [(1.0 if p_attacked is None else weights.clean, np.asarray(p_clean, np.float64))]
+    if p_attacked is not None:
+        sets.append((weights.adversarial, np.asarray(p_attacked, np.float64)))
+    candidates = np.unique(np.concatenate([p for _, p in sets] + [[0.5]]))
+    candidates = candidates[(candidates > 0.0) & (candidates < 1.0)]  # a usable threshold lies strictly inside
+    score = np.zeros(len(candidates))
+    for weight, p in sets:
+        fake, real = np.sort(p[y]), np.sort(p[~y])
+        tp = len(fake) - np.searchsorted(fake, candidates, "left")  # called FAKE: p >= threshold
+        fp = len(real) - np.searchsorted(real, candidates, "left")
+        score += weight * _from_counts(tp.astype(np.float64), fp.astype(np.float64), (len(fake) - tp).astype(
+            np.float64), (len(real) - fp).astype(np.float64))[measure_name]
+    tied = candidates[score >= score.max() - 1e-12]
+    return float(tied[np.argmin(np.abs(tied - 0.5))])
+
+
 def scores(y: np.ndarray, p_clean: np.ndarray, p_attacked: np.ndarray | None, cfg: config.Evaluate,
            threshold: float = 0.5, p_robust: np.ndarray | None = None) -> dict[str, float]:
     """The figures every stage selects and reports by, computed in this one place: F1 and ``cfg.measure`` of the
@@ -129,6 +151,25 @@ def bootstrap_ci(y: np.ndarray, p_clean: np.ndarray, p_adversarial: np.ndarray, 
     tail = 100 * (1 - level) / 2
     bounds = {k: np.percentile(np.concatenate(d), [tail, 100 - tail]) for k, d in draws.items()}
     return {k: {"low": float(lo), "high": float(hi)} for k, (lo, hi) in bounds.items()}
+
+
+def brier(y_true: np.ndarray, p_fake: np.ndarray) -> float:
+    """Mean squared error of P(FAKE) against the label: 0 is perfect, 0.25 a constant 0.5."""
+    return float(np.mean((np.asarray(p_fake, np.float64) - np.asarray(y_true, np.float64)) ** 2))
+
+
+def reliability(y_true: np.ndarray, p_fake: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Per equal-width bin of P(FAKE) that holds images: the mean predicted P(FAKE) and the share really FAKE (on
+    the diagonal when calibrated), and how many images."""
+    p, y = np.asarray(p_fake, np.float64), np.asarray(y_true, np.float64)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    rows = []
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            rows.append({"bin": b, "mean_predicted": float(p[inside].mean()), "fraction_fake": float(y[inside].mean()),
+                         "count": int(inside.sum())})
+    return rows
 
 
 def roc_points(y_true: np.ndarray, p_fake: np.ndarray) -> list[dict[str, float]]:

@@ -114,16 +114,36 @@ def write_csv(names: list[str], predicted: list[str], target: Path) -> None:
 
 def load_any_model(ref: str):
     """A model file path, or an MLflow models URI such as ``models:/cifake-resnet50@champion``."""
+    return load_with_threshold(ref)[0]
+
+
+def load_with_threshold(ref: str):
+    """A model and the decision threshold stored with it: a logged version's settings (``models:/…``,
+    ``runs:/…``), or the JSON beside a model file (``models/model_adv.keras`` → ``models/model_adv.json``, as
+    train and advtrain write them). The threshold is None where none was stored."""
     if ref.startswith(("models:/", "runs:/")):
-        import mlflow.keras
         from mlflow.exceptions import MlflowException
 
-        import pipeline.model  # noqa: F401  registers the custom preprocessing layer for deserialisation
+        from pipeline import serving
 
         try:
-            return mlflow.keras.load_model(ref)
+            served = serving.load(ref)
         except MlflowException as err:
             raise ModelError(f"--model {ref}: {err.message}") from None
+        return served.model, served.settings.get("threshold")
+    from pipeline.io import read_json
     from pipeline.model import load
 
-    return load(ref)
+    model, info = load(ref), Path(ref).with_suffix(".json")
+    return model, (read_json(info).get("threshold") if info.is_file() else None)
+
+
+def choose_threshold(override: float | None, stored: float | None, fallback: float) -> tuple[float, str]:
+    """The threshold to use and where it came from: ``--threshold``, else the model's own, else ``fallback``."""
+    for value, source in ((override, "--threshold"), (stored, "the model's calibrated threshold")):
+        if value is not None:
+            if not 0.0 < value < 1.0:
+                raise ModelError(f"{source} must lie in (0, 1) (got {value})")
+            return float(value), source
+    log.warning("no threshold is stored with this model: using threshold.fixed = %s", fallback)
+    return fallback, "threshold.fixed (none stored with the model)"

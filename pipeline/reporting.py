@@ -27,6 +27,12 @@ def confusion_rows(y: np.ndarray, p: np.ndarray, threshold: float) -> list[dict]
     return [{"actual": a, "predicted": b} for a, b in zip(label[y.astype(int)], label[(p >= threshold).astype(int)])]
 
 
+def save_figure(fig, target: str | Path, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG, atomically."""
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+
+
 def write_history_csv(history: dict[str, list[float]], target: str | Path) -> None:
     epochs = len(next(iter(history.values()), []))
     write_csv([{"epoch": i + 1, **{k: float(v[i]) for k, v in history.items()}} for i in range(epochs)], target)
@@ -89,16 +95,38 @@ def robustness(rows: list[dict], title: str = "Under attack (the mission's attac
     return fig
 
 
+def reliability_diagram(rows: list[dict], brier: dict[str, float]):
+    """Mean predicted P(FAKE) against the share really FAKE, per bin and set; the diagonal is calibrated."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    for split in dict.fromkeys(r["set"] for r in rows):
+        mine = [r for r in rows if r["set"] == split]
+        ax.plot([r["mean_predicted"] for r in mine], [r["fraction_fake"] for r in mine], marker="o",
+                label=f"{split} (Brier {brier[split]:.4f})")
+    ax.set(xlabel="mean predicted P(FAKE)", ylabel="share FAKE", xlim=(0, 1), ylim=(0, 1), title="Reliability")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def evaluation_plots(y: np.ndarray, p_by_split: dict[str, np.ndarray], curve: list[dict], threshold: float,
                      folder: str | Path) -> dict:
-    """The evaluate stage's DVC plots (robustness curve, confusion rows and ROC points per split) as CSV files;
-    returns the matplotlib figures of the same for MLflow."""
-    from pipeline.metrics import roc_points
+    """The evaluate stage's DVC plots (robustness curve, confusion rows, ROC points and reliability per split) as
+    CSV files; returns the matplotlib figures of the same for MLflow."""
+    from pipeline.metrics import brier, reliability, roc_points
 
     folder = Path(folder)
     write_csv(curve, folder / "robustness.csv")
     rocs = {split: roc_points(y, p) for split, p in p_by_split.items()}
-    figures = {"robustness.png": robustness(curve), "roc.png": roc(rocs)}
+    calibration = [{"set": split, **row} for split, p in p_by_split.items() for row in reliability(y, p)]
+    for split in p_by_split:
+        write_csv([r for r in calibration if r["set"] == split], folder / f"calibration_{split}.csv")
+    briers = {split: brier(y, p) for split, p in p_by_split.items()}
+    figures = {"robustness.png": robustness(curve), "roc.png": roc(rocs),
+               "reliability.png": reliability_diagram(calibration, briers)}
     for split, p in p_by_split.items():
         write_csv(confusion_rows(y, p, threshold), folder / f"confusion_{split}.csv")
         write_csv(rocs[split], folder / f"roc_{split}.csv")

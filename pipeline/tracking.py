@@ -163,26 +163,3 @@ def log_params(values: dict[str, Any]) -> None:
     import mlflow
 
     mlflow.log_params({k: "null" if v is None else str(v)[:6000] for k, v in values.items()})
-
-
-def log_keras_model(model, x_example, name: str, registered_name: str | None) -> dict[str, str]:
-    """Log ``model`` with a signature inferred from a few real inputs, register a new version, return ids."""
-    import keras
-    import mlflow
-    import mlflow.keras
-    import tensorflow as tf
-    from mlflow.models import infer_signature
-
-    from pipeline.model import predict_proba
-
-    signature = infer_signature(x_example, predict_proba(model, x_example)[:, None])
-    # Stated, not inferred: inference loads the model in a subprocess (slow) and then falls back anyway.
-    requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
-    # input_example is not passed: MLflow 3.17's keras flavour fails writing it (shared/MEASURED.md).
-    info = mlflow.keras.log_model(model, name=name, signature=signature, registered_model_name=registered_name,
-                                  pip_requirements=requirements)
-    out = {"model_uri": info.model_uri, "run_id": mlflow.active_run().info.run_id}
-    if registered_name:
-        out["registered_model"] = registered_name
-        out["version"] = str(info.registered_model_version)
-    return out

@@ -172,6 +172,20 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     return history, best_epoch
 
 
+def calibrated_threshold(model: keras.Model, x: np.ndarray, y: np.ndarray, rule: config.Threshold,
+                         evaluate: config.Evaluate, batch_size: int, attacker: Attacker | None = None) -> float:
+    """The model's decision threshold by ``rule`` on validation images: clean, and attacked by ``attacker`` when
+    given (:func:`metrics.best_threshold`, the selection rule), else ``rule.fixed``."""
+    if rule.rule == "fixed":
+        return rule.fixed
+    from pipeline.attacks import to_uint8
+
+    fn = forward_fn(model)
+    p_clean = batched(fn, x, batch_size)[:, 0]
+    p_adv = None if attacker is None else batched(fn, to_uint8(attacker.perturb(x, y, batch_size)), batch_size)[:, 0]
+    return metrics.best_threshold(y, p_clean, p_adv, evaluate.weights, evaluate.measure)
+
+
 def validation_scores(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray, batch_size: int,
                       evaluate: config.Evaluate) -> dict[str, float]:
     """Validation scores, clean and attacked (8-bit rounded, as saved): F1, the class-balanced measure, the

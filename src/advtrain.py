@@ -1,8 +1,9 @@
 """Stage `advtrain`: adversarial training of the trained model on a mix of clean and adversarial examples (PGD by
 default), generated on the fly against the current weights; keeps the epoch with the best validation robust_score;
 saves, logs and registers the result."""
-from pipeline import cli, reporting, tracking, training
+from pipeline import cli, reporting, serving, tracking, training
 from pipeline import model as modellib
+from pipeline.attacks import Attacker
 from pipeline.data import load_split
 from pipeline.io import write_json
 
@@ -25,18 +26,23 @@ def main() -> None:
         before, after = rows[0], rows[kept]
         summary = {**{f"before_{k}": v for k, v in before.items() if k != "loss"}, **after, "epochs": cfg.epochs,
                    "best_epoch": kept}
+        summary["threshold"] = training.calibrated_threshold(
+            model, val.x, val.y, params.threshold, params.evaluate, cfg.batch_size,
+            Attacker(model, cfg.attack, params.base.seed))
         mlflow.log_metrics({k: v for k, v in summary.items() if v is not None})
         modellib.save(model, params.paths.model_adv)
-        info = tracking.log_keras_model(model, modellib.to_unit(val.x[:8]), "model", params.mlflow.model_name)
+        modellib.save(model, params.paths.model_h5)  # the deliverable's usual name, in Keras's HDF5 format
+        settings = serving.settings(summary["threshold"], params.preprocess)
+        info = serving.log_version(params.paths.model_adv, settings, "model", params.mlflow.model_name)
 
-    write_json(params.paths.model_adv_info, info)
+    write_json(params.paths.model_adv_info, {**info, "threshold": summary["threshold"]})
     write_json(params.paths.metrics / "advtrain.json", summary)
     reporting.write_csv([{"epoch": i, **{k: "" if v is None else v for k, v in r.items()}} for i, r in enumerate(rows)],
                         params.paths.plots / "advtrain_history.csv")
     print(f"advtrain: kept epoch {kept} of {cfg.epochs}; validation robust_score {before['val_robust_score']:.4f} -> "
           f"{after['val_robust_score']:.4f} ({m} under {cfg.attack.describe()} {before[f'val_adv_{m}']:.4f} -> "
-          f"{after[f'val_adv_{m}']:.4f}, clean {before[f'val_{m}']:.4f} -> {after[f'val_{m}']:.4f}); registered "
-          f"v{info.get('version')} (run {run.info.run_id})")
+          f"{after[f'val_adv_{m}']:.4f}, clean {before[f'val_{m}']:.4f} -> {after[f'val_{m}']:.4f}); threshold "
+          f"{summary['threshold']:.4g}; registered v{info.get('version')} (run {run.info.run_id})")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,41 @@
 """Stage `evaluate`: Test_dataset_1 (clean test split) and Test_dataset_2 (the same images attacked white-box with
 the mission's attack against the adversarially trained model, written as PNG), a stronger diagnostic attack (PGD),
 figures that count both classes with bootstrap intervals, the robustness curve, the same for the model from before
-`advtrain`, and the registry's `champion` alias (moved by robust_score under one protocol)."""
-from pipeline import cli, config, evaluation, metrics, registry, reporting, tracking
-from pipeline import model as modellib
+`advtrain`, calibration (Brier score, reliability), Grad-CAM explanations of a few clean and attacked images, and
+the registry's `champion` alias (moved by robust_score under one protocol). Each model is judged at the threshold
+train or advtrain chose for it on validation."""
+from pipeline import cli, config, evaluation, explain, metrics, predicting, registry, reporting, tracking
 from pipeline.data import load_split
 from pipeline.io import read_json, write_json
+
+EXPLAINED = 4  # test images of each class in the explanations grid
 
 
 def main() -> None:
     args = cli.stage_parser(__doc__).parse_args()
     params = cli.load_params(args)
     cli.seed_everything(params.base.seed)
-    cfg, paths, seed, threshold = params.evaluate, params.paths, params.base.seed, params.predict.threshold
+    cfg, paths, seed = params.evaluate, params.paths, params.base.seed
     test = load_split(paths.processed, "test")
     info = read_json(paths.model_adv_info)
     reference = metrics.reference(test.y, cfg.weights, cfg.measure)
-    protocol = evaluation.protocol(cfg, test.x, test.y, seed, threshold)
+    protocol = evaluation.protocol(cfg, test.x, test.y, seed, params.threshold.model_dump(mode="json"))
     protocol_id = evaluation.protocol_id(protocol)
 
-    def evaluate(model, name: str) -> tuple[evaluation.Result, dict]:
+    def evaluate(path, name: str) -> tuple:
+        model, stored = predicting.load_with_threshold(str(path))
+        threshold, _ = predicting.choose_threshold(None, stored, params.threshold.fixed)
         result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name)
-        return result, {**result.summary(reference), "ci95": evaluation.intervals(result, test.y, cfg, seed, threshold)}
+        calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
+                                                                           ("adversarial", result.p_adv))}
+        return model, threshold, result, {**result.summary(reference), "threshold": threshold, **calibration,
+                                          "ci95": evaluation.intervals(result, test.y, cfg, seed, threshold)}
 
     with tracking.stage_run("evaluate", params):
         import mlflow
 
-        final, final_summary = evaluate(modellib.load(paths.model_adv), "advtrained")
-        base, base_summary = evaluate(modellib.load(paths.model), "baseline")
+        model, threshold, final, final_summary = evaluate(paths.model_adv, "advtrained")
+        _, _, base, base_summary = evaluate(paths.model, "baseline")
         evaluation.write_png_set(final.x_adv, test.names, paths.adversarial)
         summary = {**final_summary, "baseline": base_summary, "reference": reference,
                    "gain": {"weighted_f1": final.weighted_f1 - base.weighted_f1,
@@ -36,6 +44,9 @@ def main() -> None:
         write_json(paths.metrics / "evaluate.json", summary)
         figures = reporting.evaluation_plots(test.y, {"clean": final.p_clean, "adversarial": final.p_adv},
                                              final.curve + base.curve, threshold, paths.plots)
+        figures["explanations.png"] = explanations = explain.figure_for(
+            model, test.x, final.x_adv, test.y, threshold, EXPLAINED)
+        reporting.save_figure(explanations, paths.plots / "explanations.png")
 
         mlflow.set_tags({"evaluated_model": info["model_uri"], "evaluated_version": info.get("version", ""),
                          "protocol": protocol_id, "attack": cfg.attack.describe(),
@@ -48,7 +59,8 @@ def main() -> None:
             candidate = registry.Standing(info["version"], final.robust_score, final.weighted_f1, protocol_id)
             holds, why = registry.update_champion(
                 info["registered_model"], candidate, reference,
-                lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed, threshold))
+                lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed,
+                                             protocol["threshold"]))
             mlflow.set_tags({"champion": str(holds), "champion_reason": why})
             champion = f"; v{info['version']} {'is' if holds else 'is not'} @champion ({why})"
 

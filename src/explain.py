@@ -22,14 +22,14 @@ def main() -> None:
     parser.add_argument("--input", type=Path, required=True, help="an image, or a folder or .zip of images")
     parser.add_argument("--output", type=Path, required=True, help="the folder to write the overlays and CSV to")
     parser.add_argument("--model", help="a .keras file or models:/NAME@ALIAS (default: paths.model_adv)")
-    parser.add_argument("--threshold", type=float, help="P(FAKE) at or above this is Fake (default: predict.threshold)")
+    parser.add_argument("--threshold", type=float,
+                        help="P(FAKE) at or above this is Fake (default: the model's own, chosen on validation)")
     parser.add_argument("--layer", help="the ResNet50 layer to explain (default: the deepest at least 4x4)")
     args = parser.parse_args()
     params = cli.load_params(args)
     pre = params.preprocess
-    threshold = params.predict.threshold if args.threshold is None else args.threshold
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"--threshold must lie in (0, 1) (got {threshold})")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise ConfigError(f"--threshold must lie in (0, 1) (got {args.threshold})")
     if args.output.exists() and not args.output.is_dir():
         raise ConfigError(f"--output {args.output}: exists and is not a folder")
     # Read the input first: a wrong path is reported before the model takes seconds to load.
@@ -46,7 +46,8 @@ def main() -> None:
         parts = predicting.decode_chunks(listing, pre.resize, pre.max_pixels, chunk=512)
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
-    model = predicting.load_any_model(args.model or str(params.paths.model_adv))
+    model, stored = predicting.load_with_threshold(args.model or str(params.paths.model_adv))
+    threshold, _ = predicting.choose_threshold(args.threshold, stored, params.threshold.fixed)
     layer = explain.resolve_layer(model, args.layer)  # a wrong --layer fails before anything is written
     rows, bad = [], []
     for part in parts:

@@ -20,14 +20,14 @@ def main() -> None:
     parser.add_argument("--input", type=Path, help="a folder or .zip of images (searched recursively)")
     parser.add_argument("--output", type=Path, help="the CSV to write (with --input)")
     parser.add_argument("--model", help="a .keras file or models:/NAME@ALIAS (default: paths.model_adv)")
-    parser.add_argument("--threshold", type=float, help="P(FAKE) at or above this is Fake (default: predict.threshold)")
+    parser.add_argument("--threshold", type=float,
+                        help="P(FAKE) at or above this is Fake (default: the model's own, chosen on validation)")
     args = parser.parse_args()
     if (args.input is None) != (args.output is None):
         raise ConfigError("--input and --output go together")
     params = cli.load_params(args)
-    threshold = params.predict.threshold if args.threshold is None else args.threshold
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"--threshold must lie in (0, 1) (got {threshold})")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise ConfigError(f"--threshold must lie in (0, 1) (got {args.threshold})")
     out = params.paths.predictions
     # (where, the part of it to read, the CSV): Test_dataset_1 is the test half of the raw dataset
     jobs = ([(args.input, "", args.output)] if args.input is not None else
@@ -37,7 +37,8 @@ def main() -> None:
     listings = [predicting.list_images(folder, under) for folder, under, _ in jobs]
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
-    model = predicting.load_any_model(args.model or str(params.paths.model_adv))
+    model, stored = predicting.load_with_threshold(args.model or str(params.paths.model_adv))
+    threshold, _ = predicting.choose_threshold(args.threshold, stored, params.threshold.fixed)
     for listing, (_, _, output) in zip(listings, jobs):
         done = predicting.predict_to_csv(lambda x: predict_proba(model, x, params.predict.batch_size), listing,
                                          params.preprocess.resize, params.preprocess.max_pixels, threshold, output)

@@ -4,7 +4,7 @@ With a frozen backbone (the default) only the head trains, on the cached backbon
 the backbone; otherwise the unfrozen part of the backbone trains with it, on images.
 """
 
-from pipeline import cli, features, metrics, reporting, tracking, training
+from pipeline import cli, features, metrics, reporting, serving, tracking, training
 from pipeline import model as modellib
 from pipeline.data import load_split
 from pipeline.io import read_json, write_json
@@ -32,20 +32,25 @@ def main() -> None:
                                          params.base.seed, callbacks, verbose=2)
 
         val = load_split(params.paths.processed, "val")
-        scores = metrics.classification(val.y, modellib.predict_proba(model, val.x, m.batch_size))
-        summary = {"epochs_run": len(history["loss"]), **{f"val_{k}": v for k, v in scores.items()}}
+        threshold = training.calibrated_threshold(model, val.x, val.y, params.threshold, params.evaluate,
+                                                  m.batch_size)
+        scores = metrics.classification(val.y, modellib.predict_proba(model, val.x, m.batch_size), threshold)
+        summary = {"epochs_run": len(history["loss"]), "threshold": threshold,
+                   **{f"val_{k}": v for k, v in scores.items()}}
         import mlflow
 
         mlflow.log_metrics(summary)
         mlflow.log_figure(reporting.training_curves(history), "training_curves.png")
         modellib.save(model, params.paths.model)
-        info = tracking.log_keras_model(model, modellib.to_unit(val.x[:8]), "model", params.mlflow.model_name)
+        settings = serving.settings(threshold, params.preprocess)
+        info = serving.log_version(params.paths.model, settings, "model", params.mlflow.model_name)
 
-    write_json(params.paths.model_info, info)
+    write_json(params.paths.model_info, {**info, "threshold": threshold})
     write_json(params.paths.metrics / "train.json", summary)
     reporting.write_history_csv(history, params.paths.plots / "train_history.csv")
-    print(f"train: val F1 {scores['f1']:.4f} after {summary['epochs_run']} epochs; saved {params.paths.model}, "
-          f"registered {info.get('registered_model')} v{info.get('version')} (run {run.info.run_id})")
+    print(f"train: val F1 {scores['f1']:.4f} at threshold {threshold:.4g} after {summary['epochs_run']} epochs; "
+          f"saved {params.paths.model}, registered {info.get('registered_model')} v{info.get('version')} "
+          f"(run {run.info.run_id})")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_default_params_load() -> None:
         ("tune.dropout.high", 1.0, "tune.dropout"),  # dropout must be < 1
         ("tune.attack.epsilon", 256, "tune.attack.epsilon"),
         ("evaluate.attack.epsilon", 300, "evaluate.attack.epsilon"),
-        ("predict.threshold", 1.5, "predict.threshold"),
+        ("threshold.fixed", 1.5, "threshold.fixed"),
         ("mlflow.timeout_s", 0, "mlflow.timeout_s"),
     ],
 )

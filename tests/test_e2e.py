@@ -165,8 +165,9 @@ KEY_STAGES = {
     "data": {"fetch"},
     "sample": {"fetch"},
     "preprocess": {"preprocess"},
-    "preprocess.resize": {"preprocess", "predict"},
-    "preprocess.max_pixels": {"preprocess", "predict"},
+    # how images are decoded: also baked into the served model's settings by train and advtrain
+    "preprocess.resize": {"preprocess", "train", "advtrain", "predict"},
+    "preprocess.max_pixels": {"preprocess", "train", "advtrain", "predict"},
     "model": {"tune", "train"},
     "tune": {"tune"},
     "tune.storage": set(),
@@ -174,9 +175,10 @@ KEY_STAGES = {
     "train": {"train"},
     "advtrain": {"advtrain"},
     "evaluate": {"evaluate"},
-    "evaluate.weights": {"tune", "advtrain", "evaluate"},
-    "evaluate.measure": {"tune", "advtrain", "evaluate"},
-    "predict.threshold": {"evaluate", "predict"},
+    "evaluate.weights": {"tune", "train", "advtrain", "evaluate"},  # the selection rule: trials, epochs, thresholds
+    "evaluate.measure": {"tune", "train", "advtrain", "evaluate"},
+    "threshold.rule": {"train", "advtrain", "evaluate"},
+    "threshold.fixed": {"train", "advtrain", "evaluate", "predict"},  # predict: for a model that stored none
     "predict.batch_size": {"predict"},
     "mlflow": set(),
 }

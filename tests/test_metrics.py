@@ -148,3 +148,44 @@ def test_bootstrap_interval_is_seeded_and_covers_the_point_estimate() -> None:
     for key, value in point.items():
         assert ci[key]["low"] < value < ci[key]["high"], key
         assert ci[key]["high"] - ci[key]["low"] < 0.2  # 400 images: a few points wide, not the whole range
+
+
+def brute_force_threshold(y, p_clean, p_adv, weights, name):
+    candidates = sorted({*np.asarray(p_clean).tolist(), *np.asarray(p_adv).tolist(), 0.5} - {0.0, 1.0})
+    scored = [(metrics.robust_score(y, p_clean, p_adv, weights, name, t), -abs(t - 0.5), t) for t in candidates]
+    return max(scored)[2]
+
+
+@pytest.mark.parametrize("name", metrics.MEASURES)
+def test_best_threshold_is_the_exhaustive_search_vectorised(name: str) -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        y = rng.integers(0, 2, 60)
+        p_clean = np.clip(0.35 * y + rng.random(60) * 0.65, 0, 1).round(2)  # rounded: ties on purpose
+        p_adv = np.clip(0.2 * y + rng.random(60) * 0.8, 0, 1).round(2)
+        got = metrics.best_threshold(y, p_clean, p_adv, WEIGHTS, name)
+        want = brute_force_threshold(y, p_clean, p_adv, WEIGHTS, name)
+        assert metrics.robust_score(y, p_clean, p_adv, WEIGHTS, name, got) == pytest.approx(
+            metrics.robust_score(y, p_clean, p_adv, WEIGHTS, name, want), abs=1e-12)
+        assert abs(got - 0.5) == pytest.approx(abs(want - 0.5), abs=1e-12)  # of the best, the nearest to 0.5
+        assert metrics.robust_score(y, p_clean, p_adv, WEIGHTS, name, got) >= metrics.robust_score(
+            y, p_clean, p_adv, WEIGHTS, name, 0.5)
+
+
+def test_best_threshold_keeps_one_half_when_the_classes_are_apart_and_moves_when_scores_shift() -> None:
+    apart = np.where(Y_BAL == 1, 0.95, 0.05)
+    assert metrics.best_threshold(Y_BAL, apart, None, WEIGHTS) == 0.5
+    shifted = np.where(Y_BAL == 1, 0.30, 0.10)  # a model whose FAKE scores all sit below 0.5
+    t = metrics.best_threshold(Y_BAL, shifted, None, WEIGHTS)
+    assert 0.10 < t <= 0.30 and metrics.measure(Y_BAL, shifted, "balanced_accuracy", t) == 1.0
+    assert metrics.measure(Y_BAL, shifted, "balanced_accuracy", 0.5) == 0.5
+
+
+def test_brier_and_reliability() -> None:
+    assert metrics.brier(Y_BAL, Y_BAL.astype(float)) == 0.0
+    assert metrics.brier(Y_BAL, np.full(100, 0.5)) == 0.25
+    rows = metrics.reliability(Y, P, bins=5)
+    assert sum(r["count"] for r in rows) == len(Y)
+    top = next(r for r in rows if r["bin"] == 4)  # P 0.8 and 0.9: both FAKE
+    assert top["fraction_fake"] == 1.0 and top["mean_predicted"] == pytest.approx(0.85)
+    assert all(0 <= r["mean_predicted"] <= 1 and 0 <= r["fraction_fake"] <= 1 for r in rows)

@@ -259,3 +259,12 @@ def test_to_unit_scales_uint8_and_keeps_floats() -> None:
     np.testing.assert_allclose(model.to_unit(u), [[0.0, 1.0, 0.2]])
     f = np.array([0.25], np.float32)
     assert model.to_unit(f) is f
+
+
+def test_hdf5_export_loads_back_with_identical_predictions(tiny_model, tmp_path: Path) -> None:
+    """models/ResNet50_CIFAKE_best.h5, the deliverable's usual name: Keras's HDF5 format, same answers."""
+    target = tmp_path / "ResNet50_CIFAKE_best.h5"
+    model.save(tiny_model.model, target)
+    assert h5py.is_hdf5(target)
+    again = model.load(target)
+    assert np.array_equal(model.predict_proba(again, tiny_model.x), model.predict_proba(tiny_model.model, tiny_model.x))

@@ -143,10 +143,12 @@ def test_missing_model_is_a_one_line_error(messy_folder: Path, tmp_path: Path) -
 
 @pytest.mark.slow  # logs a ~100 MB model, then a subprocess loads it through MLflow: ~20-35 s here
 def test_predict_from_the_registry_champion(messy_folder: Path, tmp_path: Path, params, mlflow_store,
-                                            tiny_model) -> None:
+                                            tiny_model, tiny_model_file) -> None:
+    from pipeline import serving
+
     tracking.setup(params.mlflow)
     with mlflow.start_run():
-        info = tracking.log_keras_model(tiny_model.model, model.to_unit(tiny_model.x[:4]), "model", "cifake-test")
+        info = serving.log_version(tiny_model_file, serving.settings(0.5, PREPROCESS), "model", "cifake-test")
     MlflowClient().set_registered_model_alias("cifake-test", registry.CHAMPION, info["version"])
 
     out = tmp_path / "registry.csv"

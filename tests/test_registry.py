@@ -110,17 +110,21 @@ def test_protocol_covers_attack_settings_test_set_and_threshold() -> None:
     assert len(ids) == 5
 
 
-def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store, tiny_model) -> None:
-    from pipeline.model import to_unit
+def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store, tiny_model,
+                                                                           tiny_model_file) -> None:
+    from pipeline import serving
 
+    stored = 0.3  # the version is judged at its own threshold
     with mlflow.start_run():
-        info = tracking.log_keras_model(tiny_model.model, to_unit(tiny_model.x[:4]), "model", NAME)
+        info = serving.log_version(tiny_model_file, {"threshold": stored, "resize": "resize", "max_pixels": 10**6},
+                                   "model", NAME)
     cfg = config.load(ROOT_PARAMS, ["evaluate.diagnostic.steps=2", "evaluate.epsilons=[0, 8]"]).evaluate
     x, y = tiny_model.x[::8], tiny_model.y[::8]
-    got = evaluation.rescore(NAME, info["version"], x, y, cfg, 0, 0.5)
-    direct = evaluation.evaluate(tiny_model.model, x, y, cfg, 0, 0.5)
+    rule = {"rule": "criterion", "fixed": 0.5}
+    got = evaluation.rescore(NAME, info["version"], x, y, cfg, 0, rule)
+    direct = evaluation.evaluate(tiny_model.model, x, y, cfg, 0, stored)
     assert got.version == info["version"]
-    assert got.protocol == evaluation.protocol_id(evaluation.protocol(cfg, x, y, 0, 0.5))
+    assert got.protocol == evaluation.protocol_id(evaluation.protocol(cfg, x, y, 0, rule))
     assert got.robust_score == pytest.approx(direct.robust_score)
     assert got.weighted_f1 == pytest.approx(direct.weighted_f1)
 

@@ -13,7 +13,6 @@ from mlflow import MlflowClient
 
 from pipeline import config, tracking
 from pipeline.errors import TrackingError
-from pipeline.model import to_unit
 
 DEAD = "http://127.0.0.1:9"  # the discard port on loopback: nothing listens, nothing leaves the machine
 
@@ -93,22 +92,6 @@ def test_data_hash_is_unknown_without_a_lock_entry(tmp_path: Path) -> None:
     assert tracking.dvc_data_hash(Path("data/raw"), tmp_path / "dvc.lock") == "unknown"
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     assert tracking.dvc_data_hash(Path("data/raw"), tmp_path / "dvc.lock") == "unknown"
-
-
-def test_log_keras_model_logs_a_signature_and_registers_a_version(params, mlflow_store, tiny_model) -> None:
-    tracking.setup(params.mlflow)
-    x = to_unit(tiny_model.x[:4])
-    with mlflow.start_run() as run:
-        info = tracking.log_keras_model(tiny_model.model, x, "model", "cifake-test")
-    assert info["run_id"] == run.info.run_id
-    assert info["registered_model"] == "cifake-test" and info["version"] == "1"
-    signature = mlflow.models.get_model_info(info["model_uri"]).signature
-    assert signature is not None
-    inputs, outputs = signature.inputs.to_dict()[0], signature.outputs.to_dict()[0]
-    assert list(inputs["tensor-spec"]["shape"]) == [-1, 32, 32, 3] and inputs["tensor-spec"]["dtype"] == "float32"
-    assert list(outputs["tensor-spec"]["shape"]) == [-1, 1]
-    version = MlflowClient().get_model_version("cifake-test", "1")
-    assert version.run_id == run.info.run_id
 
 
 def test_a_server_that_accepts_but_never_answers_fails_within_the_timeout(params, monkeypatch) -> None:

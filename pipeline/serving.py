@@ -1,0 +1,170 @@
+"""The registered model as an MLflow pyfunc that takes images, so that
+
+    mlflow models serve -m models:/cifake-resnet50@champion --env-manager local
+
+answers ``POST /invocations`` with ``{"dataframe_records": [{"image": "<base64 of a PNG/JPEG/WebP/BMP file>"}, …]}``
+or with pixel arrays, ``[{"pixels": [[[r, g, b], …], …]}, …]`` (H×W×3, 0–255). Every row is decoded and resized
+exactly as preprocess does (:func:`pipeline.images.decode`) and answered with ``label`` (Real/Fake), ``p_fake`` and
+``error``: a row that cannot be read gets its reason there, the other rows their answers, and the server lives on.
+
+The version's Keras file and its settings (threshold, resize, max_pixels) travel as artifacts, the ``pipeline``
+package as code, so the model serves wherever it is loaded. :func:`keras_model` gets the Keras model back.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from pipeline import images
+from pipeline.predicting import LABELS
+
+KERAS_ARTIFACT, SETTINGS_ARTIFACT = "keras_model", "settings"
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pipeline import model as modellib
+
+        self.model = modellib.load(context.artifacts[KERAS_ARTIFACT])
+        self.settings = json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text())
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from pipeline.model import predict_proba
+
+        threshold = float((params or {}).get("threshold") or self.settings["threshold"])
+        rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else list(model_input)
+        pixels, errors = [], []
+        for row in rows:
+            try:
+                pixels.append(self._decode(row))
+                errors.append("")
+            except ValueError as err:
+                pixels.append(None)
+                errors.append(str(err))
+        good = [i for i, x in enumerate(pixels) if x is not None]
+        p = np.full(len(rows), np.nan)
+        if good:
+            p[good] = predict_proba(self.model, np.stack([pixels[i] for i in good]))
+        # object columns: a row that failed answers null (pandas' own string and float columns would say NaN, which
+        # strict JSON parsers reject)
+        ok = [e == "" for e in errors]
+        return pd.DataFrame({
+            "label": pd.Series([LABELS[int(v >= threshold)] if good else None for v, good in zip(p, ok)], dtype=object),
+            "p_fake": pd.Series([float(v) if good else None for v, good in zip(p, ok)], dtype=object),
+            "error": errors})
+
+    def _decode(self, row: dict) -> np.ndarray:
+        resize, max_pixels = self.settings["resize"], self.settings["max_pixels"]
+        image, pixels = row.get("image"), row.get("pixels")
+        if isinstance(image, str) and image:
+            try:
+                data = base64.b64decode(image, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("image: not valid base64") from None
+            try:
+                return images.decode(data, 32, resize, max_pixels)
+            except images.BadImage as err:
+                raise ValueError(f"image: {err.reason}") from None
+        if pixels is not None and not (isinstance(pixels, float) and np.isnan(pixels)):  # NaN: a missing cell
+            return _from_pixels(pixels, resize, max_pixels)
+        raise ValueError("each row needs 'image' (base64 of an image file) or 'pixels' (H×W×3 values 0-255)")
+
+
+def _from_pixels(pixels, resize: str, max_pixels: int) -> np.ndarray:
+    """A pixel array goes through the same decoder as a file (as a lossless PNG), so both paths agree exactly."""
+    import io
+
+    from PIL import Image
+
+    try:
+        x = np.asarray(pixels, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("pixels: not a numeric H×W×3 array") from None
+    if x.ndim != 3 or x.shape[2] != 3 or 0 in x.shape:
+        raise ValueError(f"pixels: expected H×W×3, got shape {x.shape}")
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
+        raise ValueError("pixels: values must lie in 0-255")
+    buffer = io.BytesIO()
+    Image.fromarray(np.rint(x).astype(np.uint8), "RGB").save(buffer, format="PNG")
+    try:
+        return images.decode(buffer.getvalue(), 32, resize, max_pixels)
+    except images.BadImage as err:
+        raise ValueError(f"pixels: {err.reason}") from None
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image", required=False),
+                       ColSpec(Array(Array(Array("long"))), "pixels", required=False)]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "p_fake"), ColSpec("string", "error")]),
+        params=ParamSchema([ParamSpec("threshold", "double", 0.0)]),  # 0: the version's own threshold
+    )
+
+
+def log_version(model_path: str | Path, settings: dict, name: str, registered_name: str | None) -> dict[str, str]:
+    """Log the saved Keras file at ``model_path`` as an :class:`ImageClassifier` with its ``settings`` (the
+    threshold among them) and the ``pipeline`` package as code, register a new version, return the ids."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import pipeline
+
+    requirements = []  # stated, not inferred: inference loads the model in a subprocess (slow) and then guesses
+    for dist in ("tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "tqdm"):
+        try:
+            requirements.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:  # tensorflow (a GPU install) instead of tensorflow-cpu
+            if dist == "tensorflow-cpu":
+                requirements.append(f"tensorflow=={version('tensorflow')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        settings_file = Path(tmp) / "settings.json"
+        settings_file.write_text(json.dumps(settings, indent=2))
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=ImageClassifier(), signature=signature(), registered_model_name=registered_name,
+            artifacts={KERAS_ARTIFACT: str(model_path), SETTINGS_ARTIFACT: str(settings_file)},
+            code_paths=[str(Path(pipeline.__file__).parent)], pip_requirements=requirements)
+    mlflow.log_params({"threshold": settings["threshold"]})
+    out = {"model_uri": info.model_uri, "run_id": mlflow.active_run().info.run_id}
+    if registered_name:
+        out["registered_model"] = registered_name
+        out["version"] = str(info.registered_model_version)
+    return out
+
+
+def load(uri: str):
+    """The :class:`ImageClassifier` of a logged version (``models:/…`` or ``runs:/…``), its Keras model in
+    ``.model`` and its settings in ``.settings``. A version logged in Keras's own flavour (before this module)
+    comes back with empty settings."""
+    from mlflow.exceptions import MlflowException
+
+    import pipeline.model  # noqa: F401  registers the custom preprocessing layer for deserialisation
+
+    loaded = mlflow.pyfunc.load_model(uri)
+    try:
+        return loaded.unwrap_python_model()
+    except MlflowException:  # not a custom pyfunc: a Keras-flavoured version
+        from mlflow import keras as keras_flavour
+
+        legacy = ImageClassifier()
+        legacy.model, legacy.settings = keras_flavour.load_model(uri), {}
+        return legacy
+
+
+def keras_model(uri: str):
+    """The Keras model inside a logged version (``models:/…`` or ``runs:/…``)."""
+    return load(uri).model
+
+
+def settings(threshold: float, preprocess) -> dict:
+    """What a served version needs besides its weights: its threshold, and how preprocess decodes images."""
+    return {"threshold": float(threshold), "resize": preprocess.resize, "max_pixels": preprocess.max_pixels}

@@ -1,0 +1,165 @@
+"""Serving through MLflow: the registered version is an image-serving pyfunc. In process: encoded images (PNG, JPEG,
+WebP, BMP) as base64 and pixel arrays give the predict tool's answers, a broken row gets its own error. Over HTTP:
+``mlflow models serve -m models:/NAME@champion --env-manager local`` on loopback answers real images as
+``src/predict.py`` does on the same files, and lives through a broken one."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from pipeline import config, model, predicting, registry, serving
+from tests.conftest import free_port
+from tests.test_predict import messy_folder, noise, read_csv, run_predict  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+PREPROCESS = config.load(ROOT / "params.yaml").preprocess
+NAME = "cifake-serving-test"
+SETTINGS = {"threshold": 0.5, "resize": PREPROCESS.resize, "max_pixels": PREPROCESS.max_pixels}
+
+
+def encoded(image: np.ndarray, fmt: str) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture
+def served(tmp_path: Path, mlflow_store, tiny_model_file: Path) -> str:
+    """The tiny model logged as the pipeline logs a version, registered, holding @champion."""
+    with mlflow.start_run():
+        info = serving.log_version(tiny_model_file, SETTINGS, "model", NAME)
+    MlflowClient().set_registered_model_alias(NAME, registry.CHAMPION, info["version"])
+    return f"models:/{NAME}@{registry.CHAMPION}"
+
+
+def test_a_version_is_logged_with_its_signature_settings_and_code(served: str) -> None:
+    info = mlflow.models.get_model_info(served)
+    inputs = {c["name"]: c for c in info.signature.inputs.to_dict()}
+    assert inputs["image"]["type"] == "string" and not inputs["image"]["required"]
+    assert inputs["pixels"]["type"] == "array" and not inputs["pixels"]["required"]
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == ["label", "p_fake", "error"]
+    assert serving.load(served).settings == SETTINGS
+    version = MlflowClient().get_model_version_by_alias(NAME, registry.CHAMPION)
+    assert MlflowClient().get_run(version.run_id).data.params["threshold"] == str(SETTINGS["threshold"])
+
+
+def test_every_image_format_and_pixel_arrays_answer_like_the_predict_tool(served: str, tiny_model) -> None:
+    bright, dark = noise(32, 32, 156, 256, 1), noise(40, 50, 0, 100, 2)  # dark is resized, as preprocess would
+    rows = [{"image": encoded(bright, fmt)} for fmt in ("PNG", "JPEG", "WEBP", "BMP")]
+    rows.append({"image": encoded(dark, "PNG")})
+    loaded = mlflow.pyfunc.load_model(served)
+    answer = loaded.predict(pd.DataFrame(rows))
+    from_pixels = loaded.predict(pd.DataFrame([{"pixels": dark.tolist()}]))  # one kind of record per request
+
+    decoded = [predicting.images.decode(base64.b64decode(r["image"]), 32, PREPROCESS.resize, PREPROCESS.max_pixels)
+               for r in rows]
+    p = model.predict_proba(tiny_model.model, np.stack(decoded))
+    assert list(answer.columns) == ["label", "p_fake", "error"]
+    assert (answer["error"] == "").all(), answer["error"].tolist()
+    np.testing.assert_allclose(answer["p_fake"].astype(float), p, atol=1e-6)
+    assert answer["label"].tolist() == ["Fake"] * 4 + ["Real"]
+    assert from_pixels["p_fake"][0] == answer["p_fake"][4]  # a pixel array is decoded exactly as its PNG file is
+    # the version's threshold, or one given with the request
+    assert loaded.predict(pd.DataFrame(rows[:1]), params={"threshold": 0.999999})["label"][0] == "Fake"
+    assert loaded.predict(pd.DataFrame(rows[4:]), params={"threshold": 1e-30})["label"][0] == "Fake"
+
+
+def test_a_broken_record_gets_its_own_error_and_the_rest_their_answers(served: str) -> None:
+    rows = [{"image": encoded(noise(32, 32, 156, 256, 1), "PNG")},
+            {"image": base64.b64encode(b"\x89PNG\r\n\x1a\n not really").decode()},
+            {"image": "%%% not base64 %%%"}]
+    loaded = mlflow.pyfunc.load_model(served)
+    answer = loaded.predict(pd.DataFrame(rows))
+    assert answer["label"].tolist() == ["Fake", None, None]
+    errors = answer["error"].tolist()
+    assert errors[0] == "" and errors[1].startswith("image:") and "base64" in errors[2]
+    assert answer["p_fake"][1:].tolist() == [None, None]
+    out_of_range = loaded.predict(pd.DataFrame([{"pixels": [[[300, 0, 0]]]}, {"pixels": [[[0, 0, 0]]]}]))
+    assert "0-255" in out_of_range["error"][0] and out_of_range["error"][1] == ""
+    with pytest.raises(MlflowException, match="schema"):
+        loaded.predict(pd.DataFrame([{"pixels": [[1, 2], [3, 4]]}]))
+
+
+def test_the_keras_model_comes_back_out_of_the_version(served: str, tiny_model) -> None:
+    want = model.predict_proba(tiny_model.model, tiny_model.x)
+    assert np.array_equal(model.predict_proba(serving.keras_model(served), tiny_model.x), want)
+    loaded, threshold = predicting.load_with_threshold(served)
+    assert np.array_equal(model.predict_proba(loaded, tiny_model.x), want) and threshold == SETTINGS["threshold"]
+
+
+@pytest.mark.slow  # the server imports TensorFlow and loads the model: ~20-40 s
+def test_mlflow_models_serve_answers_real_images_like_predict(served: str, mlflow_store, messy_folder: Path,  # noqa: F811
+                                                              tmp_path: Path, tiny_model_file: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri, "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (the server keeps it)
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", served, "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+
+        files = sorted(p for p in messy_folder.rglob("*") if p.is_file() and p.suffix.lower() != ".txt")
+        records = [{"image": base64.b64encode(p.read_bytes()).decode()} for p in files]
+
+        def post(body: dict) -> tuple[int, dict]:
+            request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        status, body = post({"dataframe_records": records})
+        assert status == 200, body
+        assert "NaN" not in json.dumps(body)  # strict JSON: a failed row answers null
+        answers = body["predictions"]
+        assert len(answers) == len(files)
+
+        csv_out = tmp_path / "predict.csv"
+        proc = run_predict("--input", str(messy_folder), "--output", str(csv_out), "--model", str(tiny_model_file))
+        assert proc.returncode == 0, proc.stderr
+        want = dict(read_csv(csv_out)[1:])
+        for path, answer in zip(files, answers):
+            name = path.relative_to(messy_folder).as_posix()
+            if name == "corrupt.jpg":
+                assert answer["label"] is None and answer["error"], answer
+            else:
+                assert answer["label"] == want[name] and answer["error"] == "", (name, answer)
+
+        # A request that is not what the model takes is that request's error; the server answers the next one.
+        status, body = post({"dataframe_records": [{"image": ""}]})
+        assert status == 200 and "needs 'image'" in body["predictions"][0]["error"], body
+        status, body = post({"dataframe_records": [{"pixels": [[1, 2], [3, 4]]}]})  # not H×W×3: the schema says no
+        assert status == 400 and "error_code" in body, body
+        assert post({"dataframe_records": records[:1]})[0] == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
