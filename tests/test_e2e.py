@@ -15,6 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -103,6 +104,38 @@ def test_metrics_file_has_clean_adversarial_and_weighted_scores(repo):
     assert m["robust_score"] == pytest.approx(ba)
     floor = m["reference"]["always_fake_weighted_f1"]
     assert m["weighted_f1_minus_always_fake"] == pytest.approx(m["weighted_f1"] - floor)
+    # each model is judged at the threshold its stage chose on validation and stored beside it
+    assert m["threshold"] == json.loads((root / "models/model_adv.json").read_text())["threshold"]
+    assert m["baseline"]["threshold"] == json.loads((root / "models/model.json").read_text())["threshold"]
+    assert 0 < m["threshold"] < 1 and 0 <= m["brier_clean"] <= 1 and 0 <= m["brier_adversarial"] <= 1
+
+
+def test_the_deliverables_beside_the_metrics(repo):
+    from PIL import Image
+
+    from pipeline import model
+
+    root, _, _ = repo
+    with Image.open(root / "plots/explanations.png") as grid:  # 4 + 4 test images, clean and attacked
+        assert grid.width > 400 and grid.height > 400
+    for split in ("clean", "adversarial"):
+        assert (root / f"plots/calibration_{split}.csv").read_text().startswith("set,bin,mean_predicted")
+    h5, keras_file = root / "models/ResNet50_CIFAKE_best.h5", root / "models/model_adv.keras"
+    x = (np.arange(2 * 32 * 32 * 3) % 251).astype(np.uint8).reshape(2, 32, 32, 3)
+    assert np.array_equal(model.predict_proba(model.load(h5), x), model.predict_proba(model.load(keras_file), x))
+
+
+def test_dvc_plots_show_makes_one_page_that_needs_no_network(repo, tmp_path):
+    import re
+
+    root, env, _ = repo
+    out = subprocess.run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path / "plots/index.html").read_text()
+    assert "vegaEmbed" in page and "Reliability" in page and "explanations.png" in page
+    # nothing is loaded from elsewhere: no script, stylesheet or image with a URL
+    assert not re.findall(r"""<(?:script|link|img)[^>]+(?:src|href)\s*=\s*["']?(?:https?:)?//""", page, re.I)
 
 
 def test_both_csvs_list_every_test_image_as_real_or_fake(repo):
