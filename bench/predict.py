@@ -51,13 +51,17 @@ def main() -> None:
                                               "precision": "float32"})
         save(build_model(cfg, 0.0, seed=42), model_path)
 
-    # The fixed cost: the tool on 16 images.
-    tiny = SCRATCH / "predict-tiny"
-    shutil.rmtree(tiny, ignore_errors=True)
-    for cls in ("REAL", "FAKE"):
-        (tiny / cls).mkdir(parents=True)
-        for p in sorted((folder / cls).glob("*.jpg"))[:8]:
-            shutil.copy(p, tiny / cls / p.name)
+    def subset(name: str, per_class: int) -> Path:
+        """The first ``per_class`` images of each class of the test folder, copied to a scratch folder."""
+        target = SCRATCH / name
+        shutil.rmtree(target, ignore_errors=True)
+        for cls in ("REAL", "FAKE"):
+            (target / cls).mkdir(parents=True)
+            for p in sorted((folder / cls).glob("*.jpg"))[:per_class]:
+                shutil.copy(p, target / cls / p.name)
+        return target
+
+    tiny = subset("predict-tiny", 8)  # the fixed cost: the tool on 16 images
 
     def tool(inp: Path, csv: Path, log: str) -> float:
         return tool_rss(inp, csv, log)[0]
@@ -72,12 +76,7 @@ def main() -> None:
         return seconds, kib / 1024
 
     if args.scale:
-        part = SCRATCH / "predict-2k"
-        shutil.rmtree(part, ignore_errors=True)
-        for cls in ("REAL", "FAKE"):
-            (part / cls).mkdir(parents=True)
-            for p in sorted((folder / cls).glob("*.jpg"))[:1000]:
-                shutil.copy(p, part / cls / p.name)
+        part = subset("predict-2k", 1000)
         for n, inp in ((2000, part), (n_files, folder)):
             load = loadavg()
             seconds, peak = tool_rss(inp, OUT / f"predict-{n}.csv", f"predict-{n}.log")
