@@ -163,3 +163,14 @@ def test_mlflow_models_serve_answers_real_images_like_predict(served: str, mlflo
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_a_version_logged_in_keras_own_flavour_still_loads(mlflow_store, tiny_model) -> None:
+    """Registries made before versions served images hold Keras-flavoured versions: they load, with no threshold."""
+    import mlflow.keras
+
+    with mlflow.start_run():
+        info = mlflow.keras.log_model(tiny_model.model, name="model", registered_model_name="cifake-legacy")
+    loaded, threshold = predicting.load_with_threshold(f"models:/cifake-legacy/{info.registered_model_version}")
+    want = model.predict_proba(tiny_model.model, tiny_model.x)
+    assert threshold is None and np.array_equal(model.predict_proba(loaded, tiny_model.x), want)
