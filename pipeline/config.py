@@ -133,7 +133,7 @@ class Model(Section):
     image_size: Literal[32, 64, 96, 224]
     weights: str = Field(min_length=1)  # "imagenet", "none", or a path to a weights file
     trainable_from: str | None = None
-    precision: Literal["float32", "mixed_bfloat16"]
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"]
     l2: Annotated[float, Field(ge=0.0)]
     batch_size: PositiveInt
 

@@ -46,12 +46,13 @@ def test_backbone_loads_the_legacy_notop_h5_that_users_download(tmp_path: Path) 
         np.testing.assert_array_equal(a, b)
 
 
-def test_mixed_bfloat16_model_predicts_float32_probabilities_and_is_attackable() -> None:
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])  # float16: what a GPU runs fastest
+def test_mixed_precision_model_predicts_float32_probabilities_and_is_attackable(precision: str) -> None:
     from pipeline.attacks import Attacker
 
     try:
-        m = model.build_model(model_cfg(precision="mixed_bfloat16"), dropout=0.0, seed=1)
-        assert m.get_layer("preprocess").compute_dtype == "bfloat16"
+        m = model.build_model(model_cfg(precision=precision), dropout=0.0, seed=1)
+        assert m.get_layer("preprocess").compute_dtype == precision.removeprefix("mixed_")
         x, y = separable_images(4)
         p = model.predict_proba(m, x)
         assert p.dtype == np.float32 and p.shape == (8,) and np.all((p >= 0) & (p <= 1))
