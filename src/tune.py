@@ -75,7 +75,8 @@ def main() -> None:
         if ran == 0 and not workers:
             cli.log.warning("tune: study %s already holds %d finished trials, so none ran now; its best params are "
                             "handed on. It is keyed by params, data and code, so this is a resumed or repeated run "
-                            "of the same trials; delete %s to start over.", study.study_name, t.n_trials, t.storage)
+                            "of the same trials. To start over: optuna delete-study --study-name %s --storage %s",
+                            study.study_name, t.n_trials, study.study_name, t.storage)
         best = tuning.best(study)
         mlflow.log_params({"study": study.study_name, "best_trial": best["trial"], "trials_run_here": ran})
         mlflow.log_params({f"best_{k}": best[k] for k in ("dropout", "learning_rate")})
