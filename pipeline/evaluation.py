@@ -101,7 +101,7 @@ def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.E
     from pipeline.predicting import choose_threshold, load_with_threshold
 
     model, stored = load_with_threshold(f"models:/{name}/{version}")
-    threshold, _ = choose_threshold(None, stored, 0.5)
+    threshold = choose_threshold(None, stored, 0.5)
     result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}")
     return registry.Standing(str(version), result.robust_score, result.weighted_f1,
                              protocol_id(protocol(cfg, x, y, seed, threshold_rule)))

@@ -88,10 +88,9 @@ def best_threshold(y: np.ndarray, p_clean: np.ndarray, p_attacked: np.ndarray | 
     score = np.zeros(len(candidates))
     for weight, p in sets:
         fake, real = np.sort(p[y]), np.sort(p[~y])
-        tp = len(fake) - np.searchsorted(fake, candidates, "left")  # called FAKE: p >= threshold
-        fp = len(real) - np.searchsorted(real, candidates, "left")
-        score += weight * _from_counts(tp.astype(np.float64), fp.astype(np.float64), (len(fake) - tp).astype(
-            np.float64), (len(real) - fp).astype(np.float64))[measure_name]
+        tp = (len(fake) - np.searchsorted(fake, candidates, "left")).astype(np.float64)  # called FAKE: p >= threshold
+        fp = (len(real) - np.searchsorted(real, candidates, "left")).astype(np.float64)
+        score += weight * _from_counts(tp, fp, len(fake) - tp, len(real) - fp)[measure_name]
     tied = candidates[score >= score.max() - 1e-12]
     return float(tied[np.argmin(np.abs(tied - 0.5))])
 

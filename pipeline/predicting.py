@@ -105,13 +105,6 @@ def labels(p_fake: np.ndarray, threshold: float) -> list[str]:
     return [LABELS[int(p >= threshold)] for p in p_fake]
 
 
-def write_csv(names: list[str], predicted: list[str], target: Path) -> None:
-    with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows(zip(names, predicted))
-
-
 def load_any_model(ref: str):
     """A model file path, or an MLflow models URI such as ``models:/cifake-resnet50@champion``."""
     return load_with_threshold(ref)[0]
@@ -138,12 +131,12 @@ def load_with_threshold(ref: str):
     return model, (read_json(info).get("threshold") if info.is_file() else None)
 
 
-def choose_threshold(override: float | None, stored: float | None, fallback: float) -> tuple[float, str]:
-    """The threshold to use and where it came from: ``--threshold``, else the model's own, else ``fallback``."""
+def choose_threshold(override: float | None, stored: float | None, fallback: float) -> float:
+    """The threshold to use: ``--threshold``, else the model's own, else ``fallback`` (with a warning)."""
     for value, source in ((override, "--threshold"), (stored, "the model's calibrated threshold")):
         if value is not None:
             if not 0.0 < value < 1.0:
                 raise ModelError(f"{source} must lie in (0, 1) (got {value})")
-            return float(value), source
+            return float(value)
     log.warning("no threshold is stored with this model: using threshold.fixed = %s", fallback)
-    return fallback, "threshold.fixed (none stored with the model)"
+    return fallback

@@ -121,9 +121,11 @@ def evaluation_plots(y: np.ndarray, p_by_split: dict[str, np.ndarray], curve: li
     folder = Path(folder)
     write_csv(curve, folder / "robustness.csv")
     rocs = {split: roc_points(y, p) for split, p in p_by_split.items()}
-    calibration = [{"set": split, **row} for split, p in p_by_split.items() for row in reliability(y, p)]
-    for split in p_by_split:
-        write_csv([r for r in calibration if r["set"] == split], folder / f"calibration_{split}.csv")
+    calibration = []
+    for split, p in p_by_split.items():
+        rows = [{"set": split, **row} for row in reliability(y, p)]
+        write_csv(rows, folder / f"calibration_{split}.csv")
+        calibration += rows
     briers = {split: brier(y, p) for split, p in p_by_split.items()}
     figures = {"robustness.png": robustness(curve), "roc.png": roc(rocs),
                "reliability.png": reliability_diagram(calibration, briers)}

@@ -8,7 +8,7 @@ exactly as preprocess does (:func:`pipeline.images.decode`) and answered with ``
 ``error``: a row that cannot be read gets its reason there, the other rows their answers, and the server lives on.
 
 The version's Keras file and its settings (threshold, resize, max_pixels) travel as artifacts, the ``pipeline``
-package as code, so the model serves wherever it is loaded. :func:`keras_model` gets the Keras model back.
+package as code, so the model serves wherever it is loaded. :func:`load` gets the Keras model back.
 """
 from __future__ import annotations
 
@@ -49,16 +49,16 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             except ValueError as err:
                 pixels.append(None)
                 errors.append(str(err))
-        good = [i for i, x in enumerate(pixels) if x is not None]
-        p = np.full(len(rows), np.nan)
-        if good:
-            p[good] = predict_proba(self.model, np.stack([pixels[i] for i in good]))
+        read = [i for i, x in enumerate(pixels) if x is not None]
+        p: list[float | None] = [None] * len(rows)
+        if read:
+            for i, v in zip(read, predict_proba(self.model, np.stack([pixels[i] for i in read]))):
+                p[i] = float(v)
         # object columns: a row that failed answers null (pandas' own string and float columns would say NaN, which
         # strict JSON parsers reject)
-        ok = [e == "" for e in errors]
         return pd.DataFrame({
-            "label": pd.Series([LABELS[int(v >= threshold)] if good else None for v, good in zip(p, ok)], dtype=object),
-            "p_fake": pd.Series([float(v) if good else None for v, good in zip(p, ok)], dtype=object),
+            "label": pd.Series([None if v is None else LABELS[int(v >= threshold)] for v in p], dtype=object),
+            "p_fake": pd.Series(p, dtype=object),
             "error": errors})
 
     def _decode(self, row: dict) -> np.ndarray:
@@ -158,11 +158,6 @@ def load(uri: str):
         legacy = ImageClassifier()
         legacy.model, legacy.settings = keras_flavour.load_model(uri), {}
         return legacy
-
-
-def keras_model(uri: str):
-    """The Keras model inside a logged version (``models:/…`` or ``runs:/…``)."""
-    return load(uri).model
 
 
 def settings(threshold: float, preprocess) -> dict:

@@ -112,14 +112,21 @@ def run_tags(stage: str, params: config.Params) -> dict[str, str]:
     }
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs. A child that exited but was not reaped yet (a zombie:
+    a coordinator's dead worker) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's live process
+        pass
+    if not Path("/proc/self/stat").exists():  # not Linux: no way to see a zombie, and it is there
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # it exited just now
+        return False
 
 
 def close_abandoned_runs(stage: str) -> list[str]:
@@ -135,7 +142,8 @@ def close_abandoned_runs(stage: str) -> list[str]:
     closed = []
     for run in runs:
         tags = run.data.tags
-        if tags.get("host") != host or tags.get("workspace") != workspace or _alive(int(tags.get("pid", "0") or 0)):
+        pid = int(tags.get("pid", "0") or 0)
+        if tags.get("host") != host or tags.get("workspace") != workspace or process_alive(pid):
             continue
         MlflowClient().set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)

@@ -24,11 +24,13 @@ from pipeline import config, metrics, provenance
 from pipeline.attacks import Attacker, to_uint8
 from pipeline.errors import TuneError
 from pipeline.model import assemble, batched, build_head, build_model, forward_fn, head_classifier
+from pipeline.tracking import process_alive
 from pipeline.training import Arrays, MlflowEpochLogger, fit_head, fit_model
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 FAIL = optuna.trial.TrialState.FAIL
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # who runs a trial: its MLflow tag, and what dead-worker checks read
 
 
 def study_name(params: config.Params, data_key: str) -> str:
@@ -147,7 +149,7 @@ class Objective:
         t, m = self.params.tune, self.params.model
         hp = suggest(trial, t)
         callbacks = [PruneOnValidation(trial, self.params.evaluate.measure), MlflowEpochLogger()]
-        tags = {"stage": "tune", "optuna.trial": str(trial.number), "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        tags = {"stage": "tune", "optuna.trial": str(trial.number), "worker": WORKER}
         if self.parent_run_id:  # a worker process: nest under the coordinator's run by its id
             tags["mlflow.parentRunId"] = self.parent_run_id
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=self.parent_run_id is None, tags=tags):
@@ -252,9 +254,6 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
         study.optimize(guarded, n_trials=1, catch=(_Surplus,), gc_after_trial=True)
 
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
-
-
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     """What heartbeats do, for storages without them (a journal file, whose workers share one machine): a RUNNING
     trial whose worker process on this machine is gone is marked failed and retried with the same parameters.
@@ -265,26 +264,12 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         where, _, pid = str(trial.system_attrs.get("worker", "")).rpartition(":")
-        if where != host or not pid.isdigit() or _alive(int(pid)):
+        if where != host or not pid.isdigit() or process_alive(int(pid)):
             continue
         if study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
             failed.append(trial.number)
             retry(study, study._storage.get_trial(trial._trial_id))
     return failed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited, unreaped
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
 
 
 def best(study: optuna.Study) -> dict:

@@ -38,7 +38,7 @@ def main() -> None:
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
     model, stored = predicting.load_with_threshold(args.model or str(params.paths.model_adv))
-    threshold, _ = predicting.choose_threshold(args.threshold, stored, params.threshold.fixed)
+    threshold = predicting.choose_threshold(args.threshold, stored, params.threshold.fixed)
     for listing, (_, _, output) in zip(listings, jobs):
         done = predicting.predict_to_csv(lambda x: predict_proba(model, x, params.predict.batch_size), listing,
                                          params.preprocess.resize, params.preprocess.max_pixels, threshold, output)

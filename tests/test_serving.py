@@ -97,7 +97,7 @@ def test_a_broken_record_gets_its_own_error_and_the_rest_their_answers(served: s
 
 def test_the_keras_model_comes_back_out_of_the_version(served: str, tiny_model) -> None:
     want = model.predict_proba(tiny_model.model, tiny_model.x)
-    assert np.array_equal(model.predict_proba(serving.keras_model(served), tiny_model.x), want)
+    assert np.array_equal(model.predict_proba(serving.load(served).model, tiny_model.x), want)
     loaded, threshold = predicting.load_with_threshold(served)
     assert np.array_equal(model.predict_proba(loaded, tiny_model.x), want) and threshold == SETTINGS["threshold"]
 
