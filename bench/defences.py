@@ -53,7 +53,7 @@ def main() -> None:
         attacker = Attacker(model, cfg.attack, seed)
         before = training.validation_scores(model, attacker, val.x, val.y, cfg.batch_size, ev)
         start = time.perf_counter()
-        history, best = training.adversarial_finetune(model, data, cfg, ev, seed, before=before, attacker=attacker)
+        history, best, _ = training.adversarial_finetune(model, data, cfg, ev, seed, before=before, attacker=attacker)
         seconds = time.perf_counter() - start
         scores = {}
         for label, attack in (("clean", None), ("fgsm", ev.attack), ("pgd", ev.diagnostic)):

@@ -1,6 +1,6 @@
 """The whole pipeline at CIFAKE size, stage by stage: wall time and peak memory.
 
-    python bench/fullscale.py                # 100,000 train + 20,000 test images (targets: < 30 min, < 4 GiB)
+    python bench/fullscale.py                # 100,000 train + 20,000 test images (targets: <= 15 min, <= 4 GiB)
     python bench/fullscale.py --scale 0.02   # everything shrunk, a smoke run
 
 In a temporary copy of the repository (see bench/noop_repro.py: no data, models, mlruns, .git, DVC cache; git init
@@ -11,8 +11,9 @@ random frozen backbone on the built-in sample, so the costs are what this measur
     model.trainable_from null (frozen backbone: tune and train fit heads on cached features)
     tune.n_trials 20·s (>= 2), tune.epochs 20·s (>= 1), tune.objective clean
     train.epochs 60·s (>= 1), train.patience 8·s (>= 1), train.batch_size 256
-    advtrain.epochs 1 (one pass over the whole train split; the whole net trains, as in params.yaml)
-    evaluate: params.yaml (FGSM at epsilon 8, the PGD diagnostic, robustness curve over evaluate.epsilons)
+    advtrain, evaluate, inference: params.yaml (PGD-3 adversarial training of the whole net, advtrain.epochs over
+    advtrain.images_per_epoch images each, scored on advtrain.val_images; FGSM at epsilon 8 on every test image, the
+    PGD-10 diagnostic on evaluate.diagnostic_images, the robustness curve on evaluate.curve_images)
 
 each stage runs on its own, in pipeline order, as ``/usr/bin/time -v dvc repro -s <stage>``: one JSON line per
 stage (wall time, CPU, peak RSS: the largest single process of the stage, DVC or the stage script; and, through a
@@ -49,7 +50,6 @@ def scaled_params(s: float) -> dict[tuple[str, ...], object]:
         ("train", "epochs"): max(1, round(60 * s)),
         ("train", "patience"): max(1, round(8 * s)),
         ("train", "batch_size"): 256,
-        ("advtrain", "epochs"): 1,
     }
 
 

@@ -2,10 +2,15 @@
 
     python bench/openvino.py                     # 4,096 images, batch 256 (a few minutes on 2 cores)
     python bench/openvino.py --images 1024       # quicker
+    python bench/openvino.py --trained           # also bf16 vs f32 labels of the trained models on the test split
 
-Needs ``pip install openvino==2026.4.1`` (not a project dependency). OpenVINO's converter sends telemetry unless a
-consent file says no or it believes it runs in CI; there is no dedicated switch, so this script sets ``CI=true`` in
-its own environment before importing openvino (its converter then declines telemetry; nothing else here reads CI).
+OpenVINO (2026.4.1) is a project dependency since the pipeline's inference passes run on it
+(``pipeline.inference``). Its converter sends telemetry unless a consent file says no or it believes it runs in
+CI; this script sets ``CI=true`` in its own environment before importing openvino, as ``pipeline.inference`` does
+around each conversion.
+
+Three paths, side by side: TensorFlow (the compiled function), OpenVINO as a peer would use it (SavedModel export,
+fixed batch, ``AsyncInferQueue``), and the project's own ``pipeline.inference.runner`` (below).
 
 What it measures, all in one process, on N seeded random uint8 32x32x3 images (``pipeline.model.to_unit`` per
 batch, as the pipeline does):
@@ -108,6 +113,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trained", action="store_true",
+                        help="also bf16 vs f32 labels of the trained models (models/) on the whole test split")
     args = parser.parse_args()
 
     import openvino as ov
@@ -190,6 +197,50 @@ def main() -> None:
                  path="ov.AsyncInferQueue(core.compile_model(convert_model(SavedModel)), THROUGHPUT)",
                  **agree, **common)
             del compiled
+
+    # The project's own path: pipeline.inference (in-memory conversion of the traced graph, dynamic batch,
+    # requests waited on in the calling thread), as every stage runs it.
+    from pipeline import inference
+
+    for precision in ("f32", "bf16"):
+        engine = config.Inference(engine="openvino", precision=precision)
+        for name, m in models.items():
+            setup_s, runner = timed(lambda: inference.runner(m, engine))  # noqa: B023
+            warm_s, _ = timed(lambda: runner(x[:args.batch], args.batch))  # noqa: B023
+            load = loadavg()
+            secs = repeat(lambda: runner(x, args.batch), args.repeats, warmup=0)  # noqa: B023
+            out = runner(x, args.batch)
+            ips = args.images / statistics.median(secs)
+            agree = errors(out, tf_out[name])
+            if name == "full":
+                agree |= labels(out[:, 0], tf_out[name][:, 0])
+            emit("inference", load, engine="pipeline.inference (openvino)", precision=precision, model=name,
+                 images_per_s=round(ips, 1), ratio_to_tf_f32=round(ips / tf_ips[name], 3), **summary(secs),
+                 setup_s=round(setup_s, 2), first_batch_s=round(warm_s, 2), infer_requests=runner.requests,
+                 path="inference.runner(m, Inference(engine=openvino))", **agree, **common)
+    if args.trained:
+        trained_agreement(args.batch)
+
+
+def trained_agreement(batch: int) -> None:
+    """bf16 against f32 on the trained models of the last `dvc repro`, over the whole test split: the share of
+    test images whose label (at each model's own threshold) is the same."""
+    from pipeline import config, inference, predicting
+    from pipeline.data import load_split
+
+    params = config.load(ROOT / "params.yaml")
+    test = load_split(ROOT / params.paths.processed, "test")
+    for path in (params.paths.model_adv, params.paths.model):
+        model, threshold = predicting.load_with_threshold(str(ROOT / path))
+        threshold = 0.5 if threshold is None else threshold
+        p = {prec: inference.predict_proba(model, test.x, config.Inference(engine="openvino", precision=prec), batch)
+             for prec in ("f32", "bf16")}
+        p_tf = inference.predict_proba(model, test.x, config.Inference(engine="tensorflow"), batch)
+        emit("bf16_labels_trained", None, model=str(path), images=len(test.x), threshold=threshold,
+             label_agreement_bf16_vs_f32=round(float(np.mean((p["bf16"] >= threshold) == (p["f32"] >= threshold))), 5),
+             label_agreement_f32_vs_tf=round(float(np.mean((p["f32"] >= threshold) == (p_tf >= threshold))), 5),
+             max_abs_err_bf16=float(f"{np.abs(p['bf16'] - p['f32']).max():.3g}"),
+             max_abs_err_f32_vs_tf=float(f"{np.abs(p['f32'] - p_tf).max():.3g}"))
 
 
 if __name__ == "__main__":

@@ -46,14 +46,14 @@ def main() -> None:
     import tensorflow as tf
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-    from pipeline import config, evaluation, metrics, sample
+    from pipeline import config, metrics, sample
     from pipeline import model as modellib
     from pipeline.attacks import Attacker, to_uint8
-    from pipeline.data import load_split
+    from pipeline.data import load_split, stratified_subset
 
     params = config.load(ROOT / "params.yaml")
     test = load_split(params.paths.processed, "test")
-    idx = evaluation.curve_subset(test.y, args.images, params.base.seed)
+    idx = stratified_subset(test.y, args.images, params.base.seed)
     x_u8, y = np.asarray(test.x[idx]), test.y[idx].astype(int)
     x0 = tf.constant(x_u8.astype(np.float32) / 255.0)
     sign = tf.constant((2.0 * y - 1.0).astype(np.float32)[:, None])

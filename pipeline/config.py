@@ -204,6 +204,9 @@ class Tune(Section):
     storage: str = Field(min_length=1)
     heartbeat: Heartbeat = Heartbeat()
     pruner: Literal["median", "none"]
+    # A trial stops once validation loss has not improved for this many epochs (its best epoch counts): the head
+    # converges in a few epochs, and a converged trial learns nothing from the rest. null: all tune.epochs.
+    patience: PositiveInt | None = None
 
     @field_validator("dropout")
     @classmethod
@@ -233,6 +236,11 @@ class AdvTrain(Section):
     learning_rate: Annotated[float, Field(gt=0.0)]
     batch_size: PositiveInt
     trainable_from: str | None = None
+    # Training images per epoch, a fresh seeded draw each epoch (null: all of them): bounds the cost at CIFAKE size.
+    images_per_epoch: PositiveInt | None = None
+    # Validation images that score each epoch (clean and attacked) and set the threshold: a seeded, stratified
+    # subset (null: all of them).
+    val_images: PositiveInt | None = None
 
 
 class Weights(Section):
@@ -251,6 +259,7 @@ class Evaluate(Section):
     diagnostic: Attack  # a second, stronger attack (PGD) beside the mission's: gradient masking shows up here
     epsilons: list[Epsilon255] = Field(min_length=1)
     curve_images: PositiveInt | None = None  # robustness curve on a stratified subset; null: every test image
+    diagnostic_images: PositiveInt | None = None  # the diagnostic attack likewise
     weights: Weights
     measure: Literal["balanced_accuracy", "macro_f1"]  # what robust_score weights: counts both classes
     bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples for the 95 % intervals; 0: none
@@ -260,6 +269,11 @@ class Evaluate(Section):
 class Threshold(Section):
     rule: Literal["criterion", "fixed"]
     fixed: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class Inference(Section):
+    engine: Literal["auto", "openvino", "tensorflow"] = "auto"
+    precision: Literal["f32", "bf16"] = "f32"  # OpenVINO's inference precision
 
 
 class Predict(Section):
@@ -285,6 +299,7 @@ class Params(Section):
     advtrain: AdvTrain
     evaluate: Evaluate
     threshold: Threshold
+    inference: Inference = Inference()
     predict: Predict
     mlflow: Mlflow
 

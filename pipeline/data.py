@@ -99,6 +99,16 @@ def _list_raw(raw: Path) -> dict[str, _Listing]:
     return out
 
 
+def stratified_subset(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified subset of ``n`` images (all of them when ``n`` is None)."""
+    if n is None or n >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    share = n / len(y)
+    parts = [rng.permutation(np.flatnonzero(y == c))[: max(1, round(share * (y == c).sum()))] for c in np.unique(y)]
+    return np.sort(np.concatenate(parts))
+
+
 def stratified_val_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the validation share, drawn per class with a seeded permutation.
 

@@ -19,9 +19,9 @@ import keras
 import numpy as np
 from PIL import Image
 
-from pipeline import config, filetree, metrics, registry
+from pipeline import config, filetree, inference, metrics, registry
 from pipeline.attacks import Attacker, to_uint8
-from pipeline.model import batched, forward_fn
+from pipeline.data import stratified_subset
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Result:
     weighted_f1: float
     robust_score: float
     curve: list[dict] = field(default_factory=list)  # F1 and balanced accuracy per epsilon
+    diagnosed: np.ndarray | None = None  # indices of the images the diagnostic attack ran on (p_diagnostic's order)
 
     @property
     def clean(self) -> dict[str, float]:
@@ -56,28 +57,39 @@ class Result:
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
-             threshold: float = 0.5, name: str = "model") -> Result:
+             threshold: float = 0.5, name: str = "model", engine: config.Inference = inference.AUTO) -> Result:
     """Clean, mission-attacked and diagnostic-attacked metrics, the weighted F1, the robust score, and the curve
-    along ``cfg.epsilons`` (the mission's attack kind)."""
-    fn = forward_fn(model)
+    along ``cfg.epsilons`` (the mission's attack kind). Attacks need TensorFlow's gradients; every forward pass
+    runs on the inference ``engine``.
+
+    The diagnostic attack (PGD: ``steps`` gradient passes an image) runs on a seeded, stratified subset of
+    ``cfg.diagnostic_images`` (all images when null), and so do the figures built on it: ``diagnostic``, ``worst``
+    and ``robust_score`` (both its terms, so that they count the same images)."""
+    forward = inference.runner(model, engine)
     bs = cfg.batch_size
 
     def bar(text: str) -> str | None:  # progress bars on a terminal only, not in logs
         return f"{name}: {text}" if sys.stderr.isatty() else None
 
-    p_clean = batched(fn, x, bs, progress=bar("clean"))[:, 0]
+    def p_fake(images: np.ndarray, text: str | None = None) -> np.ndarray:
+        return forward(images, bs, bar(text) if text else None)[:, 0]
+
+    p_clean = p_fake(x, "clean")
     attacker = Attacker(model, cfg.attack, seed)
     x_adv = to_uint8(attacker.perturb(x, y, bs, progress=bar(cfg.attack.describe())))
-    p_adv = batched(fn, x_adv, bs)[:, 0]
+    p_adv = p_fake(x_adv)
+    sub = stratified_subset(y, cfg.diagnostic_images, seed)
     diagnostic = Attacker(model, cfg.diagnostic, seed)
-    p_diag = batched(fn, to_uint8(diagnostic.perturb(x, y, bs, progress=bar(cfg.diagnostic.describe()))), bs)[:, 0]
-    p_worst = metrics.worst_case(y, p_adv, p_diag)
-    sets = {k: metrics.classification(y, p, threshold) for k, p in
-            (("clean", p_clean), ("adversarial", p_adv), ("diagnostic", p_diag), ("worst", p_worst))}
-    headline = metrics.scores(y, p_clean, p_adv, cfg, threshold, p_robust=p_worst)
+    p_diag = p_fake(to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe()))))
+    p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag)
+    sets = {k: metrics.classification(labels, p, threshold) for k, labels, p in
+            (("clean", y, p_clean), ("adversarial", y, p_adv), ("diagnostic", y[sub], p_diag),
+             ("worst", y[sub], p_worst))}
+    headline = metrics.scores(y, p_clean, p_adv, cfg, threshold)
+    robust = metrics.robust_score(y[sub], p_clean[sub], p_worst, cfg.weights, cfg.measure, threshold)
 
     # The curve is on a seeded subset (all images when curve_images is null): it needs an attack pass per epsilon.
-    idx = curve_subset(y, cfg.curve_images, seed)
+    idx = stratified_subset(y, cfg.curve_images, seed)
     others = [e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)]
     attacked = attacker.sweep(x[idx], y[idx], others, bs, progress=bar("robustness curve")) if others else {}
     curve = []
@@ -87,14 +99,14 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         elif eps == cfg.attack.epsilon:
             p = p_adv[idx]
         else:
-            p = batched(fn, attacked.pop(eps), bs)[:, 0]
+            p = p_fake(attacked.pop(eps))
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
-    return Result(p_clean, x_adv, p_adv, p_diag, sets, headline["weighted_f1"], headline["robust_score"], curve)
+    return Result(p_clean, x_adv, p_adv, p_diag, sets, headline["weighted_f1"], robust, curve, sub)
 
 
 def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
-            threshold_rule: Any) -> registry.Standing:
+            threshold_rule: Any, engine: config.Inference = inference.AUTO) -> registry.Standing:
     """A registered version's scores under this protocol, attacked white-box against itself and judged at its own
     stored threshold (0.5 for a version that stored none): what the champion rule needs when the champion's stored
     scores come from another protocol."""
@@ -102,18 +114,20 @@ def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.E
 
     model, stored = load_with_threshold(f"models:/{name}/{version}")
     threshold = choose_threshold(None, stored, 0.5)
-    result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}")
+    result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}", engine)
     return registry.Standing(str(version), result.robust_score, result.weighted_f1,
                              protocol_id(protocol(cfg, x, y, seed, threshold_rule)))
 
 
 def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, threshold: float) -> dict:
-    """Seeded bootstrap 95 % intervals of the headline figures (empty when ``cfg.bootstrap`` is 0)."""
+    """Seeded bootstrap 95 % intervals of the headline figures (empty when ``cfg.bootstrap`` is 0); robust_score's
+    over the images the diagnostic attack ran on, as the score itself."""
     if not cfg.bootstrap:
         return {}
-    p_worst = metrics.worst_case(y, result.p_adv, result.p_diagnostic)
+    sub = np.arange(len(y)) if result.diagnosed is None else result.diagnosed
+    p_worst = metrics.worst_case(y[sub], result.p_adv[sub], result.p_diagnostic)
     return metrics.bootstrap_ci(y, result.p_clean, result.p_adv, p_worst, cfg.weights, cfg.measure, threshold,
-                                cfg.bootstrap, seed)
+                                cfg.bootstrap, seed, worst_index=sub)
 
 
 def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, threshold: Any) -> dict:
@@ -122,22 +136,13 @@ def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, thre
     h = hashlib.sha256(np.ascontiguousarray(x).tobytes())
     h.update(np.asarray(y, np.uint8).tobytes())
     return {"attack": cfg.attack.model_dump(mode="json"), "diagnostic": cfg.diagnostic.model_dump(mode="json"),
+            "diagnostic_images": cfg.diagnostic_images,
             "test_sha256": h.hexdigest()[:16], "weights": cfg.weights.model_dump(mode="json"),
             "measure": cfg.measure, "threshold": threshold, "seed": seed}
 
 
 def protocol_id(proto: dict) -> str:
     return hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def curve_subset(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded, class-stratified subset of ``n`` images (all of them when ``n`` is None)."""
-    if n is None or n >= len(y):
-        return np.arange(len(y))
-    rng = np.random.default_rng(seed)
-    share = n / len(y)
-    parts = [rng.permutation(np.flatnonzero(y == c))[: max(1, round(share * (y == c).sum()))] for c in np.unique(y)]
-    return np.sort(np.concatenate(parts))
 
 
 def write_png_set(x: np.ndarray, names: list[str], target: Path) -> None:

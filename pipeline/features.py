@@ -16,9 +16,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import config, provenance
+from pipeline import config, inference, provenance
 from pipeline.io import atomic_path
-from pipeline.model import batched, feature_extractor, forward_fn
+from pipeline.model import feature_extractor
 
 log = logging.getLogger(__name__)
 KEEP = 2  # entries per split: the current setting and one other (e.g. two dvc exp branches in turn)
@@ -30,39 +30,41 @@ def _file_digest(path: Path, h: hashlib._Hash) -> None:
             h.update(chunk)
 
 
-def cache_key(x_file: Path, cfg: config.Model, seed: int) -> str:
+def cache_key(x_file: Path, cfg: config.Model, seed: int, engine: config.Inference = inference.AUTO) -> str:
     import tensorflow as tf
 
     h = hashlib.sha256()
     _file_digest(x_file, h)
     # The seed matters with weights: none, where the backbone's random weights come from it.
     h.update(f"|{cfg.weights}|{cfg.image_size}|{cfg.precision}|{seed}|{keras.__version__}|{tf.__version__}".encode())
-    h.update(f"|{provenance.code_digest('pipeline.model')}|".encode())
+    h.update(f"|{inference.describe(engine)}|{inference.engine_version(engine)}|".encode())
+    h.update(f"|{provenance.code_digest('pipeline.inference')}|".encode())
     h.update(Path(__file__).read_bytes())
     if cfg.weights not in ("imagenet", "none"):
         _file_digest(Path(cfg.weights), h)
     return h.hexdigest()[:20]
 
 
-def extract(model: keras.Model, x: np.ndarray, batch_size: int, desc: str = "features") -> np.ndarray:
-    """Pooled backbone features (N×2048 float32) for uint8 images, through one compiled forward pass."""
-    return batched(forward_fn(feature_extractor(model)), x, batch_size, progress=desc)
+def extract(model: keras.Model, x: np.ndarray, batch_size: int, desc: str = "features",
+            engine: config.Inference = inference.AUTO) -> np.ndarray:
+    """Pooled backbone features (N×2048 float32) for uint8 images, through the inference engine."""
+    return inference.runner(feature_extractor(model), engine)(x, batch_size, progress=desc)
 
 
 def cached(model: keras.Model, x: np.ndarray, x_file: Path, cfg: config.Model, seed: int, cache_dir: Path,
-           name: str) -> np.ndarray:
+           name: str, engine: config.Inference = inference.AUTO) -> np.ndarray:
     """Features of ``x`` (read from ``x_file``), from ``cache_dir`` when a run with the same inputs made them.
 
     ``model`` must have been built from ``cfg`` and ``seed`` (see :func:`pipeline.model.build_model`).
     """
-    target = Path(cache_dir) / f"{name}-{cache_key(Path(x_file), cfg, seed)}.npy"
+    target = Path(cache_dir) / f"{name}-{cache_key(Path(x_file), cfg, seed, engine)}.npy"
     if target.is_file():
         feats = np.load(target, mmap_mode="r")
         if feats.shape == (len(x), model.get_layer("gap").output.shape[-1]):
             log.info("features: cache hit %s", target)
             os.utime(target)  # recently used: pruning keeps the newest
             return np.asarray(feats)
-    feats = extract(model, x, cfg.batch_size, desc=f"features {name}")
+    feats = extract(model, x, cfg.batch_size, desc=f"features {name}", engine=engine)
     with atomic_path(target) as tmp:
         np.save(tmp, feats)
     log.info("features: wrote %s %s", target, feats.shape)
@@ -88,7 +90,8 @@ def for_head(model: keras.Model, params: config.Params) -> "Arrays":  # noqa: F8
     for name in ("train", "val"):
         split = load_split(params.paths.processed, name)
         x_file = Path(params.paths.processed) / name / "x.npy"
-        feats = cached(model, split.x, x_file, params.model, params.base.seed, params.paths.features_cache, name)
+        feats = cached(model, split.x, x_file, params.model, params.base.seed, params.paths.features_cache, name,
+                       params.inference)
         out[name] = (feats, split.y)
     return Arrays(out["train"][0], out["train"][1], out["val"][0], out["val"][1])
 

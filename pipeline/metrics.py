@@ -129,22 +129,29 @@ def reference(y: np.ndarray, weights: config.Weights, measure_name: str = "balan
 
 def bootstrap_ci(y: np.ndarray, p_clean: np.ndarray, p_adversarial: np.ndarray, p_worst: np.ndarray,
                  weights: config.Weights, measure_name: str = "balanced_accuracy", threshold: float = 0.5,
-                 n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
+                 n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                 worst_index: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """Seeded percentile-bootstrap intervals (test images resampled with replacement) for the headline figures:
     ``weighted_f1`` (clean + ``p_adversarial``), ``robust_score`` (clean + ``p_worst``) and the balanced accuracy
-    of each set. Two runs whose intervals overlap widely are not shown to differ by this test set."""
+    of each set. ``p_worst`` may cover only the images ``worst_index`` (a diagnostic attack run on a subset): then
+    robust_score is resampled over those images alone, as it is computed. Two runs whose intervals overlap widely
+    are not shown to differ by this test set."""
     y = np.asarray(y).astype(bool)
+    sub = np.arange(len(y)) if worst_index is None else np.asarray(worst_index)
     rng = np.random.default_rng(seed)
-    preds = {"clean": np.asarray(p_clean) >= threshold, "adversarial": np.asarray(p_adversarial) >= threshold,
-             "worst": np.asarray(p_worst) >= threshold}
+    preds = {"clean": np.asarray(p_clean) >= threshold, "adversarial": np.asarray(p_adversarial) >= threshold}
+    robust_preds = {"clean": preds["clean"][sub], "worst": np.asarray(p_worst) >= threshold}
     draws: dict[str, list[np.ndarray]] = {k: [] for k in ("weighted_f1", "robust_score", "clean_balanced_accuracy",
                                                          "adversarial_balanced_accuracy")}
     for start in range(0, n_resamples, 100):  # 100 resamples at a time keeps the index matrix small
-        idx = rng.integers(0, len(y), (min(100, n_resamples - start), len(y)))
+        size = min(100, n_resamples - start)
+        idx = rng.integers(0, len(y), (size, len(y)))
         s = {k: _from_counts(*_counts(y, p, idx)) for k, p in preds.items()}
+        idx_sub = idx if worst_index is None else rng.integers(0, len(sub), (size, len(sub)))
+        r = {k: _from_counts(*_counts(y[sub], p, idx_sub)) for k, p in robust_preds.items()}
         draws["weighted_f1"].append(weights.clean * s["clean"]["f1"] + weights.adversarial * s["adversarial"]["f1"])
-        draws["robust_score"].append(weights.clean * s["clean"][measure_name]
-                                     + weights.adversarial * s["worst"][measure_name])
+        draws["robust_score"].append(weights.clean * r["clean"][measure_name]
+                                     + weights.adversarial * r["worst"][measure_name])
         draws["clean_balanced_accuracy"].append(s["clean"]["balanced_accuracy"])
         draws["adversarial_balanced_accuracy"].append(s["adversarial"]["balanced_accuracy"])
     tail = 100 * (1 - level) / 2
@@ -155,6 +162,13 @@ def bootstrap_ci(y: np.ndarray, p_clean: np.ndarray, p_adversarial: np.ndarray, 
 def brier(y_true: np.ndarray, p_fake: np.ndarray) -> float:
     """Mean squared error of P(FAKE) against the label: 0 is perfect, 0.25 a constant 0.5."""
     return float(np.mean((np.asarray(p_fake, np.float64) - np.asarray(y_true, np.float64)) ** 2))
+
+
+def log_loss(y_true: np.ndarray, p_fake: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy, with P(FAKE) clipped to [eps, 1 - eps] as Keras's loss clips it."""
+    p = np.clip(np.asarray(p_fake, np.float64), eps, 1 - eps)
+    y = np.asarray(y_true, np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p))) if len(y) else float("nan")
 
 
 def reliability(y_true: np.ndarray, p_fake: np.ndarray, bins: int = 10) -> list[dict[str, float]]:

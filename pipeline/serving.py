@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,21 +24,26 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from pipeline import images
+from pipeline import config, images
 from pipeline.predicting import LABELS
 
 KERAS_ARTIFACT, SETTINGS_ARTIFACT = "keras_model", "settings"
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
+    # The inference engine: auto (OpenVINO on a CPU, TensorFlow on a GPU) unless the serving process's environment
+    # names one in CIFAKE_INFERENCE_ENGINE (openvino | tensorflow).
+    engine = config.Inference()
+
     def load_context(self, context) -> None:
         from pipeline import model as modellib
 
         self.model = modellib.load(context.artifacts[KERAS_ARTIFACT])
         self.settings = json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text())
+        self.engine = config.Inference(engine=os.environ.get("CIFAKE_INFERENCE_ENGINE") or "auto")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from pipeline.model import predict_proba
+        from pipeline.inference import predict_proba
 
         threshold = float((params or {}).get("threshold") or self.settings["threshold"])
         rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else list(model_input)
@@ -52,7 +58,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         read = [i for i, x in enumerate(pixels) if x is not None]
         p: list[float | None] = [None] * len(rows)
         if read:
-            for i, v in zip(read, predict_proba(self.model, np.stack([pixels[i] for i in read]))):
+            for i, v in zip(read, predict_proba(self.model, np.stack([pixels[i] for i in read]), self.engine)):
                 p[i] = float(v)
         # object columns: a row that failed answers null (pandas' own string and float columns would say NaN, which
         # strict JSON parsers reject)
@@ -120,7 +126,7 @@ def log_version(model_path: str | Path, settings: dict, name: str, registered_na
     import pipeline
 
     requirements = []  # stated, not inferred: inference loads the model in a subprocess (slow) and then guesses
-    for dist in ("tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "tqdm"):
+    for dist in ("tensorflow-cpu", "keras", "numpy", "openvino", "pandas", "pillow", "pydantic", "pyyaml", "tqdm"):
         try:
             requirements.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:  # tensorflow (a GPU install) instead of tensorflow-cpu

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -28,8 +29,9 @@ class Arrays:
 
 
 class ValidationScores(keras.callbacks.Callback):
-    """Adds ``val_f1`` (FAKE positive), ``val_balanced_accuracy`` and ``val_macro_f1`` to each epoch's logs, for
-    pruning and MLflow."""
+    """Adds ``val_loss`` (cross-entropy, plus the model's regularisation as Keras counts it), ``val_f1`` (FAKE
+    positive), ``val_balanced_accuracy`` and ``val_macro_f1`` to each epoch's logs, for early stopping, pruning
+    and MLflow: one compiled forward pass over the validation set, not one per consumer."""
 
     def __init__(self, x_val: np.ndarray, y_val: np.ndarray, batch_size: int):
         super().__init__()
@@ -38,12 +40,12 @@ class ValidationScores(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self._fn is None:
-            # A head on features is cheap eagerly; a whole ResNet50 is worth one compiled function.
-            on_images = len(self.model.input_shape) == 4
-            self._fn = forward_fn(self.model) if on_images else (lambda x: self.model(x, training=False))
+            self._fn = forward_fn(self.model)
         p = batched(self._fn, self.x_val, self.batch_size)[:, 0] if len(self.x_val) else np.zeros(0)
         if logs is not None:
             scores = metrics.classification(self.y_val, p)
+            logs["val_loss"] = metrics.log_loss(self.y_val, p) + sum(float(v) for v in self.model.losses)
+            logs["val_accuracy"] = scores["accuracy"]
             logs.update({f"val_{k}": scores[k] for k in ("f1", *metrics.MEASURES)})
 
 
@@ -61,11 +63,12 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         mlflow.log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=epoch)
 
 
-def _compile(model: keras.Model, learning_rate: float) -> None:
+def _compile(model: keras.Model, learning_rate: float, steps_per_execution: int = 1) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -73,25 +76,34 @@ def early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
     return keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
 
 
+# Head steps per compiled call: a head step on cached features is a millisecond of arithmetic, so Keras's per-step
+# Python dispatch would cost as much as the step itself (bench/head_fit.py).
+HEAD_STEPS_PER_CALL = 64
+
+
 def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epochs: int, batch_size: int,
              callbacks: list[keras.callbacks.Callback] = (), verbose: int = 0) -> tuple[keras.Model, dict]:
-    """Train a fresh head on cached features. Returns the head (features -> logit) and the Keras history."""
+    """Train a fresh head on cached features. Returns the head (features -> logit) and the Keras history.
+
+    Validation runs once per epoch, in :class:`ValidationScores` (which also gives ``val_loss``), ahead of the
+    other callbacks."""
     head = build_head(dropout, l2)
     clf = head_classifier(head)
-    _compile(clf, learning_rate)
+    _compile(clf, learning_rate, max(1, min(HEAD_STEPS_PER_CALL, math.ceil(len(data.x_train) / batch_size))))
     history = clf.fit(
-        data.x_train, data.y_train.astype("float32"), validation_data=(data.x_val, data.y_val.astype("float32")),
-        epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose,
-        callbacks=[ValidationScores(data.x_val, data.y_val, 4096), *callbacks],
+        data.x_train, data.y_train.astype("float32"), epochs=epochs, batch_size=batch_size, shuffle=True,
+        verbose=verbose, callbacks=[ValidationScores(data.x_val, data.y_val, 4096), *callbacks],
     )
     return head, history.history
 
 
-def image_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
-    """uint8 images (possibly a memmap) -> batches of [0, 1] floats, converted per batch, not up front."""
-    index = tf.data.Dataset.range(len(x))
+def image_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
+                  pick: np.ndarray | None = None) -> tf.data.Dataset:
+    """uint8 images (possibly a memmap) -> batches of [0, 1] floats, converted per batch, not up front; only the
+    images ``pick`` (indices) when given."""
+    index = tf.data.Dataset.range(len(x)) if pick is None else tf.data.Dataset.from_tensor_slices(pick.astype(np.int64))
     if shuffle:
-        index = index.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        index = index.shuffle(len(x) if pick is None else len(pick), seed=seed, reshuffle_each_iteration=True)
 
     def load(i):
         i = np.asarray(i)
@@ -109,28 +121,37 @@ def fit_model(model: keras.Model, data: Arrays, learning_rate: float, epochs: in
     _compile(model, learning_rate)
     history = model.fit(
         image_dataset(data.x_train, data.y_train, batch_size, True, seed),
-        validation_data=image_dataset(data.x_val, data.y_val, batch_size, False, seed),
         epochs=epochs, verbose=verbose, shuffle=False,  # the dataset reshuffles itself each epoch
         callbacks=[ValidationScores(data.x_val, data.y_val, batch_size), *callbacks],
     )
     return history.history
 
 
+class FineTuned(NamedTuple):
+    history: list[dict]  # one row per epoch, epoch 0 (the incoming model) first
+    kept: int  # the epoch whose weights the model holds
+    # P(FAKE) of the kept model on the validation images, clean and attacked (None for an epoch 0 scored by the
+    # caller's ``before``): what its threshold is chosen from, without attacking validation again.
+    p_val: tuple[np.ndarray, np.ndarray] | None
+
+
 def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain, evaluate: config.Evaluate,
                          seed: int, on_epoch_end=None, before: dict[str, float] | None = None,
-                         attacker: Attacker | None = None) -> tuple[list[dict], int]:
+                         attacker: Attacker | None = None) -> FineTuned:
     """Adversarial training (Madry et al. 2018 with PGD, the default; FGSM also offered): a share ``adv_ratio`` of
     each batch is replaced by its adversarial version, made on the fly against the current weights. One compiled
-    step per batch: attack, then update.
+    step per batch: attack, then update. Each epoch trains on ``cfg.images_per_epoch`` images (a fresh seeded
+    draw; all of them when null).
 
     The model keeps the weights of the epoch with the best validation :func:`metrics.robust_score` (clean and
     attacked with ``cfg.attack``). The incoming model is epoch 0 (its scores are measured unless ``before`` gives
     them), so a fine-tune that only hurts changes nothing, and a model that answers FAKE to every attacked image
-    cannot win (it scores 0.5). Returns one row per epoch, epoch 0 first (``loss`` None there), and the kept epoch.
-    ``on_epoch_end(epoch, row)`` is called for epochs 1 onward."""
+    cannot win (it scores 0.5). ``on_epoch_end(epoch, row)`` is called for epochs 1 onward."""
     attacker = attacker or Attacker(model, cfg.attack, seed)
+    p_val = None
     if before is None:
-        before = validation_scores(model, attacker, data.x_val, data.y_val, cfg.batch_size, evaluate)
+        p_val = validation_probabilities(model, attacker, data.x_val, data.y_val, cfg.batch_size)
+        before = _scores(data.y_val, p_val, evaluate)
     optimizer = keras.optimizers.Adam(cfg.learning_rate)
     loss_fn = keras.losses.BinaryCrossentropy()
     trainable = model.trainable_variables
@@ -153,46 +174,54 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
 
     history, best_epoch, best_score = [{"loss": None, **before}], 0, before["val_robust_score"]
     best_weights = model.get_weights()  # all of them: the head's BatchNormalization statistics move too
+    n_train = len(data.x_train) if cfg.images_per_epoch is None else min(cfg.images_per_epoch, len(data.x_train))
     for epoch in range(cfg.epochs):
         losses = []
-        batches = image_dataset(data.x_train, data.y_train, cfg.batch_size, True, seed + epoch)
-        n = math.ceil(len(data.x_train) / cfg.batch_size)
+        pick = None
+        if n_train < len(data.x_train):
+            pick = np.random.default_rng(seed + epoch).choice(len(data.x_train), n_train, replace=False)
+        batches = image_dataset(data.x_train, data.y_train, cfg.batch_size, True, seed + epoch, pick)
+        n = math.ceil(n_train / cfg.batch_size)
         for x, y in tqdm(batches, total=n, desc=f"advtrain epoch {epoch + 1}/{cfg.epochs}", leave=False):
             losses.append(float(step(x, y)))
-        row = {"loss": float(np.mean(losses)) if losses else float("nan"),
-               **validation_scores(model, attacker, data.x_val, data.y_val, cfg.batch_size, evaluate)}
+        p_epoch = validation_probabilities(model, attacker, data.x_val, data.y_val, cfg.batch_size)
+        row = {"loss": float(np.mean(losses)) if losses else float("nan"), **_scores(data.y_val, p_epoch, evaluate)}
         log.info("advtrain epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
         history.append(row)
         if row["val_robust_score"] > best_score:
-            best_epoch, best_score = epoch + 1, row["val_robust_score"]
+            best_epoch, best_score, p_val = epoch + 1, row["val_robust_score"], p_epoch
             best_weights = model.get_weights()
         if on_epoch_end:
             on_epoch_end(epoch + 1, row)
     model.set_weights(best_weights)
-    return history, best_epoch
+    return FineTuned(history, best_epoch, p_val)
 
 
-def calibrated_threshold(model: keras.Model, x: np.ndarray, y: np.ndarray, rule: config.Threshold,
-                         evaluate: config.Evaluate, batch_size: int, attacker: Attacker | None = None) -> float:
-    """The model's decision threshold by ``rule`` on validation images: clean, and attacked by ``attacker`` when
-    given (:func:`metrics.best_threshold`, the selection rule), else ``rule.fixed``."""
+def choose_threshold(rule: config.Threshold, evaluate: config.Evaluate, y: np.ndarray, p_clean: np.ndarray,
+                     p_attacked: np.ndarray | None = None) -> float:
+    """A model's decision threshold by ``rule`` from its validation P(FAKE): clean, and attacked when given
+    (:func:`metrics.best_threshold`, the selection rule), else ``rule.fixed``."""
     if rule.rule == "fixed":
         return rule.fixed
+    return metrics.best_threshold(y, p_clean, p_attacked, evaluate.weights, evaluate.measure)
+
+
+def validation_probabilities(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray,
+                             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """P(FAKE) on validation images, clean and attacked (8-bit rounded, as saved)."""
     from pipeline.attacks import to_uint8
 
     fn = forward_fn(model)
-    p_clean = batched(fn, x, batch_size)[:, 0]
-    p_adv = None if attacker is None else batched(fn, to_uint8(attacker.perturb(x, y, batch_size)), batch_size)[:, 0]
-    return metrics.best_threshold(y, p_clean, p_adv, evaluate.weights, evaluate.measure)
+    return (batched(fn, x, batch_size)[:, 0],
+            batched(fn, to_uint8(attacker.perturb(x, y, batch_size)), batch_size)[:, 0])
+
+
+def _scores(y: np.ndarray, p: tuple[np.ndarray, np.ndarray], evaluate: config.Evaluate) -> dict[str, float]:
+    return {f"val_{k}": v for k, v in metrics.scores(y, *p, evaluate).items()}
 
 
 def validation_scores(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray, batch_size: int,
                       evaluate: config.Evaluate) -> dict[str, float]:
     """Validation scores, clean and attacked (8-bit rounded, as saved): F1, the class-balanced measure, the
     mission's weighted F1 and the selection rule :func:`metrics.robust_score`."""
-    from pipeline.attacks import to_uint8
-
-    fn = forward_fn(model)
-    p_clean = batched(fn, x, batch_size)[:, 0]
-    p_adv = batched(fn, to_uint8(attacker.perturb(x, y, batch_size)), batch_size)[:, 0]
-    return {f"val_{k}": v for k, v in metrics.scores(y, p_clean, p_adv, evaluate).items()}
+    return _scores(y, validation_probabilities(model, attacker, x, y, batch_size), evaluate)

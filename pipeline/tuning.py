@@ -25,7 +25,7 @@ from pipeline.attacks import Attacker, to_uint8
 from pipeline.errors import TuneError
 from pipeline.model import assemble, batched, build_head, build_model, forward_fn, head_classifier
 from pipeline.tracking import process_alive
-from pipeline.training import Arrays, MlflowEpochLogger, fit_head, fit_model
+from pipeline.training import Arrays, MlflowEpochLogger, early_stopping, fit_head, fit_model
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -149,6 +149,8 @@ class Objective:
         t, m = self.params.tune, self.params.model
         hp = suggest(trial, t)
         callbacks = [PruneOnValidation(trial, self.params.evaluate.measure), MlflowEpochLogger()]
+        if t.patience:  # after the pruner: a trial that stops early has reported its last epoch first
+            callbacks.append(early_stopping(t.patience))
         tags = {"stage": "tune", "optuna.trial": str(trial.number), "worker": WORKER}
         if self.parent_run_id:  # a worker process: nest under the coordinator's run by its id
             tags["mlflow.parentRunId"] = self.parent_run_id

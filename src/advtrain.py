@@ -3,8 +3,7 @@ default), generated on the fly against the current weights; keeps the epoch with
 saves, logs and registers the result."""
 from pipeline import cli, reporting, serving, tracking, training
 from pipeline import model as modellib
-from pipeline.attacks import Attacker
-from pipeline.data import load_split
+from pipeline.data import load_split, stratified_subset
 from pipeline.io import write_json
 
 
@@ -20,15 +19,14 @@ def main() -> None:
         model = modellib.load(params.paths.model)
         modellib.set_trainable(modellib.backbone_of(model), cfg.trainable_from)
         train, val = (load_split(params.paths.processed, n) for n in ("train", "val"))
-        rows, kept = training.adversarial_finetune(
-            model, training.Arrays(train.x, train.y, val.x, val.y), cfg, params.evaluate, params.base.seed,
-            on_epoch_end=lambda epoch, row: mlflow.log_metrics(row, step=epoch))
+        pick = stratified_subset(val.y, cfg.val_images, params.base.seed)
+        rows, kept, p_val = training.adversarial_finetune(
+            model, training.Arrays(train.x, train.y, val.x[pick], val.y[pick]), cfg, params.evaluate,
+            params.base.seed, on_epoch_end=lambda epoch, row: mlflow.log_metrics(row, step=epoch))
         before, after = rows[0], rows[kept]
         summary = {**{f"before_{k}": v for k, v in before.items() if k != "loss"}, **after, "epochs": cfg.epochs,
-                   "best_epoch": kept}
-        summary["threshold"] = training.calibrated_threshold(
-            model, val.x, val.y, params.threshold, params.evaluate, cfg.batch_size,
-            Attacker(model, cfg.attack, params.base.seed))
+                   "best_epoch": kept, "val_images": len(pick)}
+        summary["threshold"] = training.choose_threshold(params.threshold, params.evaluate, val.y[pick], *p_val)
         mlflow.log_metrics({k: v for k, v in summary.items() if v is not None})
         modellib.save(model, params.paths.model_adv)
         modellib.save(model, params.paths.model_h5)  # the deliverable's usual name, in Keras's HDF5 format

@@ -25,7 +25,7 @@ def main() -> None:
     def evaluate(path, name: str) -> tuple:
         model, stored = predicting.load_with_threshold(str(path))
         threshold = predicting.choose_threshold(None, stored, params.threshold.fixed)
-        result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name)
+        result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name, params.inference)
         calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
                                                                            ("adversarial", result.p_adv))}
         return model, threshold, result, {**result.summary(reference), "threshold": threshold, **calibration,
@@ -60,7 +60,7 @@ def main() -> None:
             holds, why = registry.update_champion(
                 info["registered_model"], candidate, reference,
                 lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed,
-                                             protocol["threshold"]))
+                                             protocol["threshold"], params.inference))
             mlflow.set_tags({"champion": str(holds), "champion_reason": why})
             champion = f"; v{info['version']} {'is' if holds else 'is not'} @champion ({why})"
 

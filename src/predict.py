@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import cli, predicting, tracking
 from pipeline.errors import ConfigError
-from pipeline.model import predict_proba
+from pipeline.inference import predict_proba
 
 
 def main() -> None:
@@ -39,9 +39,12 @@ def main() -> None:
         tracking.setup(params.mlflow)
     model, stored = predicting.load_with_threshold(args.model or str(params.paths.model_adv))
     threshold = predicting.choose_threshold(args.threshold, stored, params.threshold.fixed)
+    def p_fake(x):
+        return predict_proba(model, x, params.inference, params.predict.batch_size)
+
     for listing, (_, _, output) in zip(listings, jobs):
-        done = predicting.predict_to_csv(lambda x: predict_proba(model, x, params.predict.batch_size), listing,
-                                         params.preprocess.resize, params.preprocess.max_pixels, threshold, output)
+        done = predicting.predict_to_csv(p_fake, listing, params.preprocess.resize, params.preprocess.max_pixels,
+                                         threshold, output)
         for name, reason in done.bad:
             print(f"skipped {listing.folder / listing.prefix / name}: {reason}", file=sys.stderr)
         print(f"predict: {done.images} images -> {output} ({done.fake} Fake, {len(done.bad)} skipped)")

@@ -21,20 +21,21 @@ def main() -> None:
         tracking.log_params({"dropout": hp["dropout"], "learning_rate": hp["learning_rate"]})
         model = modellib.build_model(m, hp["dropout"], params.base.seed)
         callbacks = [training.early_stopping(t.patience), training.MlflowEpochLogger()]
+        val = load_split(params.paths.processed, "val")
         if m.frozen:
-            head, history = training.fit_head(features.for_head(model, params), hp["dropout"], hp["learning_rate"],
-                                              m.l2, t.epochs, t.batch_size, callbacks, verbose=2)
+            data = features.for_head(model, params)
+            head, history = training.fit_head(data, hp["dropout"], hp["learning_rate"], m.l2, t.epochs, t.batch_size,
+                                              callbacks, verbose=2)
             model = modellib.assemble(modellib.backbone_of(model), head, m.image_size)
+            p_val = modellib.predict_proba(modellib.head_classifier(head), data.x_val, 4096)  # the cached features
         else:
-            train, val = (load_split(params.paths.processed, n) for n in ("train", "val"))
+            train = load_split(params.paths.processed, "train")
             data = training.Arrays(train.x, train.y, val.x, val.y)
             history = training.fit_model(model, data, hp["learning_rate"], t.epochs, t.batch_size,
                                          params.base.seed, callbacks, verbose=2)
-
-        val = load_split(params.paths.processed, "val")
-        threshold = training.calibrated_threshold(model, val.x, val.y, params.threshold, params.evaluate,
-                                                  m.batch_size)
-        scores = metrics.classification(val.y, modellib.predict_proba(model, val.x, m.batch_size), threshold)
+            p_val = modellib.predict_proba(model, val.x, m.batch_size)
+        threshold = training.choose_threshold(params.threshold, params.evaluate, val.y, p_val)
+        scores = metrics.classification(val.y, p_val, threshold)
         summary = {"epochs_run": len(history["loss"]), "threshold": threshold,
                    **{f"val_{k}": v for k, v in scores.items()}}
         import mlflow

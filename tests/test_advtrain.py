@@ -30,7 +30,7 @@ def fresh(tiny_model, tiny_model_file):
 def test_measures_the_incoming_model_as_epoch_zero(fresh) -> None:
     m, data = fresh
     cfg, evaluate = advtrain_cfg(epochs=0)
-    history, best_epoch = training.adversarial_finetune(m, data, cfg, evaluate, 0)
+    history, best_epoch, _ = training.adversarial_finetune(m, data, cfg, evaluate, 0)
     assert best_epoch == 0 and len(history) == 1
     assert history[0] == {"loss": None, **scores(m, data, cfg, evaluate)}
 
@@ -44,7 +44,7 @@ def test_keeps_the_incoming_weights_when_no_epoch_beats_them(fresh) -> None:
     cfg, weights = advtrain_cfg(epochs=2)
     before_weights = m.get_weights()
     unbeatable = {"val_robust_score": 1.0 + 1e-9}
-    history, best_epoch = training.adversarial_finetune(m, data, cfg, weights, 0, before=unbeatable)
+    history, best_epoch, _ = training.adversarial_finetune(m, data, cfg, weights, 0, before=unbeatable)
     assert best_epoch == 0 and len(history) == 3 and history[0]["loss"] is None  # epoch 0 is the incoming model
     assert all(np.isfinite(r["loss"]) for r in history[1:])  # it did train ...
     for a, b in zip(m.get_weights(), before_weights):  # ... and then put everything back, BN statistics included
@@ -56,7 +56,7 @@ def test_keeps_the_best_epoch_and_its_scores(fresh) -> None:
     cfg, weights = advtrain_cfg(epochs=3)
     worst = {"val_robust_score": -1.0}
     seen = []
-    history, best_epoch = training.adversarial_finetune(m, data, cfg, weights, 0, before=worst,
+    history, best_epoch, _ = training.adversarial_finetune(m, data, cfg, weights, 0, before=worst,
                                                         on_epoch_end=lambda epoch, row: seen.append(epoch))
     assert seen == [1, 2, 3]
     best = max(range(1, 4), key=lambda i: history[i]["val_robust_score"])

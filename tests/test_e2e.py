@@ -213,6 +213,7 @@ KEY_STAGES = {
     "threshold.rule": {"train", "advtrain", "evaluate"},
     "threshold.fixed": {"train", "advtrain", "evaluate", "predict"},  # predict: for a model that stored none
     "predict.batch_size": {"predict"},
+    "inference": {"tune", "train", "evaluate", "predict"},  # features (tune, train) and every forward pass
     "mlflow": set(),
 }
 

@@ -93,15 +93,15 @@ def test_confusion_rows_label_real_and_fake() -> None:
     assert counts == {("Fake", "Fake"): TP, ("Fake", "Real"): FN, ("Real", "Fake"): FP, ("Real", "Real"): TN}
 
 
-def test_curve_subset_is_stratified_seeded_and_all_when_unbounded():
-    from pipeline.evaluation import curve_subset
+def test_subset_is_stratified_seeded_and_all_when_unbounded():
+    from pipeline.data import stratified_subset as subset
 
     y = np.array([0] * 300 + [1] * 100)
-    idx = curve_subset(y, 40, seed=7)
+    idx = subset(y, 40, seed=7)
     assert len(idx) == 40 and (y[idx] == 1).sum() == 10  # the 3:1 class ratio is kept
-    assert np.array_equal(idx, curve_subset(y, 40, seed=7)) and np.all(np.diff(idx) > 0)
-    assert np.array_equal(curve_subset(y, None, seed=7), np.arange(400))
-    assert np.array_equal(curve_subset(y, 1000, seed=7), np.arange(400))
+    assert np.array_equal(idx, subset(y, 40, seed=7)) and np.all(np.diff(idx) > 0)
+    assert np.array_equal(subset(y, None, seed=7), np.arange(400))
+    assert np.array_equal(subset(y, 1000, seed=7), np.arange(400))
 
 
 WEIGHTS = config.Weights(clean=0.4, adversarial=0.6)

@@ -1,0 +1,154 @@
+"""Inference-only passes (no gradients) through the fastest engine on this machine: the backbone features that
+tune and train cache, evaluate's forward passes (clean and attacked images), predict and serving.
+
+``inference.engine`` in params.yaml: ``openvino`` runs the Keras model converted in memory (traced once to a
+TensorFlow graph, ≈ 1 s) on OpenVINO's CPU runtime, 1.35x TensorFlow's compiled path in float32 with the same
+labels (``bench/openvino.py``); ``tensorflow`` runs the compiled TensorFlow function; ``auto`` takes TensorFlow
+when it sees a GPU and OpenVINO otherwise. Gradients (attacks, training) always run in TensorFlow.
+``inference.precision: bf16`` lets OpenVINO compute in bfloat16 where the CPU has it (AVX512-BF16, AMX): about
+2x again, but the numbers move (see bench/README.md), so float32 is the default.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import keras
+import numpy as np
+
+from pipeline import config
+from pipeline.model import batched, forward_fn, to_unit
+
+log = logging.getLogger(__name__)
+AUTO = config.Inference()  # the default: OpenVINO on a CPU, TensorFlow on a GPU
+
+
+def resolve(cfg: config.Inference) -> str:
+    """The engine ``cfg.engine`` names, with ``auto`` decided: TensorFlow on a GPU, OpenVINO on a CPU."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    import tensorflow as tf
+
+    return "tensorflow" if tf.config.list_physical_devices("GPU") else "openvino"
+
+
+def describe(cfg: config.Inference) -> str:
+    """What features and predictions depend on: the engine that computes them and its precision."""
+    engine = resolve(cfg)
+    return f"{engine}-{cfg.precision}" if engine == "openvino" else engine
+
+
+def engine_version(cfg: config.Inference) -> str:
+    """The OpenVINO runtime's version when it computes (TensorFlow's is recorded wherever its output is)."""
+    if resolve(cfg) != "openvino":
+        return ""
+    try:
+        import openvino
+    except ImportError:
+        return "not installed"
+    return openvino.get_version()
+
+
+class Runner:
+    """A Keras model as a function of a whole array of images (uint8, or floats in [0, 1]), batch by batch."""
+
+    def __call__(self, x: np.ndarray, batch_size: int, progress: str | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TensorFlowRunner(Runner):
+    def __init__(self, model: keras.Model):
+        self.fn = forward_fn(model)
+
+    def __call__(self, x, batch_size, progress=None):
+        return batched(self.fn, x, batch_size, progress)
+
+
+@contextlib.contextmanager
+def _no_telemetry() -> Iterator[None]:
+    # OpenVINO's converter reports usage to Intel unless it believes it runs in CI: a pipeline run should not
+    # phone home, and this is the switch it offers (a user who exports CI keeps their value).
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = saved
+
+
+class OpenVinoRunner(Runner):
+    """The model's compiled TensorFlow graph converted to OpenVINO (dynamic batch), compiled for the CPU with the
+    throughput hint and fed through as many asynchronous requests as it has streams, so each always has a batch."""
+
+    def __init__(self, model: keras.Model, precision: str = "f32"):
+        import openvino as ov
+        import tensorflow as tf
+
+        graph = forward_fn(model).get_concrete_function(tf.TensorSpec((None, *model.input_shape[1:]), tf.float32))
+        with _no_telemetry():
+            converted = ov.convert_model(graph)
+        self.compiled = ov.Core().compile_model(converted, "CPU", {
+            "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": precision})
+        self.output_tail = tuple(model.output_shape[1:])
+        self.requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+
+    def __call__(self, x, batch_size, progress=None):
+        from tqdm import tqdm
+
+        out = np.empty((len(x), *self.output_tail), np.float32)
+        # Requests are waited on and read here, in the calling thread: a Python callback run on OpenVINO's stream
+        # threads needs the GIL, and the process deadlocks at exit when one still holds a reference to it.
+        requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
+        pending: list[int | None] = [None] * len(requests)
+
+        def collect(k: int) -> None:
+            if pending[k] is not None:
+                requests[k].wait()
+                start = pending[k]
+                out[start : start + batch_size] = requests[k].get_output_tensor(0).data
+                pending[k] = None
+
+        starts = range(0, len(x), batch_size)
+        for n, start in enumerate(tqdm(starts, desc=progress, unit="batch", leave=False) if progress else starts):
+            k = n % len(requests)
+            collect(k)
+            requests[k].start_async({0: to_unit(x[start : start + batch_size])})
+            pending[k] = start
+        for k in range(len(requests)):
+            collect(k)
+        return out
+
+
+def runner(model: keras.Model, cfg: config.Inference) -> Runner:
+    """The inference function of ``model`` under ``cfg``, built once per model (conversion and tracing cost ≈ 1 s)
+    and kept on the model object, so it lives and dies with it."""
+    key = describe(cfg)
+    cache = getattr(model, "_cifake_runners", None)
+    if cache is None:
+        cache = {}
+        object.__setattr__(model, "_cifake_runners", cache)  # past Keras's attribute tracking
+    if key not in cache:
+        engine = resolve(cfg)
+        if engine == "openvino":
+            try:
+                cache[key] = OpenVinoRunner(model, cfg.precision)
+            except ImportError:
+                from pipeline.errors import ConfigError
+
+                raise ConfigError("inference.engine: openvino is not installed (pip install -r requirements.txt), "
+                                  "or set inference.engine: tensorflow") from None
+        else:
+            cache[key] = TensorFlowRunner(model)
+        log.info("inference: %s runs %s", key, model.name)
+    return cache[key]
+
+
+def predict_proba(model: keras.Model, x: np.ndarray, cfg: config.Inference, batch_size: int = 256,
+                  progress: str | None = None) -> np.ndarray:
+    """P(FAKE) for uint8 or [0, 1] float images."""
+    return runner(model, cfg)(x, batch_size, progress)[:, 0]

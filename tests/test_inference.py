@@ -1,0 +1,106 @@
+"""pipeline.inference: OpenVINO gives TensorFlow's answers (labels and probabilities, features to float32 noise),
+whatever the batch split; the engine is chosen and keyed as documented; a process that used it exits cleanly."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import config, features, inference
+from pipeline.model import batched, feature_extractor, forward_fn
+
+REPO = Path(__file__).resolve().parents[1]
+OPENVINO = config.Inference(engine="openvino")
+TENSORFLOW = config.Inference(engine="tensorflow")
+
+
+def test_openvino_gives_tensorflows_probabilities_and_labels(tiny_model) -> None:
+    x = tiny_model.x
+    p_tf = batched(forward_fn(tiny_model.model), x, 32)[:, 0]
+    p_ov = inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=32)
+    assert p_ov.shape == p_tf.shape and p_ov.dtype == np.float32
+    np.testing.assert_allclose(p_ov, p_tf, atol=1e-5)
+    for threshold in (0.5, float(np.median(p_tf))):
+        assert np.array_equal(p_ov >= threshold, p_tf >= threshold)
+
+
+def test_openvino_features_match_tensorflows_to_float32_noise(tiny_model) -> None:
+    fe = feature_extractor(tiny_model.model)
+    f_tf = batched(forward_fn(fe), tiny_model.x, 64)
+    f_ov = inference.runner(fe, OPENVINO)(tiny_model.x, 64)
+    assert f_ov.shape == (len(tiny_model.x), 2048)
+    assert np.abs(f_ov - f_tf).max() <= 1e-5 * np.abs(f_tf).max()
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 50, 128, 500])
+def test_any_batch_split_gives_the_same_answers_in_order(tiny_model, batch_size) -> None:
+    x = tiny_model.x[:100]
+    whole = inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=100)
+    np.testing.assert_allclose(inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=batch_size),
+                               whole, atol=1e-6)
+
+
+def test_openvino_is_deterministic_and_takes_floats_in_unit_range(tiny_model) -> None:
+    x = tiny_model.x[:64]
+    first = inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=16)
+    assert np.array_equal(first, inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=16))
+    as_floats = x.astype(np.float32) / 255.0
+    np.testing.assert_allclose(inference.predict_proba(tiny_model.model, as_floats, OPENVINO), first, atol=1e-6)
+
+
+def test_empty_input_gives_empty_output(tiny_model) -> None:
+    empty = np.zeros((0, 32, 32, 3), np.uint8)
+    for engine in (OPENVINO, TENSORFLOW):
+        assert inference.runner(tiny_model.model, engine)(empty, 32).shape == (0, 1)
+
+
+def test_bf16_stays_close_to_float32(tiny_model) -> None:
+    # bf16 where the CPU has it (OpenVINO computes in f32 where it does not): the labels of a model whose classes
+    # are far apart do not move.
+    bf16 = config.Inference(engine="openvino", precision="bf16")
+    p_f32 = inference.predict_proba(tiny_model.model, tiny_model.x, OPENVINO)
+    p_bf16 = inference.predict_proba(tiny_model.model, tiny_model.x, bf16)
+    assert np.abs(p_bf16 - p_f32).max() < 0.05
+    assert np.array_equal(p_bf16 >= 0.5, p_f32 >= 0.5)
+
+
+def test_runner_is_built_once_per_model_and_engine(tiny_model) -> None:
+    a = inference.runner(tiny_model.model, OPENVINO)
+    assert inference.runner(tiny_model.model, OPENVINO) is a
+    assert isinstance(inference.runner(tiny_model.model, TENSORFLOW), inference.TensorFlowRunner)
+    assert isinstance(a, inference.OpenVinoRunner)
+
+
+def test_auto_is_openvino_without_a_gpu_and_engines_key_the_feature_cache(tmp_path) -> None:
+    import tensorflow as tf
+
+    auto = config.Inference()
+    expected = "tensorflow" if tf.config.list_physical_devices("GPU") else "openvino"
+    assert inference.resolve(auto) == expected
+    assert inference.describe(OPENVINO) == "openvino-f32" and inference.describe(TENSORFLOW) == "tensorflow"
+    x_file = tmp_path / "x.npy"
+    np.save(x_file, np.zeros((2, 32, 32, 3), np.uint8))
+    cfg = config.load(REPO / "params.yaml").model
+    keys = {features.cache_key(x_file, cfg, 0, e) for e in
+            (OPENVINO, TENSORFLOW, config.Inference(engine="openvino", precision="bf16"))}
+    assert len(keys) == 3  # features from another engine are never taken for these
+
+
+def test_a_process_that_ran_openvino_exits_cleanly(tiny_model_file) -> None:
+    # OpenVINO's stream threads used to deadlock or abort the process at exit beside TensorFlow's, when a Python
+    # callback was still referenced: this runs the way the stages do, several times.
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from pipeline import config, inference, model
+        m = model.load({str(tiny_model_file)!r})
+        p = inference.predict_proba(m, np.zeros((300, 32, 32, 3), np.uint8), config.Inference(engine="openvino"))
+        print("ok", p.shape)
+    """)
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO)
+        assert proc.returncode == 0 and "ok (300,)" in proc.stdout, proc.stderr[-2000:]
+        assert "terminate called" not in proc.stderr
