@@ -129,11 +129,15 @@ def run_logged(cmd: list[str], cwd: Path, env: dict | None = None, log: Path | N
     return seconds, out
 
 
-def stage_env() -> dict:
-    """The environment a pipeline subprocess gets: quiet, no telemetry, no tracking URI leaking in."""
+def stage_env(repo: Path | None = None) -> dict:
+    """The environment a pipeline subprocess gets: quiet, no telemetry, no tracking URI leaking in; with ``repo``
+    (a copy of the repository), that copy's ``pipeline`` package first on the path, so the stages run the code that
+    was copied, not the editable install's live working tree (which may be edited while a long benchmark runs)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1",
            "PYTHON": sys.executable}
     env.pop("MLFLOW_TRACKING_URI", None)
+    if repo is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
     return env
 
 

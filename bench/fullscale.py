@@ -67,7 +67,7 @@ def parse_time_v(stderr: str) -> dict:
             "exit_status": int(grab("Exit status") or -1)}
 
 
-def python_shim(folder: Path, times: Path) -> dict:
+def python_shim(folder: Path, times: Path, repo: Path) -> dict:
     """An environment whose ``python`` (what the dvc.yaml commands call) is the real interpreter under
     ``/usr/bin/time``, appending "wall_s max_rss_kib user_s sys_s" to ``times``: the stage script's own cost,
     apart from DVC's (start-up, hashing, copying outputs into its cache)."""
@@ -75,7 +75,7 @@ def python_shim(folder: Path, times: Path) -> dict:
     shim = folder / "python"
     shim.write_text(f'#!/bin/sh\nexec /usr/bin/time -a -o "{times}" -f "%e %M %U %S" "{sys.executable}" "$@"\n')
     shim.chmod(0o755)
-    env = stage_env()
+    env = stage_env(repo)
     env["PATH"] = f"{folder}:{env.get('PATH', '')}"
     return env
 
@@ -107,7 +107,7 @@ def main() -> None:
         times = OUT / "logs" / f"{tag}-{stage}.times"
         times.unlink(missing_ok=True)
         seconds, out = run_logged(["/usr/bin/time", "-v", "dvc", "repro", "-s", stage], repo,
-                                  python_shim(SCRATCH / "shim", times), log, timeout=4 * 3600)
+                                  python_shim(SCRATCH / "shim", times, repo), log, timeout=4 * 3600)
         t = parse_time_v(out.stderr)
         if t["exit_status"] != 0 or out.returncode != 0:
             emit("fullscale_stage_failed", load, stage=stage, rc=out.returncode, log=str(log),
@@ -142,13 +142,13 @@ def main() -> None:
     emit("fullscale_total", None, scale=args.scale, wall_s=round(total_wall, 1), wall_min=round(total_wall / 60, 1),
          cpu_s=round(total_cpu, 1), peak_rss_mib=round(peak / 2**20, 1),
          peak_stage=max(rows, key=lambda r: r["peak_rss_mib"])["stage"],
-         target_wall_min=30, target_peak_gib=4, meets_wall=total_wall < 30 * 60, meets_memory=peak < 4 * GIB,
+         target_wall_min=15, target_peak_gib=4, meets_wall=total_wall <= 15 * 60, meets_memory=peak < 4 * GIB,
          params=params, outcome=extras)
 
     # A no-op at this size: the whole pipeline, or (with --until) the stages run so far.
     targets = [] if stages == STAGES else [args.until]
     load = loadavg()
-    noop_s, out = run_logged(["dvc", "repro", *targets], repo, stage_env(), OUT / "logs" / f"{tag}-noop.log")
+    noop_s, out = run_logged(["dvc", "repro", *targets], repo, stage_env(repo), OUT / "logs" / f"{tag}-noop.log")
     emit("fullscale_noop_repro", load, scale=args.scale, seconds=round(noop_s, 2), stages_ran=ran_stages(out.stdout),
          targets=targets, rc=out.returncode)
 

@@ -65,7 +65,7 @@ def copy_repo(dst: Path, values: dict[tuple[str, ...], object]) -> None:
 
 
 def repro(repo: Path, targets: list[str], log: str) -> tuple[float, list[str]]:
-    seconds, out = run_logged(["dvc", "repro", *targets], repo, stage_env(), OUT / "logs" / log, timeout=3600)
+    seconds, out = run_logged(["dvc", "repro", *targets], repo, stage_env(repo), OUT / "logs" / log, timeout=3600)
     if out.returncode != 0:
         raise SystemExit(f"dvc repro failed (rc {out.returncode}), see bench/out/logs/{log}:\n{out.stderr[-3000:]}")
     return seconds, ran_stages(out.stdout)
@@ -88,7 +88,7 @@ def main() -> None:
     first_s, ran = repro(repo, targets, "noop-first.log")
     emit("repro_first", load, seconds=round(first_s, 1), stages_ran=ran, targets=targets, tiny_params=params)
 
-    version_s = statistics.median([run_logged(["dvc", "--version"], repo, stage_env())[0] for _ in range(3)])
+    version_s = statistics.median([run_logged(["dvc", "--version"], repo, stage_env(repo))[0] for _ in range(3)])
     load = loadavg()
     noop = []
     for i in range(args.repeats):

@@ -41,7 +41,7 @@ def main() -> None:
         repo = SCRATCH / f"seed-{seed}"
         copy_repo(repo, {("base", "seed"): seed})
         load = loadavg()
-        seconds, out = run_logged(["dvc", "repro"], repo, stage_env(), OUT / "logs" / f"seed-{seed}.log", 3 * 3600)
+        seconds, out = run_logged(["dvc", "repro"], repo, stage_env(repo), OUT / "logs" / f"seed-{seed}.log", 3 * 3600)
         if out.returncode != 0:
             emit("seed_failed", load, seed=seed, stderr_tail=out.stderr[-2000:])
             raise SystemExit(1)

@@ -204,8 +204,9 @@ class Tune(Section):
     storage: str = Field(min_length=1)
     heartbeat: Heartbeat = Heartbeat()
     pruner: Literal["median", "none"]
-    # A trial stops once validation loss has not improved for this many epochs (its best epoch counts): the head
-    # converges in a few epochs, and a converged trial learns nothing from the rest. null: all tune.epochs.
+    # A trial stops once its validation score (evaluate.measure, clean) has not improved for this many epochs, and
+    # its best epoch counts: the head converges in a few epochs, and a converged trial learns nothing from the rest.
+    # null: all tune.epochs.
     patience: PositiveInt | None = None
 
     @field_validator("dropout")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import keras
@@ -26,6 +26,15 @@ class Arrays:
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    _resident: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def resident(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """The training features and labels as tensors, made once and shared by every fit on these arrays (the
+        tuning trials): a copy per fit would cost a second and the features' size in memory each time."""
+        if self._resident is None:
+            self._resident = (tf.convert_to_tensor(self.x_train, tf.float32),
+                              tf.convert_to_tensor(np.asarray(self.y_train, np.float32).reshape(-1, 1)))
+        return self._resident
 
 
 class ValidationScores(keras.callbacks.Callback):
@@ -63,12 +72,11 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         mlflow.log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=epoch)
 
 
-def _compile(model: keras.Model, learning_rate: float, steps_per_execution: int = 1) -> None:
+def _compile(model: keras.Model, learning_rate: float) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
-        steps_per_execution=steps_per_execution,
     )
 
 
@@ -76,25 +84,55 @@ def early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
     return keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
 
 
-# Head steps per compiled call: a head step on cached features is a millisecond of arithmetic, so Keras's per-step
-# Python dispatch would cost as much as the step itself (bench/head_fit.py).
-HEAD_STEPS_PER_CALL = 64
-
-
 def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epochs: int, batch_size: int,
              callbacks: list[keras.callbacks.Callback] = (), verbose: int = 0) -> tuple[keras.Model, dict]:
-    """Train a fresh head on cached features. Returns the head (features -> logit) and the Keras history.
+    """Train a fresh head on cached features. Returns the head (features -> logit) and its history (Keras's).
 
-    Validation runs once per epoch, in :class:`ValidationScores` (which also gives ``val_loss``), ahead of the
-    other callbacks."""
+    A head step on cached features is a millisecond of arithmetic, so Keras's ``fit`` (a data pipeline per call,
+    dispatch per step) would cost more than the steps: here the features stay resident as one tensor, each epoch is
+    one compiled loop over shuffled batches, and validation runs once per epoch in :class:`ValidationScores` (ahead
+    of the other callbacks, which see ``loss``, ``accuracy``, ``val_loss`` and the validation scores as usual).
+    Shuffling draws from NumPy's global generator, which the stages seed."""
     head = build_head(dropout, l2)
     clf = head_classifier(head)
-    _compile(clf, learning_rate, max(1, min(HEAD_STEPS_PER_CALL, math.ceil(len(data.x_train) / batch_size))))
-    history = clf.fit(
-        data.x_train, data.y_train.astype("float32"), epochs=epochs, batch_size=batch_size, shuffle=True,
-        verbose=verbose, callbacks=[ValidationScores(data.x_val, data.y_val, 4096), *callbacks],
-    )
-    return head, history.history
+    optimizer = keras.optimizers.Adam(learning_rate)
+    weights = head.trainable_variables
+    optimizer.build(weights)
+    x, y = data.resident()
+    n = len(data.x_train)
+    steps = math.ceil(n / batch_size)
+
+    @tf.function(input_signature=[tf.TensorSpec((n,), tf.int32)])
+    def epoch(order):
+        loss_sum, right = tf.constant(0.0), tf.constant(0.0)
+        for i in tf.range(steps):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
+            with tf.GradientTape() as tape:
+                logit = tf.cast(head(xb, training=True), tf.float32)
+                loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(yb, logit))
+                if head.losses:  # the L2 penalty
+                    loss += tf.add_n(head.losses)
+            optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+            size = tf.cast(tf.shape(idx)[0], tf.float32)
+            loss_sum += loss * size
+            right += tf.reduce_sum(tf.cast(tf.equal(tf.cast(logit >= 0.0, tf.float32), yb), tf.float32))
+        return loss_sum / n, right / n
+
+    hooks = keras.callbacks.CallbackList([ValidationScores(data.x_val, data.y_val, 4096), *callbacks],
+                                         add_history=True, add_progbar=verbose != 0, model=clf, verbose=verbose,
+                                         epochs=epochs, steps=steps)
+    clf.stop_training = False
+    hooks.on_train_begin()
+    for e in range(epochs):
+        hooks.on_epoch_begin(e)
+        loss, accuracy = epoch(tf.constant(np.random.permutation(n).astype(np.int32)))
+        logs = {"loss": float(loss), "accuracy": float(accuracy)}
+        hooks.on_epoch_end(e, logs)
+        if clf.stop_training:
+            break
+    hooks.on_train_end()
+    return head, clf.history.history
 
 
 def image_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,

@@ -25,7 +25,7 @@ from pipeline.attacks import Attacker, to_uint8
 from pipeline.errors import TuneError
 from pipeline.model import assemble, batched, build_head, build_model, forward_fn, head_classifier
 from pipeline.tracking import process_alive
-from pipeline.training import Arrays, MlflowEpochLogger, early_stopping, fit_head, fit_model
+from pipeline.training import Arrays, MlflowEpochLogger, fit_head, fit_model
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -77,7 +77,9 @@ def storage(url: str, heartbeat: config.Heartbeat | None = None) -> optuna.stora
 
 
 def _sampler_and_pruner(params: config.Params):
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3) if params.tune.pruner == "median"
+    # From the second epoch on, a trial behind the median of earlier trials at that epoch stops: on cached features
+    # a head's first epochs already rank it (bench/README.md, the tuning section).
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if params.tune.pruner == "median"
               else optuna.pruners.NopPruner())
     return optuna.samplers.TPESampler(seed=params.base.seed), pruner
 
@@ -150,7 +152,8 @@ class Objective:
         hp = suggest(trial, t)
         callbacks = [PruneOnValidation(trial, self.params.evaluate.measure), MlflowEpochLogger()]
         if t.patience:  # after the pruner: a trial that stops early has reported its last epoch first
-            callbacks.append(early_stopping(t.patience))
+            callbacks.append(keras.callbacks.EarlyStopping(monitor=f"val_{self.params.evaluate.measure}", mode="max",
+                                                           patience=t.patience, restore_best_weights=True))
         tags = {"stage": "tune", "optuna.trial": str(trial.number), "worker": WORKER}
         if self.parent_run_id:  # a worker process: nest under the coordinator's run by its id
             tags["mlflow.parentRunId"] = self.parent_run_id

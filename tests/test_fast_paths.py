@@ -1,0 +1,124 @@
+"""The performance bounds keep their meaning: the head's compiled training loop behaves like a Keras fit (history,
+callbacks, early stopping, seeding); advtrain's images_per_epoch and val_images bound what it touches; evaluate's
+diagnostic subset carries robust_score and its interval with it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import config, evaluation, metrics, model, training
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def separable_features(n: int, seed: int = 0) -> training.Arrays:
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(np.uint8)
+    x = rng.standard_normal((n, model.FEATURE_DIM), dtype=np.float32)
+    x[:, :8] += 3.0 * (2.0 * y[:, None] - 1.0)  # the class shifts 8 of the 2048 features
+    return training.Arrays(x, y, x[: n // 2], y[: n // 2])
+
+
+def fit(data, epochs=3, batch_size=32, callbacks=(), seed=0):
+    keras.utils.set_random_seed(seed)  # the stages seed NumPy, Python and TensorFlow the same way
+    return training.fit_head(data, dropout=0.2, learning_rate=3e-3, l2=1e-4, epochs=epochs, batch_size=batch_size,
+                             callbacks=list(callbacks))
+
+
+def test_head_fit_learns_and_reports_like_a_keras_fit() -> None:
+    data = separable_features(300)  # 300 / 32: a short last batch every epoch
+    head, history = fit(data, epochs=4)
+    assert {"loss", "accuracy", "val_loss", "val_f1", "val_balanced_accuracy", "val_macro_f1"} <= set(history)
+    assert all(len(v) == 4 for v in history.values())
+    assert history["loss"][-1] < history["loss"][0]
+    p = model.predict_proba(model.head_classifier(head), data.x_val, 64)
+    assert metrics.measure(data.y_val, p) == 1.0
+    assert history["val_loss"][-1] == pytest.approx(metrics.log_loss(data.y_val, p) + float(sum(head.losses)),
+                                                    rel=1e-4)
+
+
+def test_head_fit_is_reproducible_under_the_same_seed() -> None:
+    data = separable_features(200)
+    a, hist_a = fit(data, seed=3)
+    b, hist_b = fit(data, seed=3)
+    assert hist_a["loss"] == hist_b["loss"]
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_callbacks_stop_the_loop_and_restore_the_best_epoch() -> None:
+    data = separable_features(200)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((epoch, dict(logs)))
+
+    stop = keras.callbacks.EarlyStopping(monitor="val_balanced_accuracy", mode="max", patience=1,
+                                         restore_best_weights=True)
+    _, history = fit(data, epochs=30, callbacks=[Record(), stop])
+    assert 2 <= len(history["loss"]) < 30  # perfect from the first epochs on: it stops, not runs all 30
+    assert [e for e, _ in seen] == list(range(len(history["loss"])))
+    assert "val_balanced_accuracy" in seen[0][1]  # validation scores are in the logs before other callbacks run
+
+
+def test_an_exception_from_a_callback_ends_the_fit() -> None:
+    class Prune(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("pruned")
+
+    with pytest.raises(RuntimeError, match="pruned"):
+        fit(separable_features(100), epochs=5, callbacks=[Prune()])
+
+
+def test_advtrain_draws_images_per_epoch_afresh_each_epoch(tiny_model_file, tiny_model, monkeypatch) -> None:
+    picks = []
+    real = training.image_dataset
+
+    def spy(x, y, batch_size, shuffle, seed, pick=None):
+        picks.append(None if pick is None else np.sort(pick))
+        return real(x, y, batch_size, shuffle, seed, pick)
+
+    monkeypatch.setattr(training, "image_dataset", spy)
+    params = config.load(PARAMS_FILE, ["advtrain.trainable_from=null", "advtrain.batch_size=16",
+                                       "advtrain.epochs=2", "advtrain.images_per_epoch=40"])
+    m = model.load(tiny_model_file)
+    x, y = tiny_model.x, tiny_model.y
+    result = training.adversarial_finetune(m, training.Arrays(x, y, x[:20], y[:20]), params.advtrain,
+                                           params.evaluate, 0)
+    assert [len(p) for p in picks] == [40, 40] and not np.array_equal(picks[0], picks[1])
+    assert len(np.unique(picks[0])) == 40
+    p_clean, p_adv = result.p_val  # the kept epoch's validation probabilities, for the threshold
+    assert p_clean.shape == p_adv.shape == (20,)
+    assert result.history[result.kept]["val_robust_score"] == pytest.approx(
+        metrics.robust_score(y[:20], p_clean, p_adv, params.evaluate.weights, params.evaluate.measure))
+
+
+def test_the_diagnostic_runs_on_its_subset_and_robust_score_counts_those_images(tiny_model) -> None:
+    params = config.load(PARAMS_FILE, ["evaluate.diagnostic_images=32", "evaluate.curve_images=16",
+                                       "evaluate.epsilons=[0, 8]", "evaluate.bootstrap=50"])
+    cfg = params.evaluate
+    x, y = tiny_model.x, tiny_model.y
+    result = evaluation.evaluate(tiny_model.model, x, y, cfg, 0, 0.5, "tiny", config.Inference(engine="tensorflow"))
+    sub = result.diagnosed
+    assert len(sub) == len(result.p_diagnostic) == 32 and np.bincount(y[sub]).tolist() == [16, 16]
+    assert len(result.p_clean) == len(result.p_adv) == len(x)  # the mission's attack covers every image
+    worst = metrics.worst_case(y[sub], result.p_adv[sub], result.p_diagnostic)
+    assert result.robust_score == pytest.approx(
+        metrics.robust_score(y[sub], result.p_clean[sub], worst, cfg.weights, cfg.measure))
+    ci = evaluation.intervals(result, y, cfg, 0, 0.5)
+    assert ci["robust_score"]["low"] <= result.robust_score <= ci["robust_score"]["high"]
+    assert ci["weighted_f1"]["low"] <= result.weighted_f1 <= ci["weighted_f1"]["high"]
+
+
+def test_bootstrap_over_all_images_is_unchanged_by_the_subset_option() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    p = [np.clip(y + rng.normal(0, 0.6, 300), 0, 1) for _ in range(3)]
+    weights = config.Weights(clean=0.4, adversarial=0.6)
+    assert metrics.bootstrap_ci(y, *p, weights, n_resamples=200, seed=5) == metrics.bootstrap_ci(
+        y, *p, weights, n_resamples=200, seed=5, worst_index=None)
