@@ -101,6 +101,9 @@ def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epoc
     x, y = data.resident()
     n = len(data.x_train)
     steps = math.ceil(n / batch_size)
+    # Keras's cross-entropy on the sigmoid's output, as compile() + fit() would: it clips P(FAKE) to [1e-7, 1 - 1e-7],
+    # so a confidently right image stops pulling its logit further out (from_logits would not stop).
+    loss_fn = keras.losses.BinaryCrossentropy()
 
     @tf.function(input_signature=[tf.TensorSpec((n,), tf.int32)])
     def epoch(order):
@@ -109,14 +112,14 @@ def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epoc
             idx = order[i * batch_size : (i + 1) * batch_size]
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
             with tf.GradientTape() as tape:
-                logit = tf.cast(head(xb, training=True), tf.float32)
-                loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(yb, logit))
-                if head.losses:  # the L2 penalty
-                    loss += tf.add_n(head.losses)
+                p = clf(xb, training=True)
+                loss = loss_fn(yb, p)
+                if clf.losses:  # the head's L2 penalty
+                    loss += tf.add_n(clf.losses)
             optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
             size = tf.cast(tf.shape(idx)[0], tf.float32)
             loss_sum += loss * size
-            right += tf.reduce_sum(tf.cast(tf.equal(tf.cast(logit >= 0.0, tf.float32), yb), tf.float32))
+            right += tf.reduce_sum(tf.cast(tf.equal(tf.cast(p >= 0.5, tf.float32), yb), tf.float32))
         return loss_sum / n, right / n
 
     hooks = keras.callbacks.CallbackList([ValidationScores(data.x_val, data.y_val, 4096), *callbacks],

@@ -102,6 +102,9 @@ def separable_images(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.nd
     return np.concatenate([dark, bright]), np.repeat(np.array([0, 1], np.uint8), n_per_class)
 
 
+HEAD_SEED = 4
+
+
 @dataclass
 class TinyModel:
     model: object  # keras.Model: pixels in [0, 1] -> P(FAKE), a trained head on a random ResNet50 (weights: none)
@@ -123,7 +126,9 @@ def tiny_model() -> TinyModel:
     x, y = separable_images(64)
     built = model.build_model(cfg, dropout=0.0, seed=SEED)
     feats = features.extract(built, x, 128)
-    keras.utils.set_random_seed(SEED)
+    # The head's own seed (shuffling): where its boundary falls between dark and bright is chance, and the Grad-CAM
+    # tests want one that leaves some grey images unsaturated and reads the bright patch as the evidence.
+    keras.utils.set_random_seed(HEAD_SEED)
     # Small batches, enough steps for the head's BatchNormalization moving statistics to settle.
     head, _ = training.fit_head(training.Arrays(feats, y, feats, y), dropout=0.0, learning_rate=3e-3, l2=cfg.l2,
                                 epochs=12, batch_size=8)
