@@ -76,9 +76,15 @@ def test_every_image_format_and_pixel_arrays_answer_like_the_predict_tool(served
     # A pixel array is decoded exactly as its PNG file is; the two requests differ in batch size, and OpenVINO's
     # float32 kernels (like oneDNN's) may sum in another order for another batch: equal to float32 rounding.
     assert from_pixels["p_fake"][0] == pytest.approx(answer["p_fake"][4], rel=1e-4, abs=1e-12)
-    # the version's threshold, or one given with the request
-    assert loaded.predict(pd.DataFrame(rows[:1]), params={"threshold": 0.999999})["label"][0] == "Fake"
-    assert loaded.predict(pd.DataFrame(rows[4:]), params={"threshold": 1e-30})["label"][0] == "Fake"
+    # the version's threshold, or one given with the request: below a row's P(FAKE) calls it Fake, above calls it
+    # Real. Grey noise (between the tiny model's dark and bright) gives P(FAKE) strictly inside (0, 1) for one row.
+    grey = pd.DataFrame([{"image": encoded(noise(32, 32, lo, lo + 100, lo), "PNG")} for lo in range(104, 128, 2)])
+    p_grey = loaded.predict(grey)["p_fake"].astype(float).to_numpy()
+    i = int(np.argmin(np.abs(p_grey - 0.5)))
+    assert 1e-3 < p_grey[i] < 1 - 1e-3, p_grey
+    row = grey.iloc[[i]]
+    assert loaded.predict(row, params={"threshold": p_grey[i] / 2})["label"][0] == "Fake"
+    assert loaded.predict(row, params={"threshold": (p_grey[i] + 1) / 2})["label"][0] == "Real"
 
 
 def test_a_broken_record_gets_its_own_error_and_the_rest_their_answers(served: str) -> None:
