@@ -108,6 +108,20 @@ def ov_runner(compiled, x: np.ndarray, batch: int):
     return run, nreq
 
 
+def measured(run, x: np.ndarray, batch: int, repeats: int, reference: np.ndarray, name: str) -> tuple:
+    """``run`` (images -> outputs) warmed up on one batch, then timed over all of ``x``: the load before timing,
+    images/s (median pass) and the figures of its line: timing summary, first batch, agreement with ``reference``
+    (TensorFlow float32 on the same images), and labels for the full model."""
+    warm_s, _ = timed(lambda: run(x[:batch]))
+    load = loadavg()
+    secs = repeat(lambda: run(x), repeats, warmup=0)
+    out = run(x)
+    agree = errors(out, reference)
+    if name == "full":
+        agree |= labels(out[:, 0], reference[:, 0])
+    return load, len(x) / statistics.median(secs), {**summary(secs), "first_batch_s": round(warm_s, 2), **agree}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4096)
@@ -183,19 +197,11 @@ def main() -> None:
             emit("openvino_compiled", None, model=name, precision=precision, compile_s=round(compile_s, 2),
                  properties=chosen, **common)
             run, nreq = ov_runner(compiled, x, args.batch)
-            warm_s, _ = timed(lambda: run(x[:args.batch]))  # noqa: B023
-            load = loadavg()
-            secs = repeat(run, args.repeats, warmup=0)
-            out = run()
-            ips = args.images / statistics.median(secs)
-            agree = errors(out, tf_out[name])
-            if name == "full":
-                agree |= labels(out[:, 0], tf_out[name][:, 0])
+            load, ips, figures = measured(run, x, args.batch, args.repeats, tf_out[name], name)
             emit("inference", load, engine="openvino", precision=precision, model=name,
-                 images_per_s=round(ips, 1), ratio_to_tf_f32=round(ips / tf_ips[name], 3), **summary(secs),
-                 first_batch_s=round(warm_s, 2), infer_requests=nreq,
-                 path="ov.AsyncInferQueue(core.compile_model(convert_model(SavedModel)), THROUGHPUT)",
-                 **agree, **common)
+                 images_per_s=round(ips, 1), ratio_to_tf_f32=round(ips / tf_ips[name], 3), **figures,
+                 infer_requests=nreq,
+                 path="ov.AsyncInferQueue(core.compile_model(convert_model(SavedModel)), THROUGHPUT)", **common)
             del compiled
 
     # The project's own path: pipeline.inference (in-memory conversion of the traced graph, dynamic batch,
@@ -206,18 +212,12 @@ def main() -> None:
         engine = config.Inference(engine="openvino", precision=precision)
         for name, m in models.items():
             setup_s, runner = timed(lambda: inference.runner(m, engine))  # noqa: B023
-            warm_s, _ = timed(lambda: runner(x[:args.batch], args.batch))  # noqa: B023
-            load = loadavg()
-            secs = repeat(lambda: runner(x, args.batch), args.repeats, warmup=0)  # noqa: B023
-            out = runner(x, args.batch)
-            ips = args.images / statistics.median(secs)
-            agree = errors(out, tf_out[name])
-            if name == "full":
-                agree |= labels(out[:, 0], tf_out[name][:, 0])
+            load, ips, figures = measured(lambda xs: runner(xs, args.batch), x, args.batch,  # noqa: B023
+                                          args.repeats, tf_out[name], name)
             emit("inference", load, engine="pipeline.inference (openvino)", precision=precision, model=name,
-                 images_per_s=round(ips, 1), ratio_to_tf_f32=round(ips / tf_ips[name], 3), **summary(secs),
-                 setup_s=round(setup_s, 2), first_batch_s=round(warm_s, 2), infer_requests=runner.requests,
-                 path="inference.runner(m, Inference(engine=openvino))", **agree, **common)
+                 images_per_s=round(ips, 1), ratio_to_tf_f32=round(ips / tf_ips[name], 3), **figures,
+                 setup_s=round(setup_s, 2), infer_requests=runner.requests,
+                 path="inference.runner(m, Inference(engine=openvino))", **common)
     if args.trained:
         trained_agreement(args.batch)
 

@@ -24,6 +24,13 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def check_threshold(value: float | None) -> float | None:
+    """A ``--threshold`` override, checked before any work (P(FAKE) at or above it is Fake): None or in (0, 1)."""
+    if value is not None and not 0.0 < value < 1.0:
+        raise config.ConfigError(f"--threshold must lie in (0, 1) (got {value})")
+    return value
+
+
 # Set (by the tests) to a folder: each stage writes there which params keys it read, as <stage>.json.
 RECORD_ENV = "CIFAKE_RECORD_PARAMS"
 

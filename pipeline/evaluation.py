@@ -85,7 +85,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     sets = {k: metrics.classification(labels, p, threshold) for k, labels, p in
             (("clean", y, p_clean), ("adversarial", y, p_adv), ("diagnostic", y[sub], p_diag),
              ("worst", y[sub], p_worst))}
-    headline = metrics.scores(y, p_clean, p_adv, cfg, threshold)
+    weighted = metrics.weighted_f1(sets["clean"]["f1"], sets["adversarial"]["f1"], cfg.weights)
     robust = metrics.robust_score(y[sub], p_clean[sub], p_worst, cfg.weights, cfg.measure, threshold)
 
     # The curve is on a seeded subset (all images when curve_images is null): it needs an attack pass per epsilon.
@@ -102,7 +102,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
             p = p_fake(attacked.pop(eps))
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
-    return Result(p_clean, x_adv, p_adv, p_diag, sets, headline["weighted_f1"], robust, curve, sub)
+    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub)
 
 
 def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,

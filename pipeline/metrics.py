@@ -96,18 +96,16 @@ def best_threshold(y: np.ndarray, p_clean: np.ndarray, p_attacked: np.ndarray | 
 
 
 def scores(y: np.ndarray, p_clean: np.ndarray, p_attacked: np.ndarray | None, cfg: config.Evaluate,
-           threshold: float = 0.5, p_robust: np.ndarray | None = None) -> dict[str, float]:
+           threshold: float = 0.5) -> dict[str, float]:
     """The figures every stage selects and reports by, computed in this one place: F1 and ``cfg.measure`` of the
-    clean and the attacked set, the mission's ``weighted_f1`` and :func:`robust_score` (over ``p_robust`` when
-    given, e.g. the :func:`worst_case` of several attacks, else over ``p_attacked``). Clean figures only when
+    clean and the attacked set, the mission's ``weighted_f1`` and :func:`robust_score`. Clean figures only when
     ``p_attacked`` is None."""
     m = cfg.measure
     out = {"f1": f1(y, p_clean, threshold), m: measure(y, p_clean, m, threshold)}
     if p_attacked is not None:
         out.update({"adv_f1": f1(y, p_attacked, threshold), f"adv_{m}": measure(y, p_attacked, m, threshold)})
         out["weighted_f1"] = weighted_f1(out["f1"], out["adv_f1"], cfg.weights)
-        out["robust_score"] = robust_score(y, p_clean, p_attacked if p_robust is None else p_robust, cfg.weights, m,
-                                           threshold)
+        out["robust_score"] = robust_score(y, p_clean, p_attacked, cfg.weights, m, threshold)
     return out
 
 

@@ -84,6 +84,18 @@ def early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
     return keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
 
 
+def _descend(model: keras.Model, optimizer, loss_fn, weights: list, x: tf.Tensor, y: tf.Tensor):
+    """One gradient step on ``weights``, inside a compiled function: ``loss_fn`` of the model's P(FAKE) plus its
+    regularisation (the head's L2 penalty). Returns the loss and P(FAKE)."""
+    with tf.GradientTape() as tape:
+        p = model(x, training=True)
+        loss = loss_fn(y, p)
+        if model.losses:
+            loss += tf.add_n(model.losses)
+    optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+    return loss, p
+
+
 def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epochs: int, batch_size: int,
              callbacks: list[keras.callbacks.Callback] = (), verbose: int = 0) -> tuple[keras.Model, dict]:
     """Train a fresh head on cached features. Returns the head (features -> logit) and its history (Keras's).
@@ -111,12 +123,7 @@ def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epoc
         for i in tf.range(steps):
             idx = order[i * batch_size : (i + 1) * batch_size]
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
-            with tf.GradientTape() as tape:
-                p = clf(xb, training=True)
-                loss = loss_fn(yb, p)
-                if clf.losses:  # the head's L2 penalty
-                    loss += tf.add_n(clf.losses)
-            optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+            loss, p = _descend(clf, optimizer, loss_fn, weights, xb, yb)
             size = tf.cast(tf.shape(idx)[0], tf.float32)
             loss_sum += loss * size
             right += tf.reduce_sum(tf.cast(tf.equal(tf.cast(p >= 0.5, tf.float32), yb), tf.float32))
@@ -203,13 +210,7 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
         n_adv = tf.cast(tf.math.round(cfg.adv_ratio * tf.cast(tf.shape(x)[0], tf.float32)), tf.int32)
         x_adv = attacker.in_graph(x[:n_adv], y[:n_adv])
         x_mix = tf.concat([tf.stop_gradient(x_adv), x[n_adv:]], axis=0)
-        with tf.GradientTape() as tape:
-            p = model(x_mix, training=True)
-            loss = loss_fn(y, p)
-            if model.losses:  # the head's L2 penalty
-                loss += tf.add_n(model.losses)
-        optimizer.apply_gradients(zip(tape.gradient(loss, trainable), trainable))
-        return loss
+        return _descend(model, optimizer, loss_fn, trainable, x_mix, y)[0]
 
     from tqdm import tqdm
 

@@ -28,8 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     params = cli.load_params(args)
     pre = params.preprocess
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        raise ConfigError(f"--threshold must lie in (0, 1) (got {args.threshold})")
+    cli.check_threshold(args.threshold)
     if args.output.exists() and not args.output.is_dir():
         raise ConfigError(f"--output {args.output}: exists and is not a folder")
     # Read the input first: a wrong path is reported before the model takes seconds to load.

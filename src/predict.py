@@ -26,8 +26,7 @@ def main() -> None:
     if (args.input is None) != (args.output is None):
         raise ConfigError("--input and --output go together")
     params = cli.load_params(args)
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        raise ConfigError(f"--threshold must lie in (0, 1) (got {args.threshold})")
+    cli.check_threshold(args.threshold)
     out = params.paths.predictions
     # (where, the part of it to read, the CSV): Test_dataset_1 is the test half of the raw dataset
     jobs = ([(args.input, "", args.output)] if args.input is not None else
