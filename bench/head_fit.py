@@ -1,16 +1,16 @@
-"""What one tuning trial costs at CIFAKE size: ``training.fit_head`` on 80,000 x 2,048 cached features, against
-the arithmetic it needs, measured in the same run.
+"""What one tuning trial costs at CIFAKE size: ``training.HeadTrainer`` (one for all fits, as tune shares one among
+its trials) on 80,000 x 2,048 cached features, against the arithmetic it needs, measured in the same run.
 
     python bench/head_fit.py                 # 80,000 train / 20,000 val random features, 3 fits x 4 epochs
     python bench/head_fit.py --n 8000        # the default sample's size
 
 The features are random (cost does not depend on their values). Per fit, one JSON line: seconds per epoch (the
-first epoch, which traces the compiled loop, apart), the process's peak RSS so far, and the **floor**: the epoch's
-matrix FLOPs (forward 2·(2048·256 + 256·64 + 64) per image; backward the same again for the weight gradients,
-plus the input gradients of the two layers after the first) over ``tf.linalg.matmul``'s rate on 4096² float32
-measured at the start of the run, and over its rate on the head's own first-layer shape (batch x 2048 @ 2048 x 256),
-which small GEMMs reach less well. The non-matrix work (batch norm, dropout, Adam on 545k weights, the gathers) is
-not in the floor.
+first epoch apart: in the first fit it traces the compiled loop), the process's peak RSS so far, and the **floor**:
+the epoch's matrix FLOPs (forward 2·(2048·256 + 256·64 + 64) per image; backward twice that, the weight gradients
+and the input gradients of all three layers, the first one's for the batch norm before it) over
+``tf.linalg.matmul``'s rate on 4096² float32 measured at the start of the run, and over its rate on the head's own
+first-layer shape (batch x 2048 @ 2048 x 256), which small GEMMs reach less well. The non-matrix work (batch norm,
+dropout, Adam on 545k weights, the gathers) is not in the floor.
 """
 from __future__ import annotations
 
@@ -69,11 +69,15 @@ def main() -> None:
     data = training.Arrays(rng.standard_normal((n, 2048), dtype=np.float32), (rng.random(n) < 0.5).astype(np.uint8),
                            rng.standard_normal((nv, 2048), dtype=np.float32), (rng.random(nv) < 0.5).astype(np.uint8))
     forward = 2 * (2048 * 256 + 256 * 64 + 64)
-    backward = forward + 2 * (256 * 64 + 64)  # weight gradients of all, input gradients past the first layer
+    # Weight gradients of all three layers, and input gradients of all three too: the first layer's is what the
+    # batch norm before it (trainable gamma and beta) learns from.
+    backward = 2 * forward
     flop_epoch = n * (forward + backward) + nv * forward  # + the validation pass
 
+    import keras
+
+    trainer = training.HeadTrainer(data, params.model.l2, batch)  # as tune shares one among its trials
     for fit in range(args.fits):
-        import keras
 
         marks = []
 
@@ -83,7 +87,7 @@ def main() -> None:
 
         load = loadavg()
         t0 = time.perf_counter()
-        training.fit_head(data, 0.3, 1e-3, params.model.l2, args.epochs, batch, [Clock()])
+        trainer.fit(0.3, 1e-3, args.epochs, [Clock()], seed=fit)
         epochs_s = [b - a for a, b in zip([t0, *marks], marks)]
         steady = statistics.median(epochs_s[1:]) if len(epochs_s) > 1 else epochs_s[0]
         emit("head_fit", load, fit=fit, n_train=n, n_val=nv, batch_size=batch, first_epoch_s=round(epochs_s[0], 3),

@@ -3,6 +3,7 @@
     python bench/openvino.py                     # 4,096 images, batch 256 (a few minutes on 2 cores)
     python bench/openvino.py --images 1024       # quicker
     python bench/openvino.py --trained           # also bf16 vs f32 labels of the trained models on the test split
+    python bench/openvino.py --trained-only      # only those labels (clean and attacked), no speed figures
 
 OpenVINO (2026.4.1) is a project dependency since the pipeline's inference passes run on it
 (``pipeline.inference``). Its converter sends telemetry unless a consent file says no or it believes it runs in
@@ -129,7 +130,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trained", action="store_true",
                         help="also bf16 vs f32 labels of the trained models (models/) on the whole test split")
+    parser.add_argument("--trained-only", action="store_true", help="only the labels of --trained")
     args = parser.parse_args()
+    if args.trained_only:
+        return trained_agreement(args.batch)
 
     import openvino as ov
     import tensorflow as tf  # noqa: F401  (import cost kept out of the figures)
@@ -223,24 +227,34 @@ def main() -> None:
 
 
 def trained_agreement(batch: int) -> None:
-    """bf16 against f32 on the trained models of the last `dvc repro`, over the whole test split: the share of
-    test images whose label (at each model's own threshold) is the same."""
+    """bf16 against f32 on the trained models of the last `dvc repro`, over the whole test split, clean and attacked
+    as evaluate attacks it (white-box, in TensorFlow: the mission's attack on every image, the PGD diagnostic on
+    evaluate.diagnostic_images): the share of images whose label (at each model's own threshold) is the same."""
     from pipeline import config, inference, predicting
-    from pipeline.data import load_split
+    from pipeline.attacks import Attacker, to_uint8
+    from pipeline.data import load_split, stratified_subset
 
     params = config.load(ROOT / "params.yaml")
+    ev = params.evaluate
     test = load_split(ROOT / params.paths.processed, "test")
+    pgd_pick = stratified_subset(test.y, ev.diagnostic_images, params.base.seed)
     for path in (params.paths.model_adv, params.paths.model):
         model, threshold = predicting.load_with_threshold(str(ROOT / path))
         threshold = 0.5 if threshold is None else threshold
-        p = {prec: inference.predict_proba(model, test.x, config.Inference(engine="openvino", precision=prec), batch)
-             for prec in ("f32", "bf16")}
-        p_tf = inference.predict_proba(model, test.x, config.Inference(engine="tensorflow"), batch)
-        emit("bf16_labels_trained", None, model=str(path), images=len(test.x), threshold=threshold,
-             label_agreement_bf16_vs_f32=round(float(np.mean((p["bf16"] >= threshold) == (p["f32"] >= threshold))), 5),
-             label_agreement_f32_vs_tf=round(float(np.mean((p["f32"] >= threshold) == (p_tf >= threshold))), 5),
-             max_abs_err_bf16=float(f"{np.abs(p['bf16'] - p['f32']).max():.3g}"),
-             max_abs_err_f32_vs_tf=float(f"{np.abs(p['f32'] - p_tf).max():.3g}"))
+        sets = {"clean": test.x,
+                "fgsm": to_uint8(Attacker(model, ev.attack, params.base.seed).perturb(test.x, test.y, ev.batch_size)),
+                "pgd": to_uint8(Attacker(model, ev.diagnostic, params.base.seed).perturb(
+                    test.x[pgd_pick], test.y[pgd_pick], ev.batch_size))}
+        for name, x in sets.items():
+            p = {prec: inference.predict_proba(model, x, config.Inference(engine="openvino", precision=prec), batch)
+                 for prec in ("f32", "bf16")}
+            p_tf = inference.predict_proba(model, x, config.Inference(engine="tensorflow"), batch)
+            same = (p["bf16"] >= threshold) == (p["f32"] >= threshold)
+            emit("bf16_labels_trained", None, model=str(path), images=name, n=len(x), threshold=threshold,
+                 label_agreement_bf16_vs_f32=round(float(np.mean(same)), 5), labels_differing=int((~same).sum()),
+                 label_agreement_f32_vs_tf=round(float(np.mean((p["f32"] >= threshold) == (p_tf >= threshold))), 5),
+                 max_abs_err_bf16=float(f"{np.abs(p['bf16'] - p['f32']).max():.3g}"),
+                 max_abs_err_f32_vs_tf=float(f"{np.abs(p['f32'] - p_tf).max():.3g}"))
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ class Threshold(Section):
 
 class Inference(Section):
     engine: Literal["auto", "openvino", "tensorflow"] = "auto"
-    precision: Literal["f32", "bf16"] = "f32"  # OpenVINO's inference precision
+    precision: Literal["f32", "bf16", "auto"] = "f32"  # OpenVINO's inference precision (auto: its choice here)
 
 
 class Predict(Section):

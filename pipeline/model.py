@@ -95,16 +95,21 @@ def set_trainable(backbone: keras.Model, trainable_from: str | None) -> None:
         layer.trainable = i >= start and not isinstance(layer, layers.BatchNormalization)
 
 
-def build_head(dropout: float, l2: float) -> keras.Model:
-    """Pooled features (2048) -> logit. Global average pooling sits just before it in the full model."""
+def build_head(dropout: float, l2: float, seed: int | None = None) -> keras.Model:
+    """Pooled features (2048) -> logit. Global average pooling sits just before it in the full model. ``seed``
+    fixes the initial weights (None: Keras's global generator)."""
+    def init(i: int):
+        return "glorot_uniform" if seed is None else keras.initializers.GlorotUniform(seed + i)
+
     features = keras.Input((FEATURE_DIM,), name="features")
     # momentum 0.9, not Keras's 0.99: a head trains for few steps on small data, and at 0.99 the moving statistics
     # of features far from N(0, 1) (a random backbone's reach ~10) are still half their initial values by then.
     x = layers.BatchNormalization(momentum=0.9, name="head_bn")(features)
-    x = layers.Dense(256, activation="relu", kernel_regularizer=keras.regularizers.L2(l2), name="head_dense256")(x)
+    x = layers.Dense(256, activation="relu", kernel_regularizer=keras.regularizers.L2(l2), kernel_initializer=init(0),
+                     name="head_dense256")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
-    x = layers.Dense(64, activation="relu", name="head_dense64")(x)
-    logit = layers.Dense(1, dtype="float32", name="logit")(x)
+    x = layers.Dense(64, activation="relu", kernel_initializer=init(1), name="head_dense64")(x)
+    logit = layers.Dense(1, dtype="float32", kernel_initializer=init(2), name="logit")(x)
     return keras.Model(features, logit, name="head")
 
 

@@ -84,65 +84,106 @@ def early_stopping(patience: int) -> keras.callbacks.EarlyStopping:
     return keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
 
 
-def _descend(model: keras.Model, optimizer, loss_fn, weights: list, x: tf.Tensor, y: tf.Tensor):
-    """One gradient step on ``weights``, inside a compiled function: ``loss_fn`` of the model's P(FAKE) plus its
-    regularisation (the head's L2 penalty). Returns the loss and P(FAKE)."""
-    with tf.GradientTape() as tape:
-        p = model(x, training=True)
-        loss = loss_fn(y, p)
-        if model.losses:
-            loss += tf.add_n(model.losses)
-    optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
-    return loss, p
+class HeadTrainer:
+    """Trains heads on one set of cached features, any number of times (the tuning trials), through one compiled
+    epoch loop traced once.
+
+    A head step on cached features is a millisecond of arithmetic, so Keras's ``fit`` (a data pipeline per call,
+    dispatch per step) would cost more than the steps, and tracing a fresh loop per trial ~1.6 s (a trial's epoch
+    at CIFAKE size is ~1.2 s). Here the features stay resident as one tensor, each epoch is one compiled loop over
+    shuffled batches, and one head and optimizer are reset for each fit: fresh seeded weights, zeroed optimizer
+    slots, the learning rate and dropout rate held in variables the loop reads. Validation runs once an epoch in
+    :class:`ValidationScores` (ahead of the other callbacks, which see ``loss``, ``accuracy``, ``val_loss`` and
+    the validation scores as Keras's ``fit`` would give them)."""
+
+    def __init__(self, data: Arrays, l2: float, batch_size: int):
+        self.data, self.l2, self.batch_size = data, l2, batch_size
+        self.head = build_head(0.0, l2)
+        self.classifier = head_classifier(self.head)
+        self.optimizer = keras.optimizers.Adam(1e-3)
+        self.optimizer.build(self.head.trainable_variables)
+        self._dropout = tf.Variable(0.0, trainable=False, name="dropout_rate")
+        self._noise = tf.random.Generator.from_seed(0)
+        # The head ends in a logit, so the cross-entropy is taken from it: what Keras's loss on a sigmoid output
+        # computes too (it reads the sigmoid's input back).
+        self._loss = keras.losses.BinaryCrossentropy(from_logits=True)
+        x, y = data.resident()
+        n, steps = len(data.x_train), math.ceil(len(data.x_train) / batch_size)
+        self.steps = steps
+
+        @tf.function(input_signature=[tf.TensorSpec((n,), tf.int32)])
+        def epoch(order):
+            loss_sum, right = tf.constant(0.0), tf.constant(0.0)
+            for i in tf.range(steps):
+                idx = order[i * batch_size : (i + 1) * batch_size]
+                xb, yb = tf.gather(x, idx), tf.gather(y, idx)
+                loss, logit = self._step(xb, yb)
+                loss_sum += loss * tf.cast(tf.shape(idx)[0], tf.float32)
+                right += tf.reduce_sum(tf.cast(tf.equal(tf.cast(logit >= 0.0, tf.float32), yb), tf.float32))
+            return loss_sum / n, right / n
+
+        self._epoch = epoch
+
+    def _logit(self, x: tf.Tensor) -> tf.Tensor:
+        """The head in training mode, its dropout at the rate of this fit."""
+        for layer in self.head.layers[1:]:
+            if isinstance(layer, keras.layers.Dropout):
+                x = tf.nn.experimental.stateless_dropout(x, tf.cast(self._dropout, x.dtype),
+                                                         seed=self._noise.make_seeds(1)[:, 0])
+            else:
+                x = layer(x, training=True)
+        return tf.cast(x, tf.float32)
+
+    def _step(self, x: tf.Tensor, y: tf.Tensor):
+        weights = self.head.trainable_variables
+        with tf.GradientTape() as tape:
+            logit = self._logit(x)
+            loss = self._loss(y, logit)
+            if self.head.losses:
+                loss += tf.add_n(self.head.losses)  # the L2 penalty
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+        return loss, logit
+
+    def fit(self, dropout: float, learning_rate: float, epochs: int, callbacks: list[keras.callbacks.Callback] = (),
+            seed: int | None = None, verbose: int = 0) -> tuple[keras.Model, dict]:
+        """Train a fresh head. Returns it (features -> logit, a head of its own with ``dropout``) and its history.
+        ``seed`` fixes its initial weights, shuffling and dropout; None draws one from NumPy's global generator
+        (which the stages seed)."""
+        if seed is None:
+            seed = int(np.random.randint(2**31 - 1))
+        head = build_head(dropout, self.l2, seed=seed)
+        self.head.set_weights(head.get_weights())  # batch norm's moving statistics included
+        for v in self.optimizer.variables:
+            v.assign(tf.zeros_like(v))
+        self.optimizer.learning_rate = learning_rate
+        self._dropout.assign(dropout)
+        self._noise.reset_from_seed(seed)
+        shuffle = np.random.default_rng(seed)
+        n = len(self.data.x_train)
+
+        clf = self.classifier
+        hooks = keras.callbacks.CallbackList(
+            [ValidationScores(self.data.x_val, self.data.y_val, 4096), *callbacks], add_history=True,
+            add_progbar=verbose != 0, model=clf, verbose=verbose, epochs=epochs, steps=self.steps)
+        clf.stop_training = False
+        hooks.on_train_begin()
+        for e in range(epochs):
+            hooks.on_epoch_begin(e)
+            loss, accuracy = self._epoch(tf.constant(shuffle.permutation(n).astype(np.int32)))
+            hooks.on_epoch_end(e, {"loss": float(loss), "accuracy": float(accuracy)})
+            if clf.stop_training:
+                break
+        hooks.on_train_end()  # EarlyStopping may restore its best epoch's weights here
+        head.set_weights(self.head.get_weights())
+        return head, clf.history.history
 
 
 def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epochs: int, batch_size: int,
-             callbacks: list[keras.callbacks.Callback] = (), verbose: int = 0) -> tuple[keras.Model, dict]:
-    """Train a fresh head on cached features. Returns the head (features -> logit) and its history (Keras's).
-
-    A head step on cached features is a millisecond of arithmetic, so Keras's ``fit`` (a data pipeline per call,
-    dispatch per step) would cost more than the steps: here the features stay resident as one tensor, each epoch is
-    one compiled loop over shuffled batches, and validation runs once per epoch in :class:`ValidationScores` (ahead
-    of the other callbacks, which see ``loss``, ``accuracy``, ``val_loss`` and the validation scores as usual).
-    Shuffling draws from NumPy's global generator, which the stages seed."""
-    head = build_head(dropout, l2)
-    clf = head_classifier(head)
-    optimizer = keras.optimizers.Adam(learning_rate)
-    weights = head.trainable_variables
-    optimizer.build(weights)
-    x, y = data.resident()
-    n = len(data.x_train)
-    steps = math.ceil(n / batch_size)
-    # Keras's cross-entropy on the sigmoid's output, as compile() + fit() would: it clips P(FAKE) to [1e-7, 1 - 1e-7],
-    # so a confidently right image stops pulling its logit further out (from_logits would not stop).
-    loss_fn = keras.losses.BinaryCrossentropy()
-
-    @tf.function(input_signature=[tf.TensorSpec((n,), tf.int32)])
-    def epoch(order):
-        loss_sum, right = tf.constant(0.0), tf.constant(0.0)
-        for i in tf.range(steps):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
-            loss, p = _descend(clf, optimizer, loss_fn, weights, xb, yb)
-            size = tf.cast(tf.shape(idx)[0], tf.float32)
-            loss_sum += loss * size
-            right += tf.reduce_sum(tf.cast(tf.equal(tf.cast(p >= 0.5, tf.float32), yb), tf.float32))
-        return loss_sum / n, right / n
-
-    hooks = keras.callbacks.CallbackList([ValidationScores(data.x_val, data.y_val, 4096), *callbacks],
-                                         add_history=True, add_progbar=verbose != 0, model=clf, verbose=verbose,
-                                         epochs=epochs, steps=steps)
-    clf.stop_training = False
-    hooks.on_train_begin()
-    for e in range(epochs):
-        hooks.on_epoch_begin(e)
-        loss, accuracy = epoch(tf.constant(np.random.permutation(n).astype(np.int32)))
-        logs = {"loss": float(loss), "accuracy": float(accuracy)}
-        hooks.on_epoch_end(e, logs)
-        if clf.stop_training:
-            break
-    hooks.on_train_end()
-    return head, clf.history.history
+             callbacks: list[keras.callbacks.Callback] = (), verbose: int = 0,
+             seed: int | None = None) -> tuple[keras.Model, dict]:
+    """Train one head on cached features (see :class:`HeadTrainer`, which several fits on the same features should
+    share). Returns the head (features -> logit) and its history (Keras's)."""
+    return HeadTrainer(data, l2, batch_size).fit(dropout, learning_rate, epochs, callbacks, seed, verbose)
 
 
 def image_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
@@ -210,7 +251,12 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
         n_adv = tf.cast(tf.math.round(cfg.adv_ratio * tf.cast(tf.shape(x)[0], tf.float32)), tf.int32)
         x_adv = attacker.in_graph(x[:n_adv], y[:n_adv])
         x_mix = tf.concat([tf.stop_gradient(x_adv), x[n_adv:]], axis=0)
-        return _descend(model, optimizer, loss_fn, trainable, x_mix, y)[0]
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x_mix, training=True))
+            if model.losses:
+                loss += tf.add_n(model.losses)  # the head's L2 penalty
+        optimizer.apply_gradients(zip(tape.gradient(loss, trainable), trainable))
+        return loss
 
     from tqdm import tqdm
 

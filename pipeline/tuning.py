@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -25,7 +25,7 @@ from pipeline.attacks import Attacker, to_uint8
 from pipeline.errors import TuneError
 from pipeline.model import assemble, batched, build_head, build_model, forward_fn, head_classifier
 from pipeline.tracking import process_alive
-from pipeline.training import Arrays, MlflowEpochLogger, fit_head, fit_model
+from pipeline.training import Arrays, HeadTrainer, MlflowEpochLogger, fit_model
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -144,6 +144,7 @@ class Objective:
     backbone: keras.Model | None = None  # frozen mode: the backbone the features came from
     x_val_images: np.ndarray | None = None  # frozen mode, robust objective: the images behind data.x_val
     parent_run_id: str | None = None  # the study's MLflow run, when this process did not open it (a worker)
+    _heads: HeadTrainer | None = field(default=None, init=False, repr=False)  # frozen mode: one loop for all trials
 
     def __call__(self, trial: optuna.Trial) -> float:
         import mlflow
@@ -161,8 +162,12 @@ class Objective:
             mlflow.log_params(hp)
             try:
                 if m.frozen:
-                    head, _ = fit_head(self.data, hp["dropout"], hp["learning_rate"], m.l2, t.epochs, t.batch_size,
-                                       callbacks)
+                    if self._heads is None:
+                        self._heads = HeadTrainer(self.data, m.l2, t.batch_size)
+                    # Seeded by its number: a trial's result depends on its parameters, not on which trials this
+                    # process ran before it (a resumed study, several workers).
+                    head, _ = self._heads.fit(hp["dropout"], hp["learning_rate"], t.epochs, callbacks,
+                                              seed=self.params.base.seed + trial.number)
                     scores = self.score_head(head)
                 else:
                     model = build_model(m, hp["dropout"], self.params.base.seed)

@@ -25,7 +25,7 @@ def main() -> None:
         if m.frozen:
             data = features.for_head(model, params)
             head, history = training.fit_head(data, hp["dropout"], hp["learning_rate"], m.l2, t.epochs, t.batch_size,
-                                              callbacks, verbose=2)
+                                              callbacks, verbose=2, seed=params.base.seed)
             model = modellib.assemble(modellib.backbone_of(model), head, m.image_size)
             p_val = modellib.predict_proba(modellib.head_classifier(head), data.x_val, 4096)  # the cached features
         else:

@@ -102,7 +102,7 @@ def separable_images(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.nd
     return np.concatenate([dark, bright]), np.repeat(np.array([0, 1], np.uint8), n_per_class)
 
 
-HEAD_SEED = 4
+HEAD_SEED = 1
 
 
 @dataclass
@@ -118,7 +118,6 @@ class TinyModel:
 @pytest.fixture(scope="session")
 def tiny_model() -> TinyModel:
     """Built and trained once per worker: ~10 s (frozen backbone, head on cached features)."""
-    import keras
 
     from pipeline import features, model, training
 
@@ -126,12 +125,11 @@ def tiny_model() -> TinyModel:
     x, y = separable_images(64)
     built = model.build_model(cfg, dropout=0.0, seed=SEED)
     feats = features.extract(built, x, 128)
-    # The head's own seed (shuffling): where its boundary falls between dark and bright is chance, and the Grad-CAM
-    # tests want one that leaves some grey images unsaturated and reads the bright patch as the evidence.
-    keras.utils.set_random_seed(HEAD_SEED)
-    # Small batches, enough steps for the head's BatchNormalization moving statistics to settle.
+    # The head's own seed (initial weights, shuffling): where its boundary falls between dark and bright is chance,
+    # and the Grad-CAM tests want one that leaves some grey images unsaturated and reads the bright patch as the
+    # evidence. Small batches, enough steps for the head's BatchNormalization moving statistics to settle.
     head, _ = training.fit_head(training.Arrays(feats, y, feats, y), dropout=0.0, learning_rate=3e-3, l2=cfg.l2,
-                                epochs=12, batch_size=8)
+                                epochs=12, batch_size=8, seed=HEAD_SEED)
     full = model.assemble(model.backbone_of(built), head, cfg.image_size)
     p = model.predict_proba(full, x)
     assert ((p >= 0.5) == y).mean() == 1.0, "the tiny model did not learn bright vs dark"

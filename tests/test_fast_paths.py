@@ -8,6 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pipeline import config, evaluation, metrics, model, training
 
@@ -47,6 +48,41 @@ def test_head_fit_is_reproducible_under_the_same_seed() -> None:
     assert hist_a["loss"] == hist_b["loss"]
     for wa, wb in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_array_equal(wa, wb)
+
+
+def test_one_trainer_refits_from_scratch_each_time_and_traces_its_loop_once() -> None:
+    # The tuning trials share one HeadTrainer: a fit must not inherit anything (weights, batch norm statistics,
+    # optimizer slots, learning rate, dropout rate or noise, shuffling) from the fits before it.
+    data = separable_features(200)
+    trainer = training.HeadTrainer(data, l2=1e-4, batch_size=32)
+    a, hist_a = trainer.fit(0.2, 3e-3, 3, seed=5)
+    other, hist_other = trainer.fit(0.45, 1e-2, 2, seed=9)  # another trial in between
+    b, hist_b = trainer.fit(0.2, 3e-3, 3, seed=5)
+    alone, hist_alone = training.fit_head(data, 0.2, 3e-3, 1e-4, 3, 32, seed=5)
+    assert hist_a["loss"] == hist_b["loss"] == hist_alone["loss"]
+    assert hist_other["loss"][0] != hist_a["loss"][0]
+    for wa, wb, wc in zip(a.get_weights(), b.get_weights(), alone.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+        np.testing.assert_array_equal(wa, wc)
+    assert trainer._epoch.experimental_get_tracing_count() == 1
+    # Each returned head is its own model, with its fit's dropout rate, and keeps its weights after later fits.
+    assert a.get_layer("head_dropout").rate == 0.2 and other.get_layer("head_dropout").rate == 0.45
+    assert not np.array_equal(a.get_weights()[4], other.get_weights()[4])
+
+
+def test_the_dropout_rate_reaches_the_compiled_loop() -> None:
+    # One trace for every rate: the rate must be read from its variable, not baked into the graph.
+    data = separable_features(200)
+    trainer = training.HeadTrainer(data, l2=1e-4, batch_size=32)
+    losses = {rate: trainer.fit(rate, 3e-3, 2, seed=5)[1]["loss"] for rate in (0.0, 0.5, 0.0, 0.9)}
+    assert losses[0.0] == trainer.fit(0.0, 3e-3, 2, seed=5)[1]["loss"]
+    assert len({tuple(v) for v in losses.values()}) == 3  # the same seed: only the rate differs
+    assert trainer._epoch.experimental_get_tracing_count() == 1
+    x = tf.constant(data.x_train[:64])
+    trainer._dropout.assign(0.0)
+    np.testing.assert_array_equal(trainer._logit(x), trainer._logit(x))
+    trainer._dropout.assign(0.5)
+    assert not np.array_equal(trainer._logit(x), trainer._logit(x))
 
 
 def test_callbacks_stop_the_loop_and_restore_the_best_epoch() -> None:

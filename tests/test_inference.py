@@ -14,7 +14,7 @@ from pipeline import config, features, inference
 from pipeline.model import batched, feature_extractor, forward_fn
 
 REPO = Path(__file__).resolve().parents[1]
-OPENVINO = config.Inference(engine="openvino")
+OPENVINO = config.Inference(engine="openvino", precision="f32")
 TENSORFLOW = config.Inference(engine="tensorflow")
 
 
@@ -66,6 +66,16 @@ def test_bf16_stays_close_to_float32(tiny_model) -> None:
     p_bf16 = inference.predict_proba(tiny_model.model, tiny_model.x, bf16)
     assert np.abs(p_bf16 - p_f32).max() < 0.05
     assert np.array_equal(p_bf16 >= 0.5, p_f32 >= 0.5)
+
+
+def test_auto_precision_is_what_openvino_picks_on_this_cpu_and_keys_what_it_computes() -> None:
+    import openvino as ov
+
+    auto = config.Inference(engine="openvino", precision="auto")
+    chosen = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    assert inference.precision(auto) == chosen in ("f32", "bf16", "f16")
+    assert inference.describe(auto) == f"openvino-{chosen}"  # the feature cache and the logs name the real one
+    assert inference.precision(OPENVINO) == "f32"
 
 
 def test_runner_is_built_once_per_model_and_engine(tiny_model) -> None:
