@@ -187,8 +187,10 @@ def test_tune_stage_with_two_workers_logs_every_trial_under_one_parent(tmp_path:
     from pipeline import data, sample
     from tests.conftest import PARAMS_FILE, tmp_overrides
 
-    # Trials long enough (15 epochs, no pruning) that the second process, which starts TensorFlow first, gets some.
-    overrides = tmp_overrides(tmp_path) + ["tune.n_trials=10", "tune.epochs=15", "tune.pruner=none", "tune.workers=2",
+    # Trials long enough (60 epochs, no pruning, no early stop: ~1 s each) that the second process, which starts
+    # TensorFlow first, gets some.
+    overrides = tmp_overrides(tmp_path) + ["tune.n_trials=10", "tune.epochs=60", "tune.pruner=none",
+                                           "tune.patience=null", "tune.workers=2",
                                            f"tune.storage=journal:///{tmp_path}/optuna/study.log"]
     params = config.load(PARAMS_FILE, overrides)
     raw = tmp_path / "raw.zip"
