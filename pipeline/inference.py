@@ -68,13 +68,7 @@ def describe(cfg: config.Inference) -> str:
 
 def engine_version(cfg: config.Inference) -> str:
     """The OpenVINO runtime's version when it computes (TensorFlow's is recorded wherever its output is)."""
-    if resolve(cfg) != "openvino":
-        return ""
-    try:
-        import openvino
-    except ImportError:
-        return "not installed"
-    return openvino.get_version()
+    return _openvino().get_version() if resolve(cfg) == "openvino" else ""
 
 
 class Runner:

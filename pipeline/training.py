@@ -89,15 +89,15 @@ class HeadTrainer:
     epoch loop traced once.
 
     A head step on cached features is a millisecond of arithmetic, so Keras's ``fit`` (a data pipeline per call,
-    dispatch per step) would cost more than the steps, and tracing a fresh loop per trial ~1.6 s (a trial's epoch
-    at CIFAKE size is ~1.2 s). Here the features stay resident as one tensor, each epoch is one compiled loop over
-    shuffled batches, and one head and optimizer are reset for each fit: fresh seeded weights, zeroed optimizer
-    slots, the learning rate and dropout rate held in variables the loop reads. Validation runs once an epoch in
-    :class:`ValidationScores` (ahead of the other callbacks, which see ``loss``, ``accuracy``, ``val_loss`` and
-    the validation scores as Keras's ``fit`` would give them)."""
+    dispatch per step) would cost more than the steps, and tracing a fresh loop per trial ≈ 0.5 s (an epoch at
+    CIFAKE size is 1.0–1.4 s: bench/head_fit.py). Here the features stay resident as one tensor, each epoch is one
+    compiled loop over shuffled batches, and one head and optimizer are reset for each fit: fresh seeded weights,
+    zeroed optimizer slots, the learning rate and dropout rate held in variables the loop reads. Validation runs
+    once an epoch in :class:`ValidationScores` (ahead of the other callbacks, which see ``loss``, ``accuracy``,
+    ``val_loss`` and the validation scores as Keras's ``fit`` would give them)."""
 
     def __init__(self, data: Arrays, l2: float, batch_size: int):
-        self.data, self.l2, self.batch_size = data, l2, batch_size
+        self.data, self.l2 = data, l2
         self.head = build_head(0.0, l2)
         self.classifier = head_classifier(self.head)
         self.optimizer = keras.optimizers.Adam(1e-3)
