@@ -1,15 +1,21 @@
 """Check the pipeline's robustness figures with attacks it does not use itself.
 
     python bench/robustness.py                       # the models and test split of the last `dvc repro`
-    python bench/robustness.py --images 500 --epsilons 8 12 16
+    python bench/robustness.py --images 500 --epsilons 8 12 16 --queries 1000
 
-For each model (after `train`, after `advtrain`), on a seeded stratified subset of the test split, prints one JSON
-line per attack with balanced accuracy, ROC AUC and the share called FAKE:
+For each model (after `train`, after `advtrain`), on a seeded stratified subset of the test split, judged at the
+threshold stored beside it (as evaluate judges it), prints one JSON line per attack with balanced accuracy, ROC
+AUC and the share called FAKE:
 
 * ``pgd50x3-margin``: 50 steps of 1/255 on the logit margin, 3 random restarts, worst restart kept per image;
 * ``pgd50-ce-step2``: 50 steps of 2/255 on cross-entropy (the sigmoid's, in float32, as a plain implementation
   would do it);
-* ``mark``: no gradient at all, the perturbation aimed at the sample's robust cue (-epsilon x the 2x2 phase mark
+* ``transfer``: the after-``train`` model's ``pgd50x3-margin`` images, replayed on the model after ``advtrain``
+  (gradient masking in the defended model does not stop an attack made elsewhere);
+* ``square``: the score-based black-box Square attack (Andriushchenko et al. 2020: random vertical stripes, then
+  random squares of +-epsilon accepted when the margin at the stored threshold drops), ``--queries`` model calls
+  an image, no gradient at all;
+* ``mark``: no gradient either, the perturbation aimed at the sample's robust cue (-epsilon x the 2x2 phase mark
   towards the other class): what an attacker who knows the sample does;
 * ``worst``: per image, the worst of these and of the pipeline's own two attacks.
 
@@ -41,6 +47,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="test images (seeded, stratified subset)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0])
     parser.add_argument("--restarts", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=1000, help="Square attack: model calls an image")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -60,9 +67,12 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
 
-    for name, path in (("advtrained", params.paths.model_adv), ("baseline", params.paths.model)):
+    made_on_baseline: dict[float, np.ndarray] = {}
+    for name, path in (("baseline", params.paths.model), ("advtrained", params.paths.model_adv)):
         model = modellib.load(path)
         logits = modellib.logits_model(model)
+        threshold = json.loads(Path(path).with_suffix(".json").read_text())["threshold"]
+        cut = float(np.log(threshold / (1 - threshold)))  # the logit at the stored threshold
 
         @tf.function
         def grad(x, kind):
@@ -80,22 +90,60 @@ def main() -> None:
         def probs(x: np.ndarray) -> np.ndarray:
             return modellib.predict_proba(model, x)
 
-        def pgd(eps: float, steps: int, step: float, kind: str, restarts: int, seed: int) -> np.ndarray:
+        def margin(x: np.ndarray) -> np.ndarray:
+            """> 0 while the image is still called right at the stored threshold."""
+            return (2.0 * y - 1.0) * (modellib.batched(modellib.forward_fn(logits), x, 256)[:, 0] - cut)
+
+        def pgd(eps: float, steps: int, step: float, kind: str, restarts: int, seed: int) -> tuple:
             rng = np.random.default_rng(seed)
-            worst = None
+            worst, images = None, None
             for _ in range(restarts):
                 x = tf.clip_by_value(x0 + rng.uniform(-eps, eps, x0.shape).astype(np.float32), 0.0, 1.0)
                 for _ in range(steps):
                     x = x + step * tf.sign(grad(x, kind))
                     x = tf.clip_by_value(tf.clip_by_value(x, x0 - eps, x0 + eps), 0.0, 1.0)
-                p = probs(to_uint8(x.numpy()))
-                worst = p if worst is None else metrics.worst_case(y, worst, p)
-            return worst
+                x8 = to_uint8(x.numpy())
+                p = probs(x8)
+                if worst is None:
+                    worst, images = p, x8
+                else:
+                    now = metrics.worst_case(y, worst, p)
+                    images = np.where((now != worst)[:, None, None, None], x8, images)
+                    worst = now
+            return worst, images
+
+        def square(eps: float, queries: int, seed: int) -> np.ndarray:
+            """Square attack, L-infinity, on [0, 1] images; returns the attacked images as uint8."""
+            rng = np.random.default_rng(seed)
+            x = x_u8.astype(np.float32) / 255.0
+            n, h, w, c = x.shape
+            stripes = rng.choice([-eps, eps], (n, 1, w, c)).astype(np.float32)
+            best = np.clip(x + stripes, 0.0, 1.0)
+            best_margin = margin(to_uint8(best))
+            for i in range(queries - 1):
+                active = np.flatnonzero(best_margin > 0)
+                if not len(active):
+                    break
+                frac = 0.05 / 2 ** sum(i >= queries * k / 10_000 for k in (10, 50, 200, 500, 1000, 2000, 4000,
+                                                                                6000, 8000))
+                side = max(1, min(h - 1, int(round(np.sqrt(frac * h * w)))))
+                trial = best[active].copy()
+                for j, img in enumerate(trial):
+                    r, q = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+                    img[r:r + side, q:q + side] = np.clip(
+                        x[active[j], r:r + side, q:q + side] + rng.choice([-eps, eps], (1, 1, c)), 0.0, 1.0)
+                z = modellib.batched(modellib.forward_fn(logits), to_uint8(trial), 256)[:, 0]
+                new_margin = (2.0 * y[active] - 1.0) * (z - cut)
+                better = new_margin < best_margin[active]
+                best[active[better]] = trial[better]
+                best_margin[active[better]] = new_margin[better]
+            return to_uint8(best)
 
         def row(attack: str, eps: float, p: np.ndarray, seconds: float) -> None:
-            report(model=name, attack=attack, epsilon_255=eps, images=len(y),
-                   balanced_accuracy=round(float(balanced_accuracy_score(y, p >= 0.5)), 4),
-                   roc_auc=round(float(roc_auc_score(y, p)), 4), fake_share=round(float((p >= 0.5).mean()), 4),
+            called = p >= threshold
+            report(model=name, attack=attack, epsilon_255=eps, images=len(y), threshold=round(threshold, 4),
+                   balanced_accuracy=round(float(balanced_accuracy_score(y, called)), 4),
+                   roc_auc=round(float(roc_auc_score(y, p)), 4), fake_share=round(float(called.mean()), 4),
                    seconds=round(seconds, 1), cpu=cpu)
 
         for e in args.epsilons:
@@ -111,9 +159,19 @@ def main() -> None:
             for label, kw in (("pgd50x3-margin", dict(steps=50, step=1 / 255, kind="margin", restarts=args.restarts)),
                               ("pgd50-ce-step2", dict(steps=50, step=2 / 255, kind="ce", restarts=1))):
                 start = time.perf_counter()
-                p = pgd(eps, seed=1, **kw)
+                p, images = pgd(eps, seed=1, **kw)
                 row(label, e, p, time.perf_counter() - start)
                 found.append(p)
+                if label == "pgd50x3-margin" and name == "baseline":
+                    made_on_baseline[e] = images
+            if name == "advtrained" and e in made_on_baseline:
+                p = probs(made_on_baseline[e])
+                row("transfer", e, p, 0.0)
+                found.append(p)
+            start = time.perf_counter()
+            p = probs(square(eps, args.queries, seed=2))
+            row(f"square-{args.queries}", e, p, time.perf_counter() - start)
+            found.append(p)
             marked = x_u8.astype(np.float64) - e * (2.0 * y - 1.0)[:, None, None, None] * sample.CHECKERBOARD
             p = probs(np.clip(np.rint(marked), 0, 255).astype(np.uint8))
             row("mark", e, p, 0.0)

@@ -2,7 +2,7 @@
 
     python bench/sample.py                      # default size from params.yaml: time + peak memory
     python bench/sample.py --cifake             # 50k+50k train, 10k+10k test
-    python bench/sample.py --measure [--resnet] [--cnn]   # also the accuracy table in pipeline/sample.py
+    python bench/sample.py --measure [--resnet] [--cnn]   # also the bounds and single-cue baselines
 
 Accuracies are on the test split (photographs the train split never saw). Prints one JSON line per figure. The
 sample is written under bench/out/ (git-ignored).
@@ -65,9 +65,14 @@ def measure(root: Path, resnet: bool, cnn: bool) -> None:
         acc = model.fit(feats(xtr), ytr).score(feats(xte), yte)
         report(classifier=name, test_accuracy=round(float(acc), 3), n_train=len(ytr), n_test=len(yte))
 
-    for eps in (0, 4, 8, 10, 12, 16):
+    for eps in (0, 2, 4, 6, 8, 10, 12, 16):
+        bounds = sample.robustness_bounds(xte, yte, eps)
         report(classifier="reference: sign of the 2x2 phase mark (sample.mark_score)", epsilon_255=eps,
-               certified_test_accuracy=round(sample.certified_accuracy(xte, yte, eps), 4), n_test=len(yte))
+               certified_test_accuracy=round(sample.certified_accuracy(xte, yte, eps), 4),
+               certified_balanced_accuracy_lower_bound=round(bounds["lower"], 4),
+               balanced_accuracy_ceiling=round(bounds["upper"], 4), n_test=len(yte))
+    report(classifier="the sign of the line pattern (the non-robust cue, sample.lines_score), clean",
+           n_test=len(yte), test_accuracy=round(float(((sample.lines_score(xte) > 0) == yte).mean()), 4))
     score("logreg: RGB mean+std", mean_std, logreg())
     score("gradient boosting: RGB mean+std", mean_std, HistGradientBoostingClassifier(random_state=0))
     score("logreg: Laplacian energy", laplacian_energy, logreg())

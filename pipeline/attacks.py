@@ -105,14 +105,8 @@ class Attacker:
             out[i : i + batch_size] = self.perturb_batch(to_unit(x[i : i + batch_size]), y[i : i + batch_size], epsilon)
         return out
 
-    def sweep(self, x: np.ndarray, y: np.ndarray, epsilons: list[float], batch_size: int,
-              progress: str | None = None) -> dict[float, np.ndarray]:
-        """The attacked set at each epsilon, as uint8 (what a PNG holds).
-
-        FGSM's step direction, the sign of the input gradient at ``x``, does not depend on epsilon: one gradient
-        pass serves the whole list, where PGD needs a full attack per epsilon."""
-        if self.attack.name != "fgsm":
-            return {e: to_uint8(self.perturb(x, y, batch_size, e, progress)) for e in epsilons}
+    def signs(self, x: np.ndarray, y: np.ndarray, batch_size: int, progress: str | None = None) -> np.ndarray:
+        """The sign of each image's input gradient (int8): FGSM's step at every epsilon."""
         from tqdm import tqdm
 
         signs = np.empty((len(x), *INPUT_SHAPE), np.int8)
@@ -120,6 +114,19 @@ class Attacker:
         for i in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
             yb = tf.reshape(tf.cast(y[i : i + batch_size], tf.float32), (-1, 1))
             signs[i : i + batch_size] = self._sign(tf.constant(to_unit(x[i : i + batch_size])), yb).numpy()
+        return signs
+
+    def sweep(self, x: np.ndarray, y: np.ndarray, epsilons: list[float], batch_size: int,
+              progress: str | None = None, signs: np.ndarray | None = None) -> dict[float, np.ndarray]:
+        """The attacked set at each epsilon, as uint8 (what a PNG holds).
+
+        FGSM's step direction, the sign of the input gradient at ``x``, does not depend on epsilon: one gradient
+        pass (or the ``signs`` already computed for ``x``) serves the whole list, where PGD needs a full attack
+        per epsilon."""
+        if self.attack.name != "fgsm":
+            return {e: to_uint8(self.perturb(x, y, batch_size, e, progress)) for e in epsilons}
+        if signs is None:
+            signs = self.signs(x, y, batch_size, progress)
         unit = to_unit(x)
         return {e: to_uint8(np.clip(unit + np.float32(e / 255.0) * signs, 0.0, 1.0)) for e in epsilons}
 

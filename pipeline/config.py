@@ -113,12 +113,53 @@ class Data(Section):
         return self
 
 
+Amplitude = Annotated[float, Field(ge=0.0, le=60.0)]
+
+
+class MarkTier(Section):
+    """A share of each class's images whose 2x2 phase mark has an amplitude drawn uniformly from ``amplitude``."""
+
+    amplitude: tuple[Amplitude, Amplitude]  # [low, high] in 8-bit units; [0, 0] is no mark at all
+    real: Fraction  # share of the REAL images in this tier
+    fake: Fraction  # and of the FAKE ones
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MarkTier:
+        low, high = self.amplitude
+        if low > high:
+            raise ValueError(f"amplitude low ({low}) must be <= high ({high})")
+        return self
+
+    def share(self, label: int) -> float:
+        return self.fake if label == 1 else self.real
+
+
 class Sample(Section):
     train_per_class: PositiveInt
     test_per_class: PositiveInt
     jpeg_quality: Annotated[int, Field(ge=1, le=100)]
-    # Amplitude (8-bit units) of the class's 2x2 phase mark; 0 leaves only the faint, non-robust fingerprint.
-    mark: Annotated[float, Field(ge=0.0, le=60.0)] = 12.0
+    # The robust cue (pipeline/sample.py): tiers of images, each with its range of amplitudes (8-bit units) and its
+    # share of the REAL and of the FAKE images; each class's shares sum to 1. A single number is one tier: that
+    # amplitude on every image.
+    mark: tuple[MarkTier, ...] = Field(default=(MarkTier(amplitude=(12.0, 12.0), real=1.0, fake=1.0),), min_length=1)
+    # Amplitude of the non-robust cue (pipeline/sample.py), the same on every image; 0: none.
+    lines: Amplitude = 0.0
+
+    @field_validator("mark", mode="before")
+    @classmethod
+    def _one_amplitude_is_one_tier(cls, mark: Any) -> Any:
+        if isinstance(mark, (int, float)) and not isinstance(mark, bool):
+            return [{"amplitude": [mark, mark], "real": 1.0, "fake": 1.0}]
+        return mark
+
+    @field_validator("mark")
+    @classmethod
+    def _shares_sum_to_one(cls, mark: tuple[MarkTier, ...]) -> tuple[MarkTier, ...]:
+        for name in ("real", "fake"):
+            total = sum(getattr(t, name) for t in mark)
+            if abs(total - 1.0) > 1e-9:
+                raise ValueError(f"the tiers' {name} shares must sum to 1 (got {total:g})")
+        return mark
 
 
 class Preprocess(Section):

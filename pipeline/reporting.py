@@ -77,9 +77,16 @@ def roc(curves: dict[str, list[dict]], title: str = "ROC (FAKE positive)"):
     return fig
 
 
-def robustness(rows: list[dict], title: str = "Under attack (the mission's attack, white-box)"):
-    """``rows``: dicts with ``model``, ``epsilon`` (1/255 units), ``balanced_accuracy`` and ``f1``."""
+def robustness(rows: list[dict], bounds: dict[str, dict] | None = None,
+               title: str = "Under attack (the mission's attack, white-box)"):
+    """``rows``: dicts with ``model``, ``epsilon`` (1/255 units), ``balanced_accuracy`` and ``f1``; ``bounds``:
+    the built-in sample's proven lower bound and ceiling per epsilon (:func:`pipeline.sample.bounds_by_epsilon`),
+    drawn as a band."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if bounds:
+        pts = sorted(bounds.values(), key=lambda b: b["epsilon"])
+        axes[0].fill_between([b["epsilon"] for b in pts], [b["lower"] for b in pts], [b["upper"] for b in pts],
+                             color="grey", alpha=0.2, label="sample: certified lower bound to ceiling")
     for name in dict.fromkeys(r["model"] for r in rows):
         pts = [r for r in rows if r["model"] == name]
         for ax, key in zip(axes, ("balanced_accuracy", "f1")):
@@ -113,7 +120,7 @@ def reliability_diagram(rows: list[dict], brier: dict[str, float]):
 
 
 def evaluation_plots(y: np.ndarray, p_by_split: dict[str, np.ndarray], curve: list[dict], threshold: float,
-                     folder: str | Path) -> dict:
+                     folder: str | Path, bounds: dict[str, dict] | None = None) -> dict:
     """The evaluate stage's DVC plots (robustness curve, confusion rows, ROC points and reliability per split) as
     CSV files; returns the matplotlib figures of the same for MLflow."""
     from pipeline.metrics import brier, reliability, roc_points
@@ -127,7 +134,7 @@ def evaluation_plots(y: np.ndarray, p_by_split: dict[str, np.ndarray], curve: li
         write_csv(rows, folder / f"calibration_{split}.csv")
         calibration += rows
     briers = {split: brier(y, p) for split, p in p_by_split.items()}
-    figures = {"robustness.png": robustness(curve), "roc.png": roc(rocs),
+    figures = {"robustness.png": robustness(curve, bounds), "roc.png": roc(rocs),
                "reliability.png": reliability_diagram(calibration, briers)}
     for split, p in p_by_split.items():
         write_csv(confusion_rows(y, p, threshold), folder / f"confusion_{split}.csv")

@@ -9,22 +9,31 @@ generator shaped like a latent-diffusion decoder and fitted on train-side real c
   real residuals (real - decode(encode(real))), scaled per 4x4 cell to the residual energy that a fitted log-linear
   model predicts from the decoded image's local contrast.
 
-Both classes then carry a **2x2 phase mark**: a fixed-phase luminance checkerboard of amplitude ``mark`` (8-bit
-units, ``sample.mark``), in one phase on every FAKE and in the opposite phase on every REAL. On the fakes it is the
-mark a stride-2 transposed convolution leaves in every output (Odena et al., "Deconvolution and checkerboard
-artifacts", 2016); on the reals it stands for the 2x2-periodic trace of a camera's colour-filter demosaicing
-(Popescu and Farid, 2005), idealised to the same pattern with the opposite sign. Both marks have the same energy,
-so anything blind to phase (brightness, contrast, Laplacian energy, the magnitude spectrum) sees no difference;
-only the sign of one Fourier coefficient separates the classes. That sign has a margin: the reference classifier
-:func:`mark_score` (the mean of the image times the checkerboard) moves by at most epsilon under an L-infinity
-change of epsilon, and it reads about +mark on fakes and -mark on reals, so at ``mark: 12`` it is provably right
-on every image against any attack up to ~10/255 (:func:`certified_accuracy`). A robust detector therefore exists
-at the mission's 8/255; whether a trained ResNet50 finds it is what adversarial training has to show. The texture
-fingerprint stays as the faint, non-robust cue that an undefended model also leans on.
+Both classes then carry two cues, each in one phase on FAKE and the opposite phase on REAL, with equal energy in
+both classes, so anything blind to phase (brightness, contrast, Laplacian energy, the magnitude spectrum) sees no
+difference:
 
-So the sample is easy by design (linear in pixels): it exercises the pipeline, the attack and the defence offline;
-it does not rank detectors. Real results need the real data and real weights. Train and test crops come from
-disjoint photographs, so the test set measures generalisation to unseen scenes.
+* **The 2x2 phase mark, the robust cue**: a luminance checkerboard whose amplitude is drawn per image from the
+  tiers of ``sample.mark`` (some images carry none). On the fakes it is the mark a stride-2 transposed convolution
+  leaves (Odena et al., "Deconvolution and checkerboard artifacts", 2016); on the reals it stands for the
+  2x2-periodic trace of a camera's colour-filter demosaicing (Popescu and Farid, 2005). The reference classifier
+  :func:`mark_score` (the mean of the image times the checkerboard) moves by at most epsilon under an L-infinity
+  change of epsilon and reads about +amplitude on fakes and -amplitude on reals, so it is provably right under any
+  attack of epsilon on the images whose amplitude exceeds epsilon (:func:`certified_accuracy`): a lower bound on
+  the robust accuracy a detector can reach. An attacker of epsilon erases the mark of every other image; once the
+  non-robust cues are scrubbed too, no detector beats a coin on those: the ceiling (:func:`robustness_bounds`).
+* **Line interleaving, a non-robust cue** (``sample.lines``): alternate rows a few grey levels up and down on
+  every image (orthogonal to the mark's checkerboard, so it moves no mark score), as a decoder that upsamples rows
+  apart from columns leaves on its fakes, and an interlaced sensor readout on photographs. It is predictive on
+  clean images, and an attack of twice its amplitude flips it: the kind of feature an undefended model leans on and
+  adversarial training gives up (Ilyas et al., "Adversarial examples are not bugs, they are features", 2019). The
+  texture fingerprint above is another, fainter one.
+
+So with the default tiers, clean accuracy comes from all three cues and robust accuracy from the strong marks
+alone, with both bounds known by construction (``bench/sample.py``, ``sample_bounds`` in metrics/evaluate.json).
+``mark: 12`` with ``lines: 0`` is the easy variant: every image robust at 8/255. Real results need the real data
+and real weights. Train and test crops come from disjoint photographs, so the test set measures generalisation to
+unseen scenes.
 
 **Byte-identical on every CPU.** All arithmetic is float64, and the colour basis has a fixed sign (eigenvectors
 are only defined up to one). BLAS picks its kernels by CPU and they sum in different orders: in float32 that moved
@@ -59,6 +68,8 @@ LATENT_NOISE = 1.0    # std of the latent noise, 8-bit units; 2 or more makes fl
 # The phase mark's pattern: +1/-1 in a 2x2 checkerboard, the same in all three channels (luminance: JPEG's 4:2:0
 # chroma subsampling would erase a colour one). FAKE images get +mark times it, REAL images -mark times it.
 CHECKERBOARD = ((np.indices((32, 32)).sum(0) % 2) * 2 - 1).astype(np.float64)[..., None]
+# The non-robust cue's pattern: alternate rows +1/-1, luminance again; orthogonal to the mark's checkerboard.
+LINES = ((np.indices((32, 32))[0] % 2) * 2 - 1).astype(np.float64)[..., None]
 FIT_CROPS = 2048      # fixed, so the generator does not change with the sample size
 BATCH = 2048
 _CELL = 4             # texture energy is modelled per 4x4 cell
@@ -211,11 +222,27 @@ class Decoder:
         return decoded + self.texture(rng, decoded)
 
 
-def add_mark(x: np.ndarray, label: int, mark: float) -> np.ndarray:
-    """The 2x2 phase mark, +``mark`` on FAKE (1) and -``mark`` on REAL (0). The range is first squeezed into
-    [mark, 255 - mark] so that no pixel clips: clipping would shave the mark, and with it the certified margin."""
+def mark_amplitudes(rng: np.random.Generator, n: int, tiers: tuple[config.MarkTier, ...], label: int) -> np.ndarray:
+    """One amplitude per image for ``n`` images of class ``label``: each tier gets its share of them exactly
+    (largest remainder), drawn uniformly from its range, in a random order."""
+    shares = np.array([t.share(label) for t in tiers]) * n
+    counts = np.floor(shares).astype(int)
+    counts[np.argsort(counts - shares, kind="stable")[: n - counts.sum()]] += 1
+    amplitudes = np.concatenate([t.amplitude[0] + (t.amplitude[1] - t.amplitude[0]) * rng.random(c)
+                                 for t, c in zip(tiers, counts)])
+    return rng.permutation(amplitudes)
+
+
+def add_mark(x: np.ndarray, label: int, amplitude: np.ndarray | float, headroom: float,
+             lines: float = 0.0) -> np.ndarray:
+    """The 2x2 phase mark, +``amplitude`` on FAKE (1) and -``amplitude`` on REAL (0), per image, and the line
+    pattern of amplitude ``lines`` with the same signs. The range is first squeezed into [headroom, 255 - headroom]
+    (``headroom`` at least the largest amplitude plus ``lines``), so that no pixel clips: clipping would shave the
+    mark, and with it the certified margin."""
     sign = 1.0 if label == 1 else -1.0
-    return mark + x * ((255.0 - 2.0 * mark) / 255.0) + sign * mark * CHECKERBOARD
+    amplitude = np.reshape(amplitude, (-1, 1, 1, 1))
+    out = headroom + x * ((255.0 - 2.0 * headroom) / 255.0) + sign * amplitude * CHECKERBOARD
+    return out + sign * lines * LINES if lines else out
 
 
 def mark_score(x: np.ndarray) -> np.ndarray:
@@ -230,6 +257,38 @@ def certified_accuracy(x: np.ndarray, y: np.ndarray, epsilon: float) -> float:
     bound on its accuracy under any L-infinity attack of that size."""
     s = mark_score(x)
     return float(((np.sign(s) == 2 * np.asarray(y) - 1) & (np.abs(s) > epsilon)).mean())
+
+
+def lines_score(x: np.ndarray) -> np.ndarray:
+    """The non-robust cue's statistic, like :func:`mark_score`: about +lines on FAKE, -lines on REAL."""
+    return (np.asarray(x, np.float64) * LINES).mean((1, 2, 3))
+
+
+def robustness_bounds(x: np.ndarray, y: np.ndarray, epsilon: float) -> dict[str, float]:
+    """What the sample's construction says about balanced accuracy under any L-infinity attack of ``epsilon``
+    (8-bit units), per class then averaged:
+
+    * ``lower``: the reference classifier's certified balanced accuracy, a proof that a detector this robust
+      exists (:func:`certified_accuracy`);
+    * ``upper``: the images whose two periodic cues the attack cannot both erase (``|mark_score| + |lines_score| >
+      epsilon``: the two patterns are orthogonal +-1 patterns, so a change of epsilon moves the two scores by at
+      most epsilon together), plus half of the rest. Where the attacker erases both, and scrubs the faint texture
+      fingerprint as it does for an undefended model, nothing tells the classes apart, so no detector beats a coin
+      on those images. It is a ceiling for detectors whose robust accuracy rests on the periodic cues; one that
+      kept part of the texture fingerprint under attack could pass it.
+    """
+    y = np.asarray(y)
+    s = mark_score(x)
+    right = np.sign(s) == 2 * y - 1
+    held = np.abs(s) + np.abs(lines_score(x)) > epsilon
+    lower = [float((right & (np.abs(s) > epsilon))[y == c].mean()) for c in (0, 1)]
+    upper = [float((held + 0.5 * ~held)[y == c].mean()) for c in (0, 1)]
+    return {"epsilon": float(epsilon), "lower": sum(lower) / 2, "upper": sum(upper) / 2}
+
+
+def bounds_by_epsilon(x: np.ndarray, y: np.ndarray, epsilons: list[float]) -> dict[str, dict[str, float]]:
+    """:func:`robustness_bounds` at each distinct epsilon, keyed ``eps8`` (metrics files and MLflow keys)."""
+    return {f"eps{e:g}": robustness_bounds(x, y, e) for e in sorted(set(epsilons))}
 
 
 @functools.lru_cache(maxsize=1)
@@ -259,20 +318,24 @@ def write_sample(out: Path, cfg: config.Sample, seed: int, progress: bool = True
     packages the photographs come from; on any CPU, see the module's docstring).
     """
     # One independent stream per purpose, so e.g. the test set does not change when train_per_class does.
+    # Children 5-8 draw the marks' amplitudes: spawn keys fix each child, so the first five stay what they were.
     _, *job_ss = np.random.SeedSequence(seed).spawn(5)
+    mark_ss = np.random.SeedSequence(seed).spawn(9)[5:]
+    headroom = max(t.amplitude[1] for t in cfg.mark) + cfg.lines
     croppers, decoder = _croppers(), fitted_decoder(seed)
     per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
     jobs = [(split, cls) for split in SPLITS for cls in CLASSES]
     counts: dict[str, int] = {}
     with tqdm(total=2 * sum(per_class.values()), unit="img", desc="sample", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=2) as pool, filetree.writer(out) as put:  # Pillow encodes without the GIL
-        for (split, cls), ss in zip(jobs, job_ss):
+        for (split, cls), ss, mss in zip(jobs, job_ss, mark_ss):
             rng, n = np.random.default_rng(ss), per_class[split]
+            amplitudes = mark_amplitudes(np.random.default_rng(mss), n, cfg.mark, CLASSES.index(cls))
             for start in range(0, n, BATCH):
                 x = croppers[split].sample(rng, min(BATCH, n - start))
                 if cls == "FAKE":
                     x = decoder.generate(rng, x)
-                x = add_mark(x, CLASSES.index(cls), cfg.mark)
+                x = add_mark(x, CLASSES.index(cls), amplitudes[start:start + len(x)], headroom, cfg.lines)
                 pixels = np.clip(np.rint(x), 0, 255).astype(np.uint8)
                 for i, data in enumerate(pool.map(_jpeg, pixels, [cfg.jpeg_quality] * len(pixels))):
                     put(f"{split}/{cls}/{cifake_name(start + i)}", data)

@@ -286,6 +286,12 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
 
 
 def best(study: optuna.Study) -> dict:
+    """The best trial's params, value and scores, and how far the completed trials spread (``completed``: the
+    best, median and worst value, and how many completed; pruned trials stopped early and do not count)."""
     trial = study.best_trial
+    values = np.array([t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))])
+    spread = {"n": len(values), "best": float(values.max()), "median": float(np.median(values)),
+              "worst": float(values.min())}
     return {"dropout": trial.params["dropout"], "learning_rate": trial.params["learning_rate"],
-            "value": trial.value, "trial": trial.number, "study": study.study_name, **trial.user_attrs}
+            "value": trial.value, "trial": trial.number, "study": study.study_name, **trial.user_attrs,
+            "completed": spread}

@@ -4,7 +4,7 @@ figures that count both classes with bootstrap intervals, the robustness curve, 
 `advtrain`, calibration (Brier score, reliability), Grad-CAM explanations of a few clean and attacked images, and
 the registry's `champion` alias (moved by robust_score under one protocol). Each model is judged at the threshold
 train or advtrain chose for it on validation."""
-from pipeline import cli, config, evaluation, explain, metrics, predicting, registry, reporting, tracking
+from pipeline import cli, config, evaluation, explain, metrics, predicting, registry, reporting, sample, tracking
 from pipeline.data import load_split
 from pipeline.io import read_json, write_json
 
@@ -29,6 +29,7 @@ def main() -> None:
         calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
                                                                            ("adversarial", result.p_adv))}
         return model, threshold, result, {**result.summary(reference), "threshold": threshold, **calibration,
+                                          "at_0.5": result.at_threshold(test.y, cfg, 0.5),
                                           "ci95": evaluation.intervals(result, test.y, cfg, seed, threshold)}
 
     with tracking.stage_run("evaluate", params):
@@ -37,13 +38,18 @@ def main() -> None:
         model, threshold, final, final_summary = evaluate(paths.model_adv, "advtrained")
         _, _, base, base_summary = evaluate(paths.model, "baseline")
         evaluation.write_png_set(final.x_adv, test.names, paths.adversarial)
+        # What the built-in sample's construction proves about any detector (pipeline/sample.py): the measured
+        # balanced accuracies under attack read against these.
+        epsilons = [*cfg.epsilons, cfg.attack.epsilon, cfg.diagnostic.epsilon]
+        bounds = sample.bounds_by_epsilon(test.x, test.y, epsilons) if params.data.source == "sample" else {}
         summary = {**final_summary, "baseline": base_summary, "reference": reference,
+                   **({"sample_bounds": bounds} if bounds else {}),
                    "gain": {"weighted_f1": final.weighted_f1 - base.weighted_f1,
                             "robust_score": final.robust_score - base.robust_score},
                    "protocol": {**protocol, "id": protocol_id}, "n_test": len(test)}
         write_json(paths.metrics / "evaluate.json", summary)
         figures = reporting.evaluation_plots(test.y, {"clean": final.p_clean, "adversarial": final.p_adv},
-                                             final.curve + base.curve, threshold, paths.plots)
+                                             final.curve + base.curve, threshold, paths.plots, bounds)
         figures["explanations.png"] = explanations = explain.figure_for(
             model, test.x, final.x_adv, test.y, threshold, EXPLAINED)
         reporting.save_figure(explanations, paths.plots / "explanations.png")

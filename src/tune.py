@@ -80,13 +80,16 @@ def main() -> None:
         best = tuning.best(study)
         mlflow.log_params({"study": study.study_name, "best_trial": best["trial"], "trials_run_here": ran})
         mlflow.log_params({f"best_{k}": best[k] for k in ("dropout", "learning_rate")})
-        mlflow.log_metric(f"best_{t.objective}", best["value"])
+        mlflow.log_metrics({f"best_{t.objective}": best["value"],
+                            **{f"{k}_completed_{t.objective}": v for k, v in best["completed"].items() if k != "n"}})
     # train depends on the hyperparameters alone: which study and trial found them is a metric, so a rerun of tune
     # that finds the same values (a code change, a resumed study) does not rerun train.
     write_json(params.paths.best_params, {k: best[k] for k in ("dropout", "learning_rate")})
     write_json(params.paths.metrics / "tune.json", best)
     print(f"tune: best of {t.n_trials} trials ({ran} run by this process): dropout {best['dropout']:.3f}, "
-          f"learning_rate {best['learning_rate']:.2e}, {t.objective} {best['value']:.4f} (run {run.info.run_id})")
+          f"learning_rate {best['learning_rate']:.2e}, {t.objective} {best['value']:.4f}; the {best['completed']['n']} "
+          f"completed trials scored {best['completed']['worst']:.4f} (worst), {best['completed']['median']:.4f} "
+          f"(median) (run {run.info.run_id})")
 
 
 if __name__ == "__main__":

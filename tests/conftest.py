@@ -136,6 +136,62 @@ def tiny_model() -> TinyModel:
     return TinyModel(full, head, cfg, x, y, feats)
 
 
+def cue_images(n_per_class: int, seed: int = 0, lines: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 32×32 RGB noise with two cues, like the built-in sample's: brightness, robust but only partly
+    predictive (REAL and FAKE overlap between 106 and 150), and the sample's line pattern with the class's sign,
+    fully predictive but flipped by any attack of 2 x ``lines``/255. A model trained on clean images leans on the
+    lines, so attacks flip it; P(FAKE) spreads over the brightness overlap."""
+    from pipeline.sample import LINES
+
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.array([0, 1], np.uint8), n_per_class)
+    level = np.concatenate([rng.uniform(40, 150, n_per_class), rng.uniform(106, 216, n_per_class)])
+    x = level[:, None, None, None] + rng.normal(0, 12, (2 * n_per_class, 32, 32, 3))
+    x += np.where(y == 1, lines, -lines)[:, None, None, None] * LINES
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8), y
+
+
+def threshold_that_matters(p: np.ndarray, other: float = 0.5, min_changed: int = 2) -> float:
+    """A threshold that labels at least ``min_changed`` of the scores ``p`` otherwise than ``other`` does, in the
+    widest gap between two scores, so that float noise cannot flip a label: a test that a threshold is used fails
+    when it is not."""
+    ranked = np.unique(np.asarray(p, np.float64))
+    mids, gaps = (ranked[1:] + ranked[:-1]) / 2, np.diff(ranked)
+    changed = np.array([np.sum((p >= t) != (p >= other)) for t in mids])
+    gaps[changed < min_changed] = -1.0
+    assert gaps.max() > 0, "no threshold changes enough labels: the scores are too few or saturated"
+    return float(mids[np.argmax(gaps)])
+
+
+@pytest.fixture(scope="session")
+def graded_model() -> TinyModel:
+    """A tiny model whose answers are not all 0 or 1 and that attacks can flip: a head trained on clean
+    :func:`cue_images` (a random frozen ResNet50 below it). Thresholds, attacks and defences change its labels, so
+    tests of them can fail. Built once per worker: ~10 s."""
+    from pipeline import features, model, training
+
+    cfg = config.load(PARAMS_FILE, ["model.trainable_from=null"]).model
+    x, y = cue_images(128)
+    built = model.build_model(cfg, dropout=0.0, seed=SEED)
+    feats = features.extract(built, x, 128)
+    head, _ = training.fit_head(training.Arrays(feats, y, feats, y), dropout=0.0, learning_rate=3e-3, l2=cfg.l2,
+                                epochs=30, batch_size=32, seed=HEAD_SEED)
+    full = model.assemble(model.backbone_of(built), head, cfg.image_size)
+    p = model.predict_proba(full, x)
+    assert ((p >= 0.5) == y).mean() >= 0.9, "the graded model did not learn its cues"
+    assert ((p > 0.05) & (p < 0.95)).mean() >= 0.1, "the graded model's P(FAKE) saturated"
+    return TinyModel(full, head, cfg, x, y, feats)
+
+
+@pytest.fixture(scope="session")
+def graded_model_file(graded_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline import model
+
+    path = tmp_path_factory.mktemp("graded-model") / "model.keras"
+    model.save(graded_model.model, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_file(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model saved with :func:`pipeline.model.save` (~100 MB, once per worker)."""

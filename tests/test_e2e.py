@@ -107,7 +107,41 @@ def test_metrics_file_has_clean_adversarial_and_weighted_scores(repo):
     # each model is judged at the threshold its stage chose on validation and stored beside it
     assert m["threshold"] == json.loads((root / "models/model_adv.json").read_text())["threshold"]
     assert m["baseline"]["threshold"] == json.loads((root / "models/model.json").read_text())["threshold"]
-    assert 0 < m["threshold"] < 1 and 0 <= m["brier_clean"] <= 1 and 0 <= m["brier_adversarial"] <= 1
+    assert m["at_0.5"]["threshold"] == 0.5 and set(m["at_0.5"]) >= {"robust_score", "clean_balanced_accuracy"}
+    # the built-in sample's proven bounds at every epsilon of the curve and the attacks
+    eps = {f"eps{e:g}" for e in TINY[("evaluate", "epsilons")]}
+    bounds = m["sample_bounds"]
+    assert set(bounds) >= eps and all(0 <= b["lower"] <= b["upper"] <= 1 for b in bounds.values())
+
+
+def _labelled(root: Path, name: str) -> dict[str, str]:
+    with open(root / "predictions" / name, newline="") as f:
+        return {row[0]: row[1] for row in list(csv.reader(f))[1:]}
+
+
+def test_predictions_and_figures_are_the_evaluated_models_at_its_stored_threshold(repo):
+    # Recomputed from the saved model and the saved sets: the CSVs hold its labels at the threshold stored beside
+    # it (not at 0.5), and evaluate's figures and Brier scores are those of the same answers.
+    from PIL import Image
+
+    from pipeline import config, data, inference, metrics, model, predicting
+
+    root, _, _ = repo
+    params = config.load(root / "params.yaml")
+    threshold = json.loads((root / "models/model_adv.json").read_text())["threshold"]
+    m = json.loads((root / "metrics/evaluate.json").read_text())
+    adv = model.load(root / "models/model_adv.keras")
+    test = data.load_split(root / "data/processed", "test")
+    with zipfile.ZipFile(root / "data/Test_dataset_2.zip") as zf:
+        attacked = np.stack([np.asarray(Image.open(zf.open(Path(n).with_suffix(".png").as_posix())))
+                             for n in test.names])
+    for name, x, split, suffix in (("Test_1_results.csv", test.x, "clean", ".jpg"),
+                                   ("Test_2_results.csv", attacked, "adversarial", ".png")):
+        p = inference.predict_proba(adv, x, params.inference)
+        rows = _labelled(root, name)
+        assert [rows[Path(n).with_suffix(suffix).as_posix()] for n in test.names] == predicting.labels(p, threshold)
+        assert m[split]["balanced_accuracy"] == pytest.approx(metrics.measure(test.y, p, threshold=threshold))
+        assert m[f"brier_{split}"] == pytest.approx(metrics.brier(test.y, p), abs=1e-6)
 
 
 def test_the_deliverables_beside_the_metrics(repo):

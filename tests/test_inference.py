@@ -58,14 +58,17 @@ def test_empty_input_gives_empty_output(tiny_model) -> None:
         assert inference.runner(tiny_model.model, engine)(empty, 32).shape == (0, 1)
 
 
-def test_bf16_stays_close_to_float32(tiny_model) -> None:
-    # bf16 where the CPU has it (OpenVINO computes in f32 where it does not): the labels of a model whose classes
-    # are far apart do not move.
+def test_bf16_stays_close_to_float32(graded_model) -> None:
+    if inference.precision(config.Inference(engine="openvino", precision="auto")) != "bf16":
+        pytest.skip("this CPU has no native bfloat16 (OpenVINO's own pick here is f32, and its bf16 setting would "
+                    "compute in f32): no bf16 arithmetic to check on this machine")
+    # The graded model's P(FAKE) spreads over (0, 1), so rounding in bf16 shows, and could move labels.
     bf16 = config.Inference(engine="openvino", precision="bf16")
-    p_f32 = inference.predict_proba(tiny_model.model, tiny_model.x, OPENVINO)
-    p_bf16 = inference.predict_proba(tiny_model.model, tiny_model.x, bf16)
+    p_f32 = inference.predict_proba(graded_model.model, graded_model.x, OPENVINO)
+    p_bf16 = inference.predict_proba(graded_model.model, graded_model.x, bf16)
+    assert not np.array_equal(p_bf16, p_f32)  # bf16 really ran
     assert np.abs(p_bf16 - p_f32).max() < 0.05
-    assert np.array_equal(p_bf16 >= 0.5, p_f32 >= 0.5)
+    assert ((p_bf16 >= 0.5) == (p_f32 >= 0.5)).mean() >= 0.97
 
 
 def test_auto_precision_is_what_openvino_picks_on_this_cpu_and_keys_what_it_computes() -> None:

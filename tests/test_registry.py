@@ -110,23 +110,29 @@ def test_protocol_covers_attack_settings_test_set_and_threshold() -> None:
     assert len(ids) == 5
 
 
-def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store, tiny_model,
-                                                                           tiny_model_file) -> None:
+def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store, graded_model,
+                                                                           graded_model_file) -> None:
     from pipeline import serving
+    from tests.conftest import cue_images, threshold_that_matters
 
-    stored = 0.3  # the version is judged at its own threshold
-    with mlflow.start_run():
-        info = serving.log_version(tiny_model_file, {"threshold": stored, "resize": "resize", "max_pixels": 10**6},
-                                   "model", NAME)
     cfg = config.load(ROOT_PARAMS, ["evaluate.diagnostic.steps=2", "evaluate.epsilons=[0, 8]"]).evaluate
-    x, y = tiny_model.x[::8], tiny_model.y[::8]
+    x, y = cue_images(16, seed=4)
     rule = {"rule": "criterion", "fixed": 0.5}
+    # The version is judged at its own stored threshold, one whose labels differ from 0.5's, and attacked.
+    stored = threshold_that_matters(evaluation.evaluate(graded_model.model, x, y, cfg, 0).p_clean)
+    with mlflow.start_run():
+        info = serving.log_version(graded_model_file, {"threshold": stored, "resize": "resize", "max_pixels": 10**6},
+                                   "model", NAME)
     got = evaluation.rescore(NAME, info["version"], x, y, cfg, 0, rule)
-    direct = evaluation.evaluate(tiny_model.model, x, y, cfg, 0, stored)
+    direct = evaluation.evaluate(graded_model.model, x, y, cfg, 0, stored)
+    at_half = evaluation.evaluate(graded_model.model, x, y, cfg, 0, 0.5)
     assert got.version == info["version"]
     assert got.protocol == evaluation.protocol_id(evaluation.protocol(cfg, x, y, 0, rule))
     assert got.robust_score == pytest.approx(direct.robust_score)
     assert got.weighted_f1 == pytest.approx(direct.weighted_f1)
+    assert (got.robust_score, got.weighted_f1) != pytest.approx((at_half.robust_score, at_half.weighted_f1))
+    # the score counts the attack: the model the attacks break scores below its clean balanced accuracy
+    assert got.robust_score < direct.clean["balanced_accuracy"] - 0.1
 
 
 CONTENDER = """

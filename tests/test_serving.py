@@ -87,6 +87,24 @@ def test_every_image_format_and_pixel_arrays_answer_like_the_predict_tool(served
     assert loaded.predict(row, params={"threshold": (p_grey[i] + 1) / 2})["label"][0] == "Real"
 
 
+def test_a_version_answers_at_its_own_stored_threshold(mlflow_store, graded_model, graded_model_file) -> None:
+    from tests.conftest import cue_images, threshold_that_matters
+
+    images = cue_images(12, seed=3)[0]
+    rows = pd.DataFrame([{"pixels": img.tolist()} for img in images])
+    p = model.predict_proba(graded_model.model, images)
+    stored = threshold_that_matters(p)  # labels otherwise than 0.5 on at least two images
+    answers = {}
+    for threshold in (stored, 0.5):
+        with mlflow.start_run():
+            info = serving.log_version(graded_model_file, {**SETTINGS, "threshold": threshold}, "model", NAME)
+        answer = mlflow.pyfunc.load_model(f"models:/{NAME}/{info['version']}").predict(rows)
+        np.testing.assert_allclose(answer["p_fake"].astype(float), p, rtol=1e-4, atol=1e-6)
+        answers[threshold] = answer["label"].tolist()
+    assert answers[stored] == predicting.labels(p, stored)
+    assert answers[0.5] == predicting.labels(p, 0.5) != answers[stored]
+
+
 def test_a_broken_record_gets_its_own_error_and_the_rest_their_answers(served: str) -> None:
     rows = [{"image": encoded(noise(32, 32, 156, 256, 1), "PNG")},
             {"image": base64.b64encode(b"\x89PNG\r\n\x1a\n not really").decode()},

@@ -115,3 +115,23 @@ def test_optimize_resumes_and_best_returns_the_best_trial(tune_params, mlflow_st
     assert best["study"] == tuning.study_name(tune_params, "data0")
     lo, hi = tune_params.tune.dropout.low, tune_params.tune.dropout.high
     assert lo <= best["dropout"] <= hi
+
+
+def test_the_best_trial_by_its_objective_is_handed_over_when_trials_differ(tune_params, mlflow_store) -> None:
+    # Learning rates 1e-5..1e-1 over 2 epochs on features with a clear signal: the trials really differ, and the
+    # best is not the first one (checked below), so handing over any trial but the best fails.
+    tracking.setup(tune_params.mlflow)
+    params = with_tune(tune_params, n_trials=6, learning_rate=tune_params.tune.learning_rate.model_copy(
+        update={"low": 1e-5, "high": 1e-1}), pruner="none", patience=None)
+    study = tuning.make_study(params, "data0")
+    with mlflow.start_run(run_name="study"):
+        tuning.optimize(study, tuning.Objective(params, random_features(n_train=96, n_val=64)), 6)
+    trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    values = [t.value for t in trials]
+    assert max(values) - min(values) >= 0.1, values
+    top = max(trials, key=lambda t: t.value)
+    assert top.number != 0
+    best = tuning.best(study)
+    assert (best["trial"], best["value"], best["learning_rate"]) == (top.number, top.value, top.params["learning_rate"])
+    assert best["completed"] == {"n": 6, "best": top.value, "median": float(np.median(values)),
+                                 "worst": min(values)}
