@@ -76,12 +76,19 @@ def storage(url: str, heartbeat: config.Heartbeat | None = None) -> optuna.stora
             raise TuneError(f"tune.storage {url!r} cannot be used: {str(err).splitlines()[0]}") from None
 
 
-def _sampler_and_pruner(params: config.Params):
+def sampler_seed(seed: int, worker: int) -> int:
+    """The TPE sampler's seed in worker ``worker``: the coordinator (0) keeps ``base.seed``, so a study run by one
+    process is seed-exact; every other worker derives its own, since processes sharing one seed draw the same
+    random start-up trials (and later the same proposals from the same history)."""
+    return seed if worker == 0 else int(np.random.SeedSequence([seed, worker]).generate_state(1)[0])
+
+
+def _sampler_and_pruner(params: config.Params, worker: int = 0):
     # From the second epoch on, a trial behind the median of earlier trials at that epoch stops: on cached features
     # a head's first epochs already rank it (bench/README.md, the tuning section).
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if params.tune.pruner == "median"
               else optuna.pruners.NopPruner())
-    return optuna.samplers.TPESampler(seed=params.base.seed), pruner
+    return optuna.samplers.TPESampler(seed=sampler_seed(params.base.seed, worker)), pruner
 
 
 def make_study(params: config.Params, data_key: str) -> optuna.Study:
@@ -94,9 +101,10 @@ def make_study(params: config.Params, data_key: str) -> optuna.Study:
     )
 
 
-def join_study(params: config.Params, data_key: str) -> optuna.Study:
-    """Open the study a coordinator (``python src/tune.py``) created, to add trials to it from another process."""
-    sampler, pruner = _sampler_and_pruner(params)
+def join_study(params: config.Params, data_key: str, worker: int) -> optuna.Study:
+    """Open the study a coordinator (``python src/tune.py``) created, to add trials to it from another process;
+    ``worker`` (not 0, the coordinator's) seeds its sampler apart from every other worker's."""
+    sampler, pruner = _sampler_and_pruner(params, worker)
     name = study_name(params, data_key)
     try:
         return optuna.load_study(study_name=name, storage=storage(params.tune.storage, params.tune.heartbeat),

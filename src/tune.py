@@ -12,9 +12,11 @@ starts the others), and any number more, on this or other machines, started with
 which run trials until the study has `tune.n_trials` and leave. Only this process (the coordinator) writes the
 best params, once all trials are finished.
 """
+import argparse
 import gc
 import subprocess
 import sys
+import zlib
 
 from pipeline import cli, features, tracking, tuning
 from pipeline.data import load_split
@@ -39,9 +41,11 @@ def objective(params) -> tuning.Objective:
     return tuning.Objective(params, data, backbone, val.x)
 
 
-def join(params) -> None:
+def join(params, worker: int | None) -> None:
     tracking.setup(params.mlflow)
-    study = tuning.join_study(params, features.data_key(params))
+    if worker is None:  # a worker started by hand, here or elsewhere: its own sampler seed from where it runs
+        worker = 1 + zlib.crc32(tuning.WORKER.encode())
+    study = tuning.join_study(params, features.data_key(params), worker)
     trials = objective(params)
     trials.parent_run_id = study.user_attrs.get(PARENT_ATTR)
     ran = tuning.optimize(study, trials, params.tune.n_trials, wait=False)
@@ -51,11 +55,12 @@ def join(params) -> None:
 def main() -> None:
     parser = cli.stage_parser(__doc__)
     parser.add_argument("--join", action="store_true", help="add trials to the running study, then leave")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # local workers: 1, 2, ...
     args = parser.parse_args()
     params = cli.load_params(args)
     cli.seed_everything(params.base.seed)
     if args.join:
-        return join(params)
+        return join(params, args.worker)
     t = params.tune
 
     with tracking.stage_run("tune", params) as run:
@@ -65,9 +70,9 @@ def main() -> None:
         study = tuning.make_study(params, features.data_key(params))  # created here, once, before the workers
         study.set_user_attr(PARENT_ATTR, run.info.run_id)
         mlflow.set_tag("mlflow.runName", f"tune {study.study_name}")
-        workers = [subprocess.Popen([sys.executable, __file__, "--join", "--params", args.params,
+        workers = [subprocess.Popen([sys.executable, __file__, "--join", "--worker", str(i), "--params", args.params,
                                      *(a for o in args.overrides for a in ("-S", o))])
-                   for _ in range(t.workers - 1)]
+                   for i in range(1, t.workers)]
         ran = tuning.optimize(study, trials, t.n_trials)
         failed = [w.args for w in workers if w.wait() != 0]
         if failed:

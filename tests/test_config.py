@@ -61,6 +61,19 @@ def test_invalid_value_names_its_key(tree: dict, key: str, value, named: str) ->
     assert f"{named}:" in str(err.value)
 
 
+def test_mark_tiers_and_the_one_number_form(tree: dict) -> None:
+    # one number is one tier holding every image (the easy sample); tiers need each class's shares to sum to 1
+    assert config.from_dict(set_key(tree, "sample.mark", 12)).sample.mark == (
+        config.MarkTier(amplitude=(12.0, 12.0), real=1.0, fake=1.0),)
+    half = [{"amplitude": [0, 0], "real": 0.5, "fake": 0.5}, {"amplitude": [10, 14], "real": 0.5, "fake": 0.4}]
+    with pytest.raises(ConfigError, match=r"sample\.mark: the tiers' fake shares must sum to 1 \(got 0\.9\)"):
+        config.from_dict(set_key(tree, "sample.mark", half))
+    with pytest.raises(ConfigError, match=r"sample\.mark\.0: amplitude low \(6\.0\) must be <= high \(2\.0\)"):
+        config.from_dict(set_key(tree, "sample.mark", [{"amplitude": [6, 2], "real": 1, "fake": 1}]))
+    with pytest.raises(ConfigError, match=r"sample\.mark\.0\.amplitude\.1: .*less than or equal to 60"):
+        config.from_dict(set_key(tree, "sample.mark", [{"amplitude": [0, 99], "real": 1, "fake": 1}]))
+
+
 def test_range_with_low_above_high_says_so(tree: dict) -> None:
     with pytest.raises(ConfigError, match=r"tune\.learning_rate.*low .* must be <= high"):
         config.from_dict(set_key(tree, "tune.learning_rate.low", 0.1))

@@ -95,6 +95,43 @@ def test_two_workers_reach_exactly_n_trials(tmp_path: Path, kind: str) -> None:
     assert all(t.user_attrs.get("surplus") for t in done if t.state == optuna.trial.TrialState.FAIL)
 
 
+# The pipeline's own study, opened as the coordinator (worker 0: make_study) or a joining worker (join_study), each
+# with the sampler the pipeline gives it; all start together, as local workers do.
+SEEDED_WORKER = """
+import sys, time, optuna
+from pipeline import config, tuning
+url, seed, n, worker = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+params = config.load("params.yaml", [f"tune.storage={url}", f"base.seed={seed}", "tune.heartbeat.interval_s=1",
+                                     "tune.heartbeat.grace_s=3"])
+study = tuning.make_study(params, "data0") if worker == 0 else tuning.join_study(params, "data0", worker)
+def objective(trial):
+    time.sleep(0.3)
+    return sum(tuning.suggest(trial, params.tune).values())
+print("ran", tuning.optimize(study, objective, n, wait=worker == 0, poll_s=0.2), flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", URLS)
+def test_workers_sharing_a_seeded_study_each_explore(tmp_path: Path, kind: str) -> None:
+    # One sampler seed in every process made them propose the same start-up trials in pairs (shared/MEASURED.md);
+    # each worker now draws its own, and one process alone stays seed-exact (the coordinator keeps base.seed).
+    url = url_for(kind, tmp_path)
+    seed = uuid.uuid4().int % 10**6  # the study's name follows the seed: a fresh study on a shared PostgreSQL too
+    params = config.load(ROOT / "params.yaml", [f"tune.storage={url}", f"base.seed={seed}"])
+    tuning.make_study(params, "data0")  # created once, before the workers
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    workers = [subprocess.Popen([sys.executable, "-c", SEEDED_WORKER, url, str(seed), "10", str(w)], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in (0, 1)]
+    outs = [w.communicate(timeout=240) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outs]
+    assert all(int(out.split("ran ")[-1]) > 0 for out, _ in outs)  # both took part
+    done = [t for t in trials(url, tuning.study_name(params, "data0")) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 10
+    assert len({tuple(sorted(t.params.items())) for t in done}) == len(done), [t.params for t in done]
+    assert tuning.sampler_seed(seed, 0) == seed
+
+
 @pytest.mark.parametrize("kind", URLS)
 def test_a_worker_killed_mid_trial_has_its_trial_retried(tmp_path: Path, kind: str) -> None:
     url = url_for(kind, tmp_path)
