@@ -119,7 +119,8 @@ Amplitude = Annotated[float, Field(ge=0.0, le=60.0)]
 class MarkTier(Section):
     """A share of each class's images whose 2x2 phase mark has an amplitude drawn uniformly from ``amplitude``."""
 
-    amplitude: tuple[Amplitude, Amplitude]  # [low, high] in 8-bit units; [0, 0] is no mark at all
+    # [low, high] in 8-bit units; [0, 0] is no mark at all, a negative amplitude the other class's phase
+    amplitude: tuple[Annotated[float, Field(ge=-60.0, le=60.0)], Annotated[float, Field(ge=-60.0, le=60.0)]]
     real: Fraction  # share of the REAL images in this tier
     fake: Fraction  # and of the FAKE ones
 

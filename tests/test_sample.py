@@ -180,3 +180,34 @@ def test_decoder_is_fitted_to_real_crops() -> None:
     assert fitted < 0.9 * repeated
     fake = decoder.generate(rng, x)
     assert abs(fake.mean() - x.mean()) < 2.0  # brightness is kept: a global mean is no tell
+
+
+def test_bounds_follow_the_cues_an_attack_can_move() -> None:
+    # Flat grey images with known cues: what the proof says can be counted by hand.
+    grey = np.full((1, 32, 32, 3), 128.0)
+
+    def image(label: int, mark: float, lines: float = 0.0) -> np.ndarray:
+        return sample.add_mark(grey, label, mark, 20.0, lines)
+
+    # A FAKE and a REAL marked 3.5 and 4.4 (lines 0): 7.9 apart in cue space. An attack of 3 can flip neither
+    # mark; one of 4 meets them in the middle (4 + 4 >= 7.9), so no detector keeps both, though the REAL one's
+    # mark still holds.
+    x = np.concatenate([image(1, 3.5), image(0, 4.4)])
+    y = np.array([1, 0])
+    assert sample.robustness_bounds(x, y, 3.0) == {"epsilon": 3.0, "lower": 1.0, "upper": 1.0}
+    assert sample.robustness_bounds(x, y, 4.0) == {"epsilon": 4.0, "lower": 0.5, "upper": 0.5}
+    # A FAKE with the REAL phase but FAKE lines, beside a REAL with both REAL cues: the lines tell them apart
+    # (8 apart), until an attack of more than 4 moves the lines halfway each.
+    x = np.concatenate([image(1, -12.0, 4.0), image(0, 12.0, 4.0)])
+    assert sample.robustness_bounds(x, y, 3.9)["upper"] == 1.0
+    assert sample.robustness_bounds(x, y, 4.1) == {"epsilon": 4.1, "lower": 0.5, "upper": 0.5}  # the mark rule
+    # is certainly wrong on the FAKE
+
+
+def test_mark_tiers_give_each_class_its_shares() -> None:
+    tiers = config.Sample(train_per_class=1, test_per_class=1, jpeg_quality=95, mark=[
+        {"amplitude": [2, 6], "real": 0.1, "fake": 0.3}, {"amplitude": [12, 12], "real": 0.9, "fake": 0.7}]).mark
+    rng = np.random.default_rng(0)
+    for label, weak in ((0, 10), (1, 30)):
+        a = sample.mark_amplitudes(rng, 100, tiers, label)
+        assert ((a >= 2) & (a <= 6)).sum() == weak and (a == 12).sum() == 100 - weak
