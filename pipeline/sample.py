@@ -259,7 +259,7 @@ def certified_accuracy(x: np.ndarray, y: np.ndarray, epsilon: float) -> float:
     """Share of images the reference classifier gets right with a margin above ``epsilon`` (8-bit units): a lower
     bound on its accuracy under any L-infinity attack of that size."""
     s = mark_score(x)
-    return float(((np.sign(s) == 2 * np.asarray(y) - 1) & (np.abs(s) > epsilon)).mean())
+    return float(((np.sign(s) == np.where(np.asarray(y) == 1, 1, -1)) & (np.abs(s) > epsilon)).mean())
 
 
 def lines_score(x: np.ndarray) -> np.ndarray:

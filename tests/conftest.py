@@ -174,12 +174,14 @@ def graded_model() -> TinyModel:
     x, y = cue_images(128)
     built = model.build_model(cfg, dropout=0.0, seed=SEED)
     feats = features.extract(built, x, 128)
-    head, _ = training.fit_head(training.Arrays(feats, y, feats, y), dropout=0.0, learning_rate=3e-3, l2=cfg.l2,
-                                epochs=30, batch_size=32, seed=HEAD_SEED)
+    # A short fit: trained to the end, the head turns the lines into certainties and P(FAKE) into 0 or 1.
+    head, _ = training.fit_head(training.Arrays(feats, y, feats, y), dropout=0.0, learning_rate=1e-3, l2=cfg.l2,
+                                epochs=8, batch_size=32, seed=HEAD_SEED)
     full = model.assemble(model.backbone_of(built), head, cfg.image_size)
-    p = model.predict_proba(full, x)
-    assert ((p >= 0.5) == y).mean() >= 0.9, "the graded model did not learn its cues"
-    assert ((p > 0.05) & (p < 0.95)).mean() >= 0.1, "the graded model's P(FAKE) saturated"
+    fresh, labels = cue_images(64, seed=2)
+    p = model.predict_proba(full, fresh)
+    assert ((p >= 0.5) == labels).mean() >= 0.85, "the graded model did not learn its cues"
+    assert ((p > 0.05) & (p < 0.95)).mean() >= 0.05, "the graded model's P(FAKE) saturated"
     return TinyModel(full, head, cfg, x, y, feats)
 
 
