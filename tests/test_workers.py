@@ -165,7 +165,7 @@ def test_joining_a_study_that_does_not_exist_says_to_start_the_coordinator(tmp_p
     params = params.model_copy(update={"tune": params.tune.model_copy(update={
         "storage": f"sqlite:///{tmp_path}/empty.db"})})
     with pytest.raises(TuneError, match="start the coordinator first"):
-        tuning.join_study(params, "nodata")
+        tuning.join_study(params, "nodata", 1)
 
 
 def test_a_storage_url_without_its_driver_or_server_is_one_clear_error(tmp_path: Path) -> None:
