@@ -29,6 +29,10 @@ def headline(m: dict) -> dict[str, float]:
         out[f"{prefix}robust_score"] = model["robust_score"]
         for split in ("clean", "adversarial", "diagnostic"):
             out[f"{prefix}{split}_balanced_accuracy"] = model[split]["balanced_accuracy"]
+        out[f"{prefix}threshold"] = model["threshold"]
+    for name, bound in m.get("sample_bounds", {}).get("eps8", {}).items():  # what the built-in sample proves
+        if name != "epsilon":
+            out[f"{name}_bound_eps8"] = bound
     return {k: round(v, 4) for k, v in out.items()}
 
 
