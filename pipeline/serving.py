@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import os
 import tempfile
@@ -86,8 +87,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
 def _from_pixels(pixels, resize: str, max_pixels: int) -> np.ndarray:
     """A pixel array goes through the same decoder as a file (as a lossless PNG), so both paths agree exactly."""
-    import io
-
     from PIL import Image
 
     try:
@@ -118,9 +117,21 @@ def signature():
     )
 
 
-def log_version(model_path: str | Path, settings: dict, name: str, registered_name: str | None) -> dict[str, str]:
+def input_example(image: np.ndarray) -> pd.DataFrame:
+    """One request row as ``mlflow models serve`` takes it: an H×W×3 uint8 image as a base64 PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8), "RGB").save(buffer, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def log_version(model_path: str | Path, settings: dict, name: str, registered_name: str | None,
+                example: np.ndarray | None = None) -> dict[str, str]:
     """Log the saved Keras file at ``model_path`` as an :class:`ImageClassifier` with its ``settings`` (the
-    threshold among them) and the ``pipeline`` package as code, register a new version, return the ids."""
+    threshold among them) and the ``pipeline`` package as code, register a new version, return the ids (the
+    logged model's ``model_id`` among them, for metrics that score it). ``example``: one image, stored as the
+    version's input example (MLflow checks that the model serves it)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import pipeline
@@ -138,9 +149,10 @@ def log_version(model_path: str | Path, settings: dict, name: str, registered_na
         info = mlflow.pyfunc.log_model(
             name=name, python_model=ImageClassifier(), signature=signature(), registered_model_name=registered_name,
             artifacts={KERAS_ARTIFACT: str(model_path), SETTINGS_ARTIFACT: str(settings_file)},
-            code_paths=[str(Path(pipeline.__file__).parent)], pip_requirements=requirements)
+            code_paths=[str(Path(pipeline.__file__).parent)], pip_requirements=requirements,
+            input_example=None if example is None else input_example(example))
     mlflow.log_params({"threshold": settings["threshold"]})
-    out = {"model_uri": info.model_uri, "run_id": mlflow.active_run().info.run_id}
+    out = {"model_uri": info.model_uri, "run_id": mlflow.active_run().info.run_id, "model_id": info.model_id}
     if registered_name:
         out["registered_model"] = registered_name
         out["version"] = str(info.registered_model_version)

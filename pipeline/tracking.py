@@ -24,9 +24,38 @@ from pipeline.errors import TrackingError
 log = logging.getLogger(__name__)
 
 
+def workspace_root() -> Path:
+    """The DVC workspace a stage belongs to: ``DVC_ROOT``, which DVC sets for every stage and, for a queued or
+    ``--temp`` experiment, points at the workspace it was queued from, not the temporary copy it runs in."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 def tracking_uri(cfg: config.Mlflow) -> str:
-    """``MLFLOW_TRACKING_URI`` wins over params (queued ``dvc exp`` runs need an absolute location)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    """``MLFLOW_TRACKING_URI`` wins over params. A relative SQLite store is the workspace's (see
+    :func:`workspace_root`), so a queued experiment records its runs and versions where ``mlflow ui`` looks, not in
+    a copy DVC deletes afterwards."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+        uri = f"sqlite:///{workspace_root() / uri.removeprefix('sqlite:///')}"
+    return uri
+
+
+@contextlib.contextmanager
+def _store_creation_lock(uri: str) -> Iterator[None]:
+    """Several processes creating one SQLite store at once break it for good (shared/MEASURED.md): queued
+    experiments (``dvc queue start -j 2``) and tuning workers take this file lock around their first access. Once
+    the schema exists, concurrent writers are safe (SQLite waits for its own write lock)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(Path(uri.removeprefix("sqlite:///")).with_suffix(".create-lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_reachable(uri: str, timeout_s: float) -> None:
@@ -64,12 +93,13 @@ def setup(cfg: config.Mlflow) -> str:
     _check_reachable(uri, cfg.timeout_s)
     mlflow.set_tracking_uri(uri)
     try:
-        if mlflow.get_experiment_by_name(cfg.experiment) is None:
-            location = None
-            if uri.startswith("sqlite:///"):
-                location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-            mlflow.create_experiment(cfg.experiment, artifact_location=location)
-        mlflow.set_experiment(cfg.experiment)
+        with _store_creation_lock(uri):
+            if mlflow.get_experiment_by_name(cfg.experiment) is None:
+                location = None
+                if uri.startswith("sqlite:///"):
+                    location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+                mlflow.create_experiment(cfg.experiment, artifact_location=location)
+            mlflow.set_experiment(cfg.experiment)
     except Exception as err:  # MlflowException, SQLAlchemy errors: the store itself is unusable
         raise TrackingError(f"MLflow store {uri} cannot be used: {err}") from None
     return uri
@@ -83,17 +113,55 @@ def git_commit() -> str:
         return "unknown"
 
 
-def dvc_data_hash(raw_path: Path, lock_file: Path = Path("dvc.lock")) -> str:
-    """The md5 DVC recorded for the raw dataset in dvc.lock (written as soon as ``fetch`` finished)."""
+def dvc_md5(path: Path, lock_file: Path = Path("dvc.lock")) -> str | None:
+    """The md5 DVC recorded in dvc.lock for ``path`` or for the output folder holding it (each stage's entry is
+    written as soon as it finished); None when no entry covers it."""
     try:
         lock = yaml.safe_load(lock_file.read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return "unknown"
+        return None
+    path = Path(path)
     for stage in (lock.get("stages") or {}).values():
         for out in stage.get("outs") or []:
-            if Path(out.get("path", "")) == Path(raw_path):
-                return str(out.get("md5", "unknown"))
-    return "unknown"
+            out_path = Path(out.get("path", ""))
+            if out.get("md5") and (path == out_path or out_path in path.parents):
+                return str(out["md5"])
+    return None
+
+
+def dvc_data_hash(raw_path: Path, lock_file: Path = Path("dvc.lock")) -> str:
+    """The md5 DVC recorded for the raw dataset in dvc.lock."""
+    return dvc_md5(raw_path, lock_file) or "unknown"
+
+
+def log_dataset(path: Path, context: str, name: str | None = None) -> None:
+    """Record ``path`` as an input of the active run (MLflow's dataset lineage): its DVC md5 as the digest (from
+    dvc.lock; for a file a stage has just written, the md5 of its bytes, which is what DVC will record) and the
+    path, relative to the workspace, as the source. ``context``: training, validation, testing…"""
+    import hashlib
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    path = Path(path)
+    digest = dvc_md5(path)
+    if digest is None and path.is_file():
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is a local path either way
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(path.as_posix())
+    mlflow.log_input(MetaDataset(source, name=name or path.name, digest=digest), context=context)
+
+
+CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def log_splits(processed: Path, *splits: str) -> None:
+    """The preprocessed splits a stage reads, as the active run's datasets (:func:`log_dataset`)."""
+    for split in splits:
+        log_dataset(Path(processed) / split, CONTEXTS[split], name=split)
 
 
 def run_tags(stage: str, params: config.Params) -> dict[str, str]:
@@ -109,6 +177,9 @@ def run_tags(stage: str, params: config.Params) -> dict[str, str]:
         "host": socket.gethostname(),
         "pid": str(os.getpid()),
         "workspace": str(Path.cwd().resolve()),
+        # Set by DVC for `dvc exp run` (queued, --temp or in the workspace): which experiment, branched from where.
+        **{tag: os.environ[env] for tag, env in (("dvc_experiment", "DVC_EXP_NAME"),
+                                                 ("dvc_baseline_rev", "DVC_EXP_BASELINE_REV")) if env in os.environ},
     }
 
 
@@ -162,7 +233,7 @@ def stage_run(stage: str, params: config.Params, run_name: str | None = None) ->
     close_abandoned_runs(stage)
     with mlflow.start_run(run_name=run_name or stage, tags=run_tags(stage, params)) as run:
         with config.unrecorded():
-            log_params({f"params.{k}": v for k, v in config.flatten(params).items()})
+            log_params(config.flatten(params))  # `base.seed`, as in params.yaml and `dvc exp show`
         yield run
 
 

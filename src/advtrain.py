@@ -1,6 +1,13 @@
 """Stage `advtrain`: adversarial training of the trained model on a mix of clean and adversarial examples (PGD by
 default), generated on the fly against the current weights; keeps the epoch with the best validation robust_score;
 saves, logs and registers the result."""
+import sys
+from pathlib import Path
+
+# This checkout's pipeline/, whatever the environment's editable install points at (a queued `dvc exp` copy,
+# a worktree, a second clone): DVC hashed this code as the stage's dependency.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from pipeline import cli, reporting, serving, tracking, training
 from pipeline import model as modellib
 from pipeline.data import load_split, stratified_subset
@@ -19,6 +26,7 @@ def main() -> None:
         model = modellib.load(params.paths.model)
         modellib.set_trainable(modellib.backbone_of(model), cfg.trainable_from)
         train, val = (load_split(params.paths.processed, n) for n in ("train", "val"))
+        tracking.log_splits(params.paths.processed, "train", "val")
         pick = stratified_subset(val.y, cfg.val_images, params.base.seed)
         rows, kept, p_val = training.adversarial_finetune(
             model, training.Arrays(train.x, train.y, val.x[pick], val.y[pick]), cfg, params.evaluate,
@@ -31,7 +39,8 @@ def main() -> None:
         modellib.save(model, params.paths.model_adv)
         modellib.save(model, params.paths.model_h5)  # the deliverable's usual name, in Keras's HDF5 format
         settings = serving.settings(summary["threshold"], params.preprocess)
-        info = serving.log_version(params.paths.model_adv, settings, "model", params.mlflow.model_name)
+        info = serving.log_version(params.paths.model_adv, settings, "model", params.mlflow.model_name,
+                                   val.x[0])
 
     write_json(params.paths.model_adv_info, {**info, "threshold": summary["threshold"]})
     write_json(params.paths.metrics / "advtrain.json", summary)

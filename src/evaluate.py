@@ -4,6 +4,13 @@ figures that count both classes with bootstrap intervals, the robustness curve, 
 `advtrain`, calibration (Brier score, reliability), Grad-CAM explanations of a few clean and attacked images, and
 the registry's `champion` alias (moved by robust_score under one protocol). Each model is judged at the threshold
 train or advtrain chose for it on validation."""
+import sys
+from pathlib import Path
+
+# This checkout's pipeline/, whatever the environment's editable install points at (a queued `dvc exp` copy,
+# a worktree, a second clone): DVC hashed this code as the stage's dependency.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from pipeline import cli, config, evaluation, explain, metrics, predicting, registry, reporting, sample, tracking
 from pipeline.data import load_split
 from pipeline.io import read_json, write_json
@@ -17,7 +24,7 @@ def main() -> None:
     cli.seed_everything(params.base.seed)
     cfg, paths, seed = params.evaluate, params.paths, params.base.seed
     test = load_split(paths.processed, "test")
-    info = read_json(paths.model_adv_info)
+    info, base_info = read_json(paths.model_adv_info), read_json(paths.model_info)
     reference = metrics.reference(test.y, cfg.weights, cfg.measure)
     protocol = evaluation.protocol(cfg, test.x, test.y, seed, params.threshold.model_dump(mode="json"))
     protocol_id = evaluation.protocol_id(protocol)
@@ -38,6 +45,8 @@ def main() -> None:
         model, threshold, final, final_summary = evaluate(paths.model_adv, "advtrained")
         _, _, base, base_summary = evaluate(paths.model, "baseline")
         evaluation.write_png_set(final.x_adv, test.names, paths.adversarial)
+        tracking.log_splits(paths.processed, "test")
+        tracking.log_dataset(paths.adversarial, "testing-attacked", name="Test_dataset_2")
         # What the built-in sample's construction proves about any detector (pipeline/sample.py): the measured
         # balanced accuracies under attack read against these.
         epsilons = [*cfg.epsilons, cfg.attack.epsilon, cfg.diagnostic.epsilon]
@@ -57,7 +66,12 @@ def main() -> None:
         mlflow.set_tags({"evaluated_model": info["model_uri"], "evaluated_version": info.get("version", ""),
                          "protocol": protocol_id, "attack": cfg.attack.describe(),
                          "diagnostic": cfg.diagnostic.describe()})
-        mlflow.log_metrics(dict(config.flatten_dict(summary, exclude=("protocol",))))
+        # Each model's figures are linked to the logged model they score (MLflow 3 lineage: `model_id`).
+        flat = dict(config.flatten_dict(summary, exclude=("protocol",)))
+        mlflow.log_metrics({k: v for k, v in flat.items() if not k.startswith("baseline.")},
+                           model_id=info.get("model_id"))
+        mlflow.log_metrics({k: v for k, v in flat.items() if k.startswith("baseline.")},
+                           model_id=base_info.get("model_id"))
         for name, fig in figures.items():
             mlflow.log_figure(fig, name)
         champion = ""

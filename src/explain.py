@@ -6,9 +6,14 @@ Writes one overlay PNG per image (``nested/a.jpg`` -> ``DIR/nested__a.png``) and
 (``Image Name,Predicted Label,P(FAKE)``). Images are decoded as preprocess does; unreadable files in a folder are
 listed on stderr and left out.
 """
-import csv
 import sys
 from pathlib import Path
+
+# This checkout's pipeline/, whatever the environment's editable install points at (a queued `dvc exp` copy,
+# a worktree, a second clone): DVC hashed this code as the stage's dependency.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import csv
 
 from PIL import Image
 

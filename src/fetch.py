@@ -4,6 +4,13 @@
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# This checkout's pipeline/, whatever the environment's editable install points at (a queued `dvc exp` copy,
+# a worktree, a second clone): DVC hashed this code as the stage's dependency.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from pipeline import cli, sources
 
 log = cli.log

@@ -10,6 +10,11 @@ Any size or mode is handled as preprocess does; unreadable files are listed on s
 import sys
 from pathlib import Path
 
+# This checkout's pipeline/, whatever the environment's editable install points at (a queued `dvc exp` copy,
+# a worktree, a second clone): DVC hashed this code as the stage's dependency.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
 from pipeline import cli, predicting, tracking
 from pipeline.errors import ConfigError
 from pipeline.inference import predict_proba

@@ -4,6 +4,13 @@ With a frozen backbone (the default) only the head trains, on the cached backbon
 the backbone; otherwise the unfrozen part of the backbone trains with it, on images.
 """
 
+import sys
+from pathlib import Path
+
+# This checkout's pipeline/, whatever the environment's editable install points at (a queued `dvc exp` copy,
+# a worktree, a second clone): DVC hashed this code as the stage's dependency.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from pipeline import cli, features, metrics, reporting, serving, tracking, training
 from pipeline import model as modellib
 from pipeline.data import load_split
@@ -19,6 +26,7 @@ def main() -> None:
 
     with tracking.stage_run("train", params) as run:
         tracking.log_params({"dropout": hp["dropout"], "learning_rate": hp["learning_rate"]})
+        tracking.log_splits(params.paths.processed, "train", "val")
         model = modellib.build_model(m, hp["dropout"], params.base.seed)
         callbacks = [training.early_stopping(t.patience), training.MlflowEpochLogger()]
         val = load_split(params.paths.processed, "val")
@@ -44,7 +52,7 @@ def main() -> None:
         mlflow.log_figure(reporting.training_curves(history), "training_curves.png")
         modellib.save(model, params.paths.model)
         settings = serving.settings(threshold, params.preprocess)
-        info = serving.log_version(params.paths.model, settings, "model", params.mlflow.model_name)
+        info = serving.log_version(params.paths.model, settings, "model", params.mlflow.model_name, val.x[0])
 
     write_json(params.paths.model_info, {**info, "threshold": threshold})
     write_json(params.paths.metrics / "train.json", summary)

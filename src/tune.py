@@ -12,10 +12,16 @@ starts the others), and any number more, on this or other machines, started with
 which run trials until the study has `tune.n_trials` and leave. Only this process (the coordinator) writes the
 best params, once all trials are finished.
 """
+import sys
+from pathlib import Path
+
+# This checkout's pipeline/, whatever the environment's editable install points at (a queued `dvc exp` copy,
+# a worktree, a second clone): DVC hashed this code as the stage's dependency.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import gc
 import subprocess
-import sys
 import zlib
 
 from pipeline import cli, features, tracking, tuning
@@ -66,6 +72,7 @@ def main() -> None:
     with tracking.stage_run("tune", params) as run:
         import mlflow
 
+        tracking.log_splits(params.paths.processed, "train", "val")
         trials = objective(params)  # fills the feature cache before any worker needs it
         study = tuning.make_study(params, features.data_key(params))  # created here, once, before the workers
         study.set_user_attr(PARENT_ATTR, run.info.run_id)

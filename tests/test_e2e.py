@@ -336,7 +336,7 @@ def test_editing_evaluate_epsilon_reruns_only_evaluate_and_predict(repo, mlflow_
                                                "order_by": ["attributes.start_time DESC"], "max_results": 2})["runs"]
     data = [({p["key"]: p["value"] for p in r["data"]["params"]}, {m["key"]: m["value"] for m in r["data"]["metrics"]})
             for r in runs]
-    assert [float(d[0]["params.evaluate.attack.epsilon"]) for d in data] == [1.0, 8.0]
+    assert [float(d[0]["evaluate.attack.epsilon"]) for d in data] == [1.0, 8.0]
     assert data[0][1]["adversarial.roc_auc"] > data[1][1]["adversarial.roc_auc"] + 0.05, data
 
 

@@ -74,6 +74,8 @@ def test_stage_run_tags_stage_commit_and_data_hash(params, mlflow_store, tmp_pat
     monkeypatch.chdir(work)
     p = params.model_copy(update={"paths": params.paths.model_copy(update={"raw": Path("data/raw")})})
 
+    monkeypatch.setenv("DVC_EXP_NAME", "eps4")  # what DVC sets for `dvc exp run`
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", commit)
     with tracking.stage_run("train", p) as run:
         pass
     got = MlflowClient().get_run(run.info.run_id)
@@ -83,8 +85,9 @@ def test_stage_run_tags_stage_commit_and_data_hash(params, mlflow_store, tmp_pat
     assert tags["git_commit"] == commit and tags["mlflow.source.git.commit"] == commit
     assert tags["dvc_data_hash"] == "0123456789abcdef0123456789abcdef.dir"
     assert tags["data_source"] == p.data.source
-    assert got.data.params["params.train.epochs"] == str(p.train.epochs)
-    assert got.data.params["params.model.trainable_from"] == "null"
+    assert tags["dvc_experiment"] == "eps4" and tags["dvc_baseline_rev"] == commit
+    assert got.data.params["train.epochs"] == str(p.train.epochs)
+    assert got.data.params["model.trainable_from"] == "null"
     assert mlflow.get_experiment(got.info.experiment_id).name == mlflow_store.experiment
 
 
@@ -134,3 +137,19 @@ def test_a_run_left_running_by_a_killed_process_is_marked_killed(params, mlflow_
         pass
     assert MlflowClient().get_run(run_id).info.status == "KILLED"
     assert MlflowClient().get_run(again.info.run_id).info.status == "FINISHED"
+
+
+def test_a_relative_store_is_the_dvc_workspaces(params, tmp_path: Path, monkeypatch) -> None:
+    """A queued `dvc exp run` works in a temporary copy; DVC_ROOT names the workspace it came from, whose store
+    `mlflow ui` reads. Absolute URIs and servers are left as they are."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    copy, workspace = tmp_path / "copy", tmp_path / "workspace"
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    relative = with_mlflow(params, tracking_uri="sqlite:///mlruns/mlflow.db").mlflow
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert tracking.tracking_uri(relative) == f"sqlite:///{copy}/mlruns/mlflow.db"
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    assert tracking.tracking_uri(relative) == f"sqlite:///{workspace}/mlruns/mlflow.db"
+    for uri in (f"sqlite:///{tmp_path}/elsewhere.db", "http://127.0.0.1:5000"):
+        assert tracking.tracking_uri(with_mlflow(params, tracking_uri=uri).mlflow) == uri
