@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -94,6 +95,13 @@ def test_queued_experiments_run_two_at_a_time_into_the_workspace_store(workspace
         metrics = experiments[name]["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
         assert {"weighted_f1", "robust_score"} <= set(metrics)
         assert "balanced_accuracy" in metrics["adversarial"]
+
+    # both experiments' plots on one page that needs no network (the inlined Vega template)
+    page_dir = root.parent / "plots-diff"
+    _run("dvc", "plots", "diff", *EXPERIMENTS, "-o", str(page_dir), cwd=root, env=env)
+    page = (page_dir / "index.html").read_text()
+    assert "vegaEmbed" in page and all(name in page for name in EXPERIMENTS)
+    assert not re.findall(r"""<(?:script|link|img)[^>]+(?:src|href)\s*=\s*["']?(?:https?:)?//""", page, re.I)
 
     # keeping one: its outputs come back from the cache, and nothing needs to run
     _run("dvc", "exp", "apply", "eps1", cwd=root, env=env)
