@@ -7,8 +7,9 @@ For each model (after `train`, after `advtrain`), on a seeded stratified subset 
 threshold stored beside it (as evaluate judges it), prints one JSON line per attack with balanced accuracy, ROC
 AUC and the share called FAKE:
 
-* ``pgd50x3-margin``: 50 steps of 1/255 on the logit margin, 3 random restarts, worst restart kept per image;
-* ``pgd50-ce-step2``: 50 steps of 2/255 on cross-entropy (the sigmoid's, in float32, as a plain implementation
+* ``pgd50x3-margin``: 50 steps (``--steps``) of 1/255 on the logit margin, 3 random restarts (``--restarts``), worst
+  restart kept per image;
+* ``pgd50-ce-step2``: 50 steps (``--steps``) of 2/255 on cross-entropy (the sigmoid's, in float32, as a plain implementation
   would do it);
 * ``transfer``: the after-``train`` model's ``pgd50x3-margin`` images, replayed on the model after ``advtrain``
   (gradient masking in the defended model does not stop an attack made elsewhere);
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="test images (seeded, stratified subset)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0])
     parser.add_argument("--restarts", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50, help="steps of the two PGD attacks")
     parser.add_argument("--queries", type=int, default=1000, help="Square attack: model calls an image")
     args = parser.parse_args()
 
@@ -156,13 +158,14 @@ def main() -> None:
                 p = probs(to_uint8(Attacker(model, cfg, params.base.seed).perturb(x_u8, y, 256)))
                 row(label, e, p, time.perf_counter() - start)
                 found.append(p)
-            for label, kw in (("pgd50x3-margin", dict(steps=50, step=1 / 255, kind="margin", restarts=args.restarts)),
-                              ("pgd50-ce-step2", dict(steps=50, step=2 / 255, kind="ce", restarts=1))):
+            strong = f"pgd{args.steps}x{args.restarts}-margin"
+            for label, kw in ((strong, dict(steps=args.steps, step=1 / 255, kind="margin", restarts=args.restarts)),
+                              (f"pgd{args.steps}-ce-step2", dict(steps=args.steps, step=2 / 255, kind="ce", restarts=1))):
                 start = time.perf_counter()
                 p, images = pgd(eps, seed=1, **kw)
                 row(label, e, p, time.perf_counter() - start)
                 found.append(p)
-                if label == "pgd50x3-margin" and name == "baseline":
+                if label == strong and name == "baseline":
                     made_on_baseline[e] = images
             if name == "advtrained" and e in made_on_baseline:
                 p = probs(made_on_baseline[e])

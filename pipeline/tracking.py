@@ -135,9 +135,9 @@ def dvc_data_hash(raw_path: Path, lock_file: Path = Path("dvc.lock")) -> str:
 
 
 def log_dataset(path: Path, context: str, name: str | None = None) -> None:
-    """Record ``path`` as an input of the active run (MLflow's dataset lineage): its DVC md5 as the digest (from
-    dvc.lock; for a file a stage has just written, the md5 of its bytes, which is what DVC will record) and the
-    path, relative to the workspace, as the source. ``context``: training, validation, testing…"""
+    """Record ``path`` as an input of the active run (MLflow's dataset lineage): its DVC md5 as the digest (for a
+    folder from dvc.lock; for a file the md5 of its bytes, which is what DVC records) and the path, relative to
+    the workspace, as the source. ``context``: training, validation, testing…"""
     import hashlib
     import warnings
 
@@ -146,9 +146,9 @@ def log_dataset(path: Path, context: str, name: str | None = None) -> None:
     from mlflow.data.meta_dataset import MetaDataset
 
     path = Path(path)
-    digest = dvc_md5(path)
-    if digest is None and path.is_file():
-        digest = hashlib.md5(path.read_bytes()).hexdigest()
+    # A file may be this stage's own output, whose dvc.lock entry is still the previous run's until the stage ends:
+    # hash its bytes (DVC's md5 of a file). A folder is an input here, and dvc.lock holds its current hash.
+    digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else dvc_md5(path)
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is a local path either way
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(path.as_posix())
