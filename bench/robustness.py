@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import pipeline  # noqa: E402,F401  sets TensorFlow's environment (oneDNN on) before TensorFlow loads: without it
-# a gradient pass on an AVX2-only CPU ran 18x slower here (10 s against 0.55 s for 200 images)
+# gradients on an AVX2-only CPU run many times slower (bench/README.md, "An independent attack")
 
 
 def report(**fields) -> None:
