@@ -75,7 +75,8 @@ def cpu_seconds() -> float:
 
 def measure(raw: Path, out: Path, workers: int) -> dict:
     """Run in a fresh process: one preprocess, its time and peak RSS (own, and the largest worker's)."""
-    cfg = config.Preprocess(val_fraction=0.2, resize="resize", max_bad_fraction=0.01, max_pixels=16777216)
+    cfg = config.Preprocess(val_fraction=0.2, resize="resize", max_bad_fraction=0.01, max_pixels=16777216,
+                              duplicates="report", duplicate_similarity=0.99)
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     report = data.preprocess(raw, out, cfg, seed=42, progress=False, workers=workers)  # workers are reaped inside
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0

@@ -169,6 +169,8 @@ class Preprocess(Section):
     max_bad_fraction: Fraction
     # Pillow's own bomb limit: above it its warning (an error here) refuses images before this check would.
     max_pixels: Annotated[int, Field(gt=0, le=89_478_485)]
+    duplicates: Literal["report", "drop"]
+    duplicate_similarity: Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 class Model(Section):

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import config, filetree, images
+from pipeline import config, duplicates, filetree, images
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir
 
@@ -253,6 +253,42 @@ def _check(tally: _Tally, n_files: int, max_bad_fraction: float) -> None:
         raise DataError(f"no usable images left in {', '.join(empty)}; {len(bad)} bad file(s), first: {first}")
 
 
+# (the split that loses an image under ``duplicates: drop``, the split it is compared with)
+_LEAK_PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
+
+
+def _near_duplicates(folder: Path, cfg: config.Preprocess, tally: _Tally) -> dict:
+    """Count the images of each split that have a near-duplicate in a later split (:mod:`pipeline.duplicates`);
+    with ``cfg.duplicates == "drop"``, remove them from the earlier split, so test stays whole and comparable."""
+    found: dict[str, np.ndarray] = {}
+    report: dict = {"method": "cosine of 8x8 grey signatures, as is or mirrored; exact copies by hash",
+                    "similarity": cfg.duplicate_similarity, "action": cfg.duplicates}
+    for a, b in _LEAK_PAIRS:
+        xa, xb = (np.load(folder / s / "x.npy", mmap_mode="r") for s in (a, b))
+        names_a, names_b = (json.loads((folder / s / "names.json").read_text()) for s in (a, b))
+        m = duplicates.find(xa, xb, cfg.duplicate_similarity)
+        report[f"{a}_in_{b}"] = len(m.query)
+        report[f"{a}_in_{b}_examples"] = [{a: names_a[i], b: names_b[j], "similarity": round(float(s), 4)}
+                                           for i, j, s in list(zip(m.query, m.reference, m.similarity))[:5]]
+        found[a] = np.union1d(found.get(a, np.array([], np.int64)), m.query)
+    if cfg.duplicates == "drop":
+        for split, drop in found.items():
+            _drop_rows(folder / split, drop)
+            y = np.load(folder / split / "y.npy")
+            tally.counts[split] = {cls: int(n) for cls, n in zip(CLASSES, np.bincount(y, minlength=len(CLASSES)))}
+        report["dropped"] = {split: len(drop) for split, drop in found.items()}
+    return report
+
+
+def _drop_rows(split_dir: Path, rows: np.ndarray) -> None:
+    keep = np.setdiff1d(np.arange(len(np.load(split_dir / "y.npy"))), rows)
+    x, y = np.load(split_dir / "x.npy")[keep], np.load(split_dir / "y.npy")[keep]
+    names = json.loads((split_dir / "names.json").read_text())
+    np.save(split_dir / "x.npy", x)
+    np.save(split_dir / "y.npy", y)
+    (split_dir / "names.json").write_text(json.dumps([names[i] for i in keep], ensure_ascii=False))
+
+
 def preprocess(
     raw_dir: Path,
     out_dir: Path,
@@ -283,6 +319,7 @@ def preprocess(
             for split, listing in splits.items():
                 _decode_split(split, listing, tmp / split, cfg, pool, bar, tally)
             _check(tally, n_files, cfg.max_bad_fraction)  # raising here discards the temporary folder
+            leaks = _near_duplicates(tmp, cfg, tally)
     finally:
         if pool:
             pool.terminate()
@@ -301,4 +338,5 @@ def preprocess(
         "bad": tally.bad,
         "converted": {f"mode {m}": n for m, n in sorted(tally.converted.items()) if n},
         "resized": tally.resized,
+        "near_duplicates": leaks,
     }

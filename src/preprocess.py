@@ -31,6 +31,10 @@ def main() -> None:
         report["bad_by_kind"] or "none", sum(report["converted"].values()), report["resized"],
         params.paths.preprocess_report,
     )
+    leaks = report["near_duplicates"]
+    cli.log.info("near-duplicates (similarity >= %s): train in val %d, train in test %d, val in test %d%s",
+                 leaks["similarity"], leaks["train_in_val"], leaks["train_in_test"], leaks["val_in_test"],
+                 f"; dropped {leaks['dropped']}" if "dropped" in leaks else " (reported, kept)")
 
 
 if __name__ == "__main__":  # the guard matters: decode workers are spawned and re-import this module

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg(**kw) -> config.Preprocess:
-    base = {"val_fraction": 0.2, "resize": "resize", "max_bad_fraction": 0.1, "max_pixels": 4096 * 4096}
+    base = {"val_fraction": 0.2, "resize": "resize", "max_bad_fraction": 0.1, "max_pixels": 4096 * 4096,
+            "duplicates": "report", "duplicate_similarity": 0.99}
     return config.Preprocess(**{**base, **kw})
 
 
