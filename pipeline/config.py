@@ -223,6 +223,26 @@ class Attack(Section):
                 + (" rs" if self.random_start else ""))
 
 
+class Corruption(Section):
+    """A change without an attacker (pipeline/corruptions.py): jpeg (amount = quality), downscale (by amount and
+    back), blur (Gaussian sigma in pixels), noise (Gaussian sigma in 1/255 units)."""
+
+    kind: Literal["jpeg", "downscale", "blur", "noise"]
+    amount: Annotated[float, Field(gt=0.0)]
+
+    @model_validator(mode="after")
+    def _amount_fits_kind(self) -> Corruption:
+        if self.kind == "jpeg" and not (1 <= self.amount <= 95 and self.amount == int(self.amount)):
+            raise ValueError("jpeg amount is the quality: a whole number from 1 to 95")
+        if self.kind == "downscale" and self.amount <= 1:
+            raise ValueError("downscale amount is the factor: above 1")
+        return self
+
+    def describe(self) -> str:
+        """``jpeg90``, ``downscale2``, ``blur0.5``, ``noise4``: metric and file names."""
+        return f"{self.kind}{self.amount:g}"
+
+
 class Heartbeat(Section):
     """RDB storages: a running trial beats every ``interval_s``; one silent for ``grace_s`` is failed and retried."""
 
@@ -305,6 +325,7 @@ class Evaluate(Section):
     epsilons: list[Epsilon255] = Field(min_length=1)
     curve_images: PositiveInt | None = None  # robustness curve on a stratified subset; null: every test image
     diagnostic_images: PositiveInt | None = None  # the diagnostic attack likewise
+    corruptions: list[Corruption] = Field(default_factory=list)  # on the diagnostic_images subset
     weights: Weights
     measure: Literal["balanced_accuracy", "macro_f1"]  # what robust_score weights: counts both classes
     bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples for the 95 % intervals; 0: none

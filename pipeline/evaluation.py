@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from PIL import Image
 
-from pipeline import config, filetree, inference, metrics, registry
+from pipeline import config, corruptions, filetree, inference, metrics, registry
 from pipeline.attacks import Attacker, to_uint8
 from pipeline.data import stratified_subset
 
@@ -35,6 +35,7 @@ class Result:
     robust_score: float
     curve: list[dict] = field(default_factory=list)  # F1 and balanced accuracy per epsilon
     diagnosed: np.ndarray | None = None  # indices of the images the diagnostic attack ran on (p_diagnostic's order)
+    corrupted: dict[str, dict[str, float]] = field(default_factory=dict)  # corruption -> metrics, same subset
 
     @property
     def clean(self) -> dict[str, float]:
@@ -67,7 +68,12 @@ class Result:
     def summary(self, reference: dict[str, float]) -> dict:
         return {"weighted_f1": self.weighted_f1, "robust_score": self.robust_score,
                 "weighted_f1_minus_always_fake": self.weighted_f1 - reference["always_fake_weighted_f1"],
-                **self.sets}
+                **self.sets, **({"corruptions": self.corrupted} if self.corrupted else {})}
+
+    def corruption_rows(self, name: str) -> list[dict]:
+        """One row per corruption (``none`` first: the clean images of the same subset), for plots."""
+        return [{"model": name, "corruption": k, "balanced_accuracy": m["balanced_accuracy"],
+                 "roc_auc": m.get("roc_auc", float("nan"))} for k, m in self.corrupted.items()]
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
@@ -104,6 +110,11 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     diagnostic = Attacker(model, cfg.diagnostic, seed)
     p_diag = p_fake(to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe()))))
     p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag)
+    # No attacker: what a re-save, a resize, a blur or sensor noise on the way does (pipeline/corruptions.py).
+    corrupted = {c.describe(): metrics.classification(y[sub], p_fake(corruptions.apply(x[sub], c, seed)), threshold)
+                 for c in cfg.corruptions}
+    if corrupted:  # the same images uncorrupted, to read the others against
+        corrupted = {"none": metrics.classification(y[sub], p_clean[sub], threshold), **corrupted}
     sets = {k: metrics.classification(labels, p, threshold) for k, labels, p in
             (("clean", y, p_clean), ("adversarial", y, p_adv), ("diagnostic", y[sub], p_diag),
              ("worst", y[sub], p_worst))}
@@ -122,7 +133,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
             p = p_fake(attacked.pop(eps))
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
-    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub)
+    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub, corrupted)
 
 
 def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,

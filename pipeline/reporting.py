@@ -102,6 +102,30 @@ def robustness(rows: list[dict], bounds: dict[str, dict] | None = None,
     return fig
 
 
+def corruptions(rows: list[dict]):
+    """Balanced accuracy (bars) and ROC AUC (dots) per corruption and model: what a detector meets without an
+    attacker. ``rows``: dicts with ``model``, ``corruption``, ``balanced_accuracy`` and ``roc_auc``."""
+    from matplotlib.figure import Figure
+
+    names = list(dict.fromkeys(r["corruption"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = Figure(figsize=(9, 4))
+    ax = fig.add_subplot()
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        mine = {r["corruption"]: r for r in rows if r["model"] == model}
+        xs = np.arange(len(names)) + (i - (len(models) - 1) / 2) * width
+        bars = ax.bar(xs, [mine[n]["balanced_accuracy"] for n in names], width, label=f"{model}: balanced accuracy")
+        ax.plot(xs, [mine[n]["roc_auc"] for n in names], "o", color=bars.patches[0].get_facecolor(),
+                markeredgecolor="k", label=f"{model}: ROC AUC")
+    ax.axhline(0.5, color="k", ls=":", lw=1, label="chance / constant answer")
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set(ylim=(0, 1), ylabel="test subset", title="Without an attacker: re-saves, resizes, blur, noise")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
 def reliability_diagram(rows: list[dict], brier: dict[str, float]):
     """Mean predicted P(FAKE) against the share really FAKE, per bin and set; the diagonal is calibrated."""
     from matplotlib.figure import Figure

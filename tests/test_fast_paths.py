@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import config, evaluation, metrics, model, training
+from pipeline import config, corruptions, evaluation, metrics, model, training
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -134,7 +134,15 @@ def test_advtrain_draws_images_per_epoch_afresh_each_epoch(tiny_model_file, tiny
         metrics.robust_score(y[:20], p_clean, p_adv, params.evaluate.weights, params.evaluate.measure))
 
 
-def test_the_diagnostic_runs_on_its_subset_and_robust_score_counts_those_images(tiny_model) -> None:
+def test_the_diagnostic_runs_on_its_subset_and_robust_score_counts_those_images(tiny_model, monkeypatch) -> None:
+    applied, real_apply = [], corruptions.apply
+
+    def spy(x, corruption, seed=0):
+        applied.append((corruption.describe(), np.array_equal(x, tiny_model.x[evaluation.stratified_subset(
+            tiny_model.y, 32, 0)])))
+        return real_apply(x, corruption, seed)
+
+    monkeypatch.setattr(corruptions, "apply", spy)
     params = config.load(PARAMS_FILE, ["evaluate.diagnostic_images=32", "evaluate.curve_images=16",
                                        "evaluate.epsilons=[0, 8]", "evaluate.bootstrap=50"])
     cfg = params.evaluate
@@ -149,6 +157,12 @@ def test_the_diagnostic_runs_on_its_subset_and_robust_score_counts_those_images(
     ci = evaluation.intervals(result, y, cfg, 0, 0.5)
     assert ci["robust_score"]["low"] <= result.robust_score <= ci["robust_score"]["high"]
     assert ci["weighted_f1"]["low"] <= result.weighted_f1 <= ci["weighted_f1"]["high"]
+    # corruptions run on the same subset, the uncorrupted figure first to read them against
+    assert list(result.corrupted) == ["none", *(k.describe() for k in cfg.corruptions)] and len(cfg.corruptions) >= 8
+    assert result.corrupted["none"]["balanced_accuracy"] == pytest.approx(
+        metrics.measure(y[sub], result.p_clean[sub], "balanced_accuracy"))
+    assert applied == [(k.describe(), True) for k in cfg.corruptions]  # each once, on the diagnostic subset
+    assert result.summary({"always_fake_weighted_f1": 0.0})["corruptions"] is result.corrupted
 
 
 def test_bootstrap_over_all_images_is_unchanged_by_the_subset_option() -> None:
