@@ -76,42 +76,58 @@ def storage(url: str, heartbeat: config.Heartbeat | None = None) -> optuna.stora
             raise TuneError(f"tune.storage {url!r} cannot be used: {str(err).splitlines()[0]}") from None
 
 
-def sampler_seed(seed: int, worker: int) -> int:
-    """The TPE sampler's seed in worker ``worker``: the coordinator (0) keeps ``base.seed``, so a study run by one
-    process is seed-exact; every other worker derives its own, since processes sharing one seed draw the same
-    random start-up trials (and later the same proposals from the same history)."""
-    return seed if worker == 0 else int(np.random.SeedSequence([seed, worker]).generate_state(1)[0])
+def sampler_seed(seed: int, worker: int, opened_after: int = 0) -> int:
+    """The TPE sampler's seed of a process that opens the study as worker ``worker`` (0: the coordinator) when it
+    holds ``opened_after`` trials. The coordinator of a fresh study keeps ``base.seed``, so a study run by one
+    process is seed-exact; every other process derives its own, since processes sharing one seed draw the same
+    random start-up trials (and later the same proposals from the same history). That includes a coordinator or
+    local worker resuming a study: its sampler starts over, and with its earlier seed it would repeat its earlier
+    trials. A (worker, opened_after) pair can come back only when the process that held it proposed nothing."""
+    if worker == 0 and opened_after == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, worker, opened_after]).generate_state(1)[0])
 
 
-def _sampler_and_pruner(params: config.Params, worker: int = 0):
+def _pruner(params: config.Params) -> optuna.pruners.BasePruner:
     # From the second epoch on, a trial behind the median of earlier trials at that epoch stops: on cached features
     # a head's first epochs already rank it (bench/README.md, the tuning section).
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if params.tune.pruner == "median"
-              else optuna.pruners.NopPruner())
-    return optuna.samplers.TPESampler(seed=sampler_seed(params.base.seed, worker)), pruner
+    return (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if params.tune.pruner == "median"
+            else optuna.pruners.NopPruner())
+
+
+def _open(params: config.Params, data_key: str, worker: int,
+          store: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """The study with this process's own sampler: its seed depends on the trials already there, so the study is
+    looked at first, then opened with that sampler; the seed is logged and kept as a study user attr
+    ``sampler_seed:<host>:<pid>`` (a trial's ``worker`` system attr and MLflow tag name the process that ran it)."""
+    store, name = store or storage(params.tune.storage, params.tune.heartbeat), study_name(params, data_key)
+    opened_after = len(optuna.load_study(study_name=name, storage=store).get_trials(deepcopy=False))
+    seed = sampler_seed(params.base.seed, worker, opened_after)
+    study = optuna.load_study(study_name=name, storage=store, sampler=optuna.samplers.TPESampler(seed=seed),
+                              pruner=_pruner(params))
+    study.set_user_attr(f"sampler_seed:{WORKER}", seed)
+    log.info("tune: %s (%s) samples with TPE seed %d; the study held %d trials", WORKER,
+             "the coordinator" if worker == 0 else f"worker {worker}", seed, opened_after)
+    return study
 
 
 def make_study(params: config.Params, data_key: str) -> optuna.Study:
-    """Create the study (or open it to resume). Run this once, in one process, before any worker starts:
-    creating a fresh store from several processes at once breaks it."""
-    sampler, pruner = _sampler_and_pruner(params)
-    return optuna.create_study(
-        study_name=study_name(params, data_key), storage=storage(params.tune.storage, params.tune.heartbeat),
-        load_if_exists=True, direction="maximize", sampler=sampler, pruner=pruner,
-    )
+    """Create the study (or open it to resume) as its coordinator (worker 0). Run this once, in one process, before
+    any worker starts: creating a fresh store from several processes at once breaks it."""
+    store = storage(params.tune.storage, params.tune.heartbeat)
+    optuna.create_study(study_name=study_name(params, data_key), storage=store, load_if_exists=True,
+                        direction="maximize")
+    return _open(params, data_key, 0, store)
 
 
 def join_study(params: config.Params, data_key: str, worker: int) -> optuna.Study:
     """Open the study a coordinator (``python src/tune.py``) created, to add trials to it from another process;
     ``worker`` (not 0, the coordinator's) seeds its sampler apart from every other worker's."""
-    sampler, pruner = _sampler_and_pruner(params, worker)
-    name = study_name(params, data_key)
     try:
-        return optuna.load_study(study_name=name, storage=storage(params.tune.storage, params.tune.heartbeat),
-                                 sampler=sampler, pruner=pruner)
+        return _open(params, data_key, worker)
     except KeyError:
-        raise TuneError(f"no study {name} in {params.tune.storage}: start the coordinator first (dvc repro tune, "
-                        "or python src/tune.py), with the same params, data and code") from None
+        raise TuneError(f"no study {study_name(params, data_key)} in {params.tune.storage}: start the coordinator "
+                        "first (dvc repro tune, or python src/tune.py), with the same params, data and code") from None
 
 
 class PruneOnValidation(keras.callbacks.Callback):
