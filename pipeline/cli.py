@@ -31,26 +31,8 @@ def check_threshold(value: float | None) -> float | None:
     return value
 
 
-# Set (by the tests) to a folder: each stage writes there which params keys it read, as <stage>.json.
-RECORD_ENV = "CIFAKE_RECORD_PARAMS"
-
-
 def load_params(args: argparse.Namespace) -> config.Params:
-    params = config.load(args.params, args.overrides)
-    if os.environ.get(RECORD_ENV):
-        import atexit
-        import json
-        from pathlib import Path
-
-        reads = config.record_reads()
-        target = Path(os.environ[RECORD_ENV]) / f"{Path(sys.argv[0]).stem}.json"
-
-        def write() -> None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(sorted(reads)))
-
-        atexit.register(write)
-    return params
+    return config.load(args.params, args.overrides)
 
 
 def seed_everything(seed: int) -> None:

@@ -5,9 +5,7 @@ names the key (``tune.learning_rate.low``) and what is allowed.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,59 +22,8 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Epsilon255 = Annotated[float, Field(ge=0.0, le=255.0)]
 
 
-# What the running stage read, as dotted keys (``tune.attack.epsilon``), while :func:`record_reads` is on. The
-# tests compare it with the params each stage declares in dvc.yaml, so a stage cannot read a key DVC does not watch.
-_reads: set[str] | None = None
-_paths: dict[int, str] = {}  # id(section) -> its dotted prefix, for sections of a loaded Params
-
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
-
-    def __getattribute__(self, name: str):
-        value = super().__getattribute__(name)
-        if _reads is not None and not name.startswith("_") and name in type(self).model_fields \
-                and not isinstance(value, Section) and id(self) in _paths:
-            _reads.add(_paths[id(self)] + name)
-        return value
-
-    def model_dump(self, *args, **kwargs):
-        if _reads is not None and id(self) in _paths:
-            excluded = kwargs.get("exclude") or ()
-            for name in type(self).model_fields:
-                if name not in excluded:
-                    value = super().__getattribute__(name)
-                    if isinstance(value, Section):
-                        value.model_dump()
-                    else:
-                        _reads.add(_paths[id(self)] + name)
-        return super().model_dump(*args, **kwargs)
-
-
-def _register_paths(section: Section, prefix: str = "") -> None:
-    _paths[id(section)] = prefix
-    for name in type(section).model_fields:
-        value = super(Section, section).__getattribute__(name)
-        if isinstance(value, Section):
-            _register_paths(value, f"{prefix}{name}.")
-
-
-def record_reads() -> set[str]:
-    """Start recording which params keys are read; returns the (live) set they are added to."""
-    global _reads
-    _reads = set()
-    return _reads
-
-
-@contextlib.contextmanager
-def unrecorded() -> Iterator[None]:
-    """Reads in here do not count: logging every value to MLflow is tracking, not a dependency."""
-    global _reads
-    saved, _reads = _reads, None
-    try:
-        yield
-    finally:
-        _reads = saved
 
 
 class Base(Section):
@@ -408,7 +355,6 @@ def from_dict(tree: dict, source: str = "params.yaml") -> Params:
         params = Params.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format(err, source)) from None
-    _register_paths(params)
     return params
 
 

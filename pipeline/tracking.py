@@ -166,8 +166,7 @@ def log_splits(processed: Path, *splits: str) -> None:
 
 def run_tags(stage: str, params: config.Params) -> dict[str, str]:
     commit = git_commit()
-    with config.unrecorded():
-        source = params.data.source
+    source = params.data.source
     return {
         "stage": stage,
         "mlflow.source.git.commit": commit,
@@ -232,8 +231,7 @@ def stage_run(stage: str, params: config.Params, run_name: str | None = None) ->
     setup(params.mlflow)
     close_abandoned_runs(stage)
     with mlflow.start_run(run_name=run_name or stage, tags=run_tags(stage, params)) as run:
-        with config.unrecorded():
-            log_params(config.flatten(params))  # `base.seed`, as in params.yaml and `dvc exp show`
+        log_params(config.flatten(params))  # `base.seed`, as in params.yaml and `dvc exp show`
         yield run
 
 

@@ -78,8 +78,9 @@ def repo(tmp_path_factory, mlflow_server):
     _copy_repo(root)
     # The stages run unchanged against a tracking server: only the environment says where it is.
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHON": sys.executable, "MLFLOW_TRACKING_URI": mlflow_server}
-    # Each stage writes which params keys it read (pipeline.cli.RECORD_ENV), checked against dvc.yaml below.
-    first = _repro(root, {**env, "CIFAKE_RECORD_PARAMS": str(root.parent / "reads")})
+    # Each stage writes which params keys it read (tests/recorder/sitecustomize.py), checked against dvc.yaml below.
+    recorder = os.pathsep.join(p for p in (str(REPO / "tests" / "recorder"), os.environ.get("PYTHONPATH")) if p)
+    first = _repro(root, {**env, "PYTHONPATH": recorder, "CIFAKE_RECORD_PARAMS": str(root.parent / "reads")})
     return root, env, first
 
 
