@@ -20,10 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import config, duplicates, filetree, images
+from pipeline.classes import CLASSES
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir
 
-CLASSES = ("REAL", "FAKE")  # index = label: FAKE is the positive class 1
 SPLITS = ("train", "val", "test")
 RAW_SPLITS = ("train", "test")
 IMAGE_SIZE = 32  # CIFAKE's size; the model resizes itself (model.image_size)

@@ -19,9 +19,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.classes import LABELS
 from pipeline.errors import ModelError
 from pipeline.model import INPUT_SHAPE, backbone_of, to_unit
-from pipeline.predicting import LABELS
 
 # ResNet50's stage outputs, deepest first: the usual Grad-CAM layers (semantic, yet still spatial).
 STAGE_OUTPUTS = ("conv5_block3_out", "conv4_block6_out", "conv3_block4_out", "conv2_block3_out")

@@ -15,12 +15,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import filetree, images
+from pipeline.classes import LABELS
 from pipeline.errors import DataError, ModelError
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 COLUMNS = ("Image Name", "Predicted Label")
-LABELS = ("Real", "Fake")  # index = class: FAKE is 1
 
 
 @dataclass

@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # no display on CI or servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.classes import CLASSES, LABELS  # noqa: E402
 from pipeline.io import atomic_path  # noqa: E402
 
 
@@ -23,7 +24,7 @@ def write_csv(rows: list[dict], target: str | Path) -> None:
 
 def confusion_rows(y: np.ndarray, p: np.ndarray, threshold: float) -> list[dict]:
     """One row per image, the shape DVC's confusion template reads."""
-    label = np.array(["Real", "Fake"])
+    label = np.array(LABELS)
     return [{"actual": a, "predicted": b} for a, b in zip(label[y.astype(int)], label[(p >= threshold).astype(int)])]
 
 
@@ -60,7 +61,7 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, title: str):
     from sklearn.metrics import ConfusionMatrixDisplay
 
     fig, ax = plt.subplots(figsize=(4, 4))
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, display_labels=["REAL", "FAKE"], ax=ax, colorbar=False)
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, display_labels=list(CLASSES), ax=ax, colorbar=False)
     ax.set_title(title)
     fig.tight_layout()
     return fig

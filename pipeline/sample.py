@@ -59,9 +59,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import config, filetree
+from pipeline.classes import CLASSES
 
 SPLITS = ("train", "test")
-CLASSES = ("REAL", "FAKE")
 # Disjoint scenes: test photographs are never seen by the generator's fit nor by a classifier's training data.
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "china",
                 "grace_hopper")

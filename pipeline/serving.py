@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import config, images
-from pipeline.predicting import LABELS
+from pipeline.classes import LABELS
 
 KERAS_ARTIFACT, SETTINGS_ARTIFACT = "keras_model", "settings"
 

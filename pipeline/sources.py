@@ -10,9 +10,10 @@ import zipfile
 from pathlib import Path
 
 from pipeline import config, filetree, sample
+from pipeline.classes import CLASSES
 from pipeline.errors import DataError
 
-CLASS_DIRS = tuple(f"{split}/{cls}" for split in sample.SPLITS for cls in sample.CLASSES)
+CLASS_DIRS = tuple(f"{split}/{cls}" for split in sample.SPLITS for cls in CLASSES)
 LAYOUT = ("expected CIFAKE layout: train/REAL, train/FAKE, test/REAL and test/FAKE, each holding images, at the "
           "top level or inside one folder (as in the Kaggle zip)")
 
