@@ -107,7 +107,7 @@ def source(where: str, unzip_to: str | Path | None = None) -> Iterator[Source]:
         return
     local = where.removeprefix("file://")
     if glob.has_magic(local):
-        base = _glob_base(local).rstrip("/")
+        base = _glob_base(local).rstrip("/") or ("/" if local.startswith("/") else ".")
         matches = sorted(glob.glob(local))
         listed = []
         for match in matches:
@@ -117,28 +117,31 @@ def source(where: str, unzip_to: str | Path | None = None) -> Iterator[Source]:
         if not listed:
             raise DataError(f"--input {where}: no images match (looked for "
                             f"{', '.join(sorted(images.IMAGE_SUFFIXES))})")
-        yield Source([os.path.abspath(m) for m in matches], f"file:{os.path.abspath(base)}/", listed,
-                     Path(base))
+        yield Source([os.path.abspath(m) for m in matches], _file_uri(base), listed, Path(base))
         return
     listing = predicting.list_images(Path(local))  # a folder or a zip; raises "no images" as predict does
     if not filetree.is_zip(local):
         folder = os.path.abspath(local)
-        yield Source([folder], f"file:{folder}/", listing.members, Path(folder))
+        yield Source([folder], _file_uri(folder), listing.members, Path(folder))
         return
     parent = Path(unzip_to) if unzip_to else None
     if parent:
         parent.mkdir(parents=True, exist_ok=True)
-    extracted = Path(tempfile.mkdtemp(prefix="cifake-unzip-", dir=parent))
+    extracted = Path(tempfile.mkdtemp(prefix="cifake-unzip-", dir=parent)).absolute()
     try:
         with filetree.Tree(local) as tree:  # Tree refuses an archive with any unsafe entry before anything is read
             for name in listing.members:
                 target = extracted / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(tree.read(name))
-        folder = os.path.abspath(extracted)
-        yield Source([folder], f"file:{folder}/", listing.members, extracted)
+        yield Source([str(extracted)], _file_uri(extracted), listing.members, extracted)
     finally:
         shutil.rmtree(extracted, ignore_errors=True)
+
+
+def _file_uri(folder: str | Path) -> str:
+    """A local folder as the prefix of the paths Spark reads below it: ``file:/abs/folder/``."""
+    return "file:" + os.path.abspath(folder).rstrip("/") + "/"
 
 
 def _glob_base(pattern: str) -> str:
