@@ -186,12 +186,15 @@ def test_a_zip_is_scored_under_the_names_its_entries_have(messy_folder: Path, tm
         pass
 
 
-def test_a_glob_names_images_below_its_folder_part(messy_folder: Path) -> None:  # noqa: F811
+def test_a_glob_names_images_below_its_folder_part(messy_folder: Path, monkeypatch) -> None:  # noqa: F811
     with spark_scoring.source(f"{messy_folder}/ne*") as src:
         assert src.listed == ["nested/deeper/inner.png"]
         assert src.base == f"file:{messy_folder}/" and src.paths == [str(messy_folder / "nested")]
     with pytest.raises(DataError, match="no images"), spark_scoring.source(f"{messy_folder}/*.txt"):
         pass
+    monkeypatch.chdir(messy_folder)
+    with spark_scoring.source("*.png") as src:  # no folder part: the current one
+        assert src.listed == ["gray.png", "odd_50x40.png", "rgba.png"] and src.base == f"file:{messy_folder}/"
 
 
 def test_without_java_the_tool_says_in_one_line_what_to_install(messy_folder: Path, tmp_path: Path) -> None:  # noqa: F811
