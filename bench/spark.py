@@ -1,0 +1,119 @@
+"""Scoring on Spark against the predict tool (#21): images a second at 20,000 images, and the start-up cost.
+
+    python bench/spark.py [--n 20000] [--master local[2]]   # the built-in sample's test split: 32×32 JPEGs
+
+Both tools score the same folder with the same registered version (a ResNet50, weights none, frozen, 32×32: the real
+model's compute, logged as the pipeline logs one in a scratch MLflow store), as subprocesses from the repository
+root: ``src/predict.py --input DIR --output F.csv --model models:/cifake-bench@champion``, and ``src/score_spark.py``
+with the same arguments and ``--master``. Figures (JSON lines): ``<tool>_startup``, the tool on 16 of the images
+(imports, JVM, model load); ``<tool>_full``, on all N; ``<tool>_marginal``, (N - 16) / (full - startup), the rate
+once started. ``cpu_s``: CPU seconds of the tool's whole process tree (driver, JVM, Spark's Python workers), which
+other load inflates far less than wall time. The two CSVs must give every image the same label (checked).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import OUT, SCRATCH, emit, loadavg, stage_env  # noqa: E402
+
+NAME = "cifake-bench"
+
+
+def images(n: int) -> tuple[Path, Path]:
+    """The sample's test split with n/2 images a class (made once), and 16 of them in a folder of their own."""
+    from pipeline import config, sample
+
+    root = SCRATCH / f"spark-sample-{n}"
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        sample.write_sample(root / "raw", config.Sample(train_per_class=1, test_per_class=n // 2, jpeg_quality=95),
+                            42, progress=False)
+        (root / ".complete").touch()
+    shutil.rmtree(tiny := root / "tiny", ignore_errors=True)
+    for cls in ("REAL", "FAKE"):
+        (tiny / cls).mkdir(parents=True)
+        for p in sorted((root / "raw" / "test" / cls).glob("*.jpg"))[:8]:
+            shutil.copy(p, tiny / cls / p.name)
+    return root / "raw" / "test", tiny
+
+
+def register(store: Path) -> str:
+    """A fresh scratch store holding the benchmark model as version 1 @champion; returns its tracking URI."""
+    import mlflow
+
+    from pipeline import config, model, serving
+
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    mlflow.set_tracking_uri(uri := f"sqlite:///{store}/mlflow.db")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", (store / "artifacts").as_uri()))
+    params, keras_file = config.load(ROOT / "params.yaml"), OUT / "spark-model.keras"
+    cfg = params.model.model_copy(update={"trainable_from": None, "weights": "none", "image_size": 32})
+    model.save(model.build_model(cfg, 0.0, seed=42), keras_file)
+    with mlflow.start_run():
+        info = serving.log_version(keras_file, serving.settings(0.5, params.preprocess), "model", NAME)
+    mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", info["version"])
+    return uri
+
+
+def run(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of ``cmd``'s process tree, from /proc every 0.2 s (``time`` misses Spark's JVM)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    ticks: dict[tuple[int, str], int] = {}
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            stats = {}
+            for d in Path("/proc").glob("[0-9]*"):
+                with contextlib.suppress(OSError):
+                    stats[int(d.name)] = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            tree = {proc.pid}
+            while grown := {c for c, fields in stats.items() if int(fields[1]) in tree} - tree:
+                tree |= grown
+            for pid in tree & stats.keys():  # utime + stime, per process (pid and start time)
+                ticks[(pid, stats[pid][19])] = int(stats[pid][11]) + int(stats[pid][12])
+            time.sleep(0.2)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[1]} failed (rc {proc.returncode}): see {log}")
+    return time.perf_counter() - t0, sum(ticks.values()) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20_000, help="images (half REAL, half FAKE)")
+    parser.add_argument("--master", default="local[2]")
+    folder, tiny = images((args := parser.parse_args()).n)
+    n = sum(1 for _ in folder.rglob("*.jpg"))
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": register(SCRATCH / "spark-mlflow")}
+    tools, labels = {"predict": ["src/predict.py"], "spark": ["src/score_spark.py", "--master", args.master]}, {}
+    for tool, cmd in tools.items():
+        wall, cpu = {}, {}
+        for what, where in (("startup", tiny), ("full", folder)):
+            out, load = OUT / f"spark-bench-{tool}-{what}.csv", loadavg()
+            wall[what], cpu[what] = run([sys.executable, *cmd, "--input", str(where), "--output", str(out), "--model",
+                                         f"models:/{NAME}@champion"], env, OUT / "logs" / f"spark-{tool}-{what}.log")
+            k = 16 if what == "startup" else n
+            emit(f"{tool}_{what}", load, images=k, wall_s=round(wall[what], 2), cpu_s=round(cpu[what], 1),
+                 images_per_s=round(k / wall[what], 1), master=args.master if tool == "spark" else None)
+        emit(f"{tool}_marginal", None, images=n - 16, images_per_s=round((n - 16) / (wall["full"] - wall["startup"]),
+             1), images_per_cpu_s=round((n - 16) / (cpu["full"] - cpu["startup"]), 1))
+        with open(out, newline="") as f:
+            labels[tool] = {row[0]: row[1] for row in list(csv.reader(f))[1:]}
+    assert labels["spark"] == labels["predict"], "the two tools disagree on some label"
+    print(f"labels agree on all {len(labels['predict'])} images", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
