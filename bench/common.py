@@ -162,8 +162,8 @@ def sample_data(train_per_class: int, test_per_class: int, seed: int = 42) -> tu
     t0 = time.perf_counter()
     sample.write_sample(raw, config.Sample(train_per_class=train_per_class, test_per_class=test_per_class,
                                            jpeg_quality=95), seed, progress=False)
-    data.preprocess(raw, processed, config.Preprocess(val_fraction=0.2, resize="resize", max_bad_fraction=0.01, duplicates="report",
-                                                            duplicate_similarity=0.99,
-                                                      max_pixels=16777216), seed, progress=False)
+    cfg = config.Preprocess(val_fraction=0.2, resize="resize", max_bad_fraction=0.01, max_pixels=16777216,
+                            duplicates="report", duplicate_similarity=0.99)
+    data.preprocess(raw, processed, cfg, seed, progress=False)
     marker.touch()
     return raw, processed, time.perf_counter() - t0

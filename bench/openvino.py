@@ -246,9 +246,9 @@ def trained_agreement(batch: int) -> None:
                 "pgd": to_uint8(Attacker(model, ev.diagnostic, params.base.seed).perturb(
                     test.x[pgd_pick], test.y[pgd_pick], ev.batch_size))}
         for name, x in sets.items():
-            p = {prec: inference.predict_proba(model, x, config.Inference(engine="openvino", precision=prec), batch)
+            p = {prec: inference.probabilities(model, x, config.Inference(engine="openvino", precision=prec), batch)
                  for prec in ("f32", "bf16")}
-            p_tf = inference.predict_proba(model, x, config.Inference(engine="tensorflow"), batch)
+            p_tf = inference.probabilities(model, x, config.Inference(engine="tensorflow"), batch)
             same = (p["bf16"] >= threshold) == (p["f32"] >= threshold)
             emit("bf16_labels_trained", None, model=str(path), images=name, n=len(x), threshold=threshold,
                  label_agreement_bf16_vs_f32=round(float(np.mean(same)), 5), labels_differing=int((~same).sum()),

@@ -141,10 +141,10 @@ def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.E
     """A registered version's scores under this protocol, attacked white-box against itself and judged at its own
     stored threshold (0.5 for a version that stored none): what the champion rule needs when the champion's stored
     scores come from another protocol."""
-    from pipeline.predicting import choose_threshold, load_with_threshold
+    from pipeline.predicting import load_with_threshold, resolve_threshold
 
     model, stored = load_with_threshold(f"models:/{name}/{version}")
-    threshold = choose_threshold(None, stored, 0.5)
+    threshold = resolve_threshold(None, stored, 0.5)
     result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}", engine)
     return registry.Standing(str(version), result.robust_score, result.weighted_f1,
                              protocol_id(protocol(cfg, x, y, seed, threshold_rule)))

@@ -163,7 +163,7 @@ def runner(model: keras.Model, cfg: config.Inference) -> Runner:
     return cache[key]
 
 
-def predict_proba(model: keras.Model, x: np.ndarray, cfg: config.Inference, batch_size: int = 256,
+def probabilities(model: keras.Model, x: np.ndarray, cfg: config.Inference, batch_size: int = 256,
                   progress: str | None = None) -> np.ndarray:
     """P(FAKE) for uint8 or [0, 1] float images."""
     return runner(model, cfg)(x, batch_size, progress)[:, 0]

@@ -120,7 +120,7 @@ def load_with_threshold(ref: str):
         from pipeline import serving
 
         try:
-            served = serving.load(ref)
+            served = serving.load_classifier(ref)
         except MlflowException as err:
             raise ModelError(f"--model {ref}: {err.message}") from None
         return served.model, served.settings.get("threshold")
@@ -131,7 +131,7 @@ def load_with_threshold(ref: str):
     return model, (read_json(info).get("threshold") if info.is_file() else None)
 
 
-def choose_threshold(override: float | None, stored: float | None, fallback: float) -> float:
+def resolve_threshold(override: float | None, stored: float | None, fallback: float) -> float:
     """The threshold to use: ``--threshold``, else the model's own, else ``fallback`` (with a warning)."""
     for value, source in ((override, "--threshold"), (stored, "the model's calibrated threshold")):
         if value is not None:

@@ -44,7 +44,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.engine = config.Inference(engine=os.environ.get("CIFAKE_INFERENCE_ENGINE") or "auto")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from pipeline.inference import predict_proba
+        from pipeline.inference import probabilities
 
         threshold = float((params or {}).get("threshold") or self.settings["threshold"])
         rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else list(model_input)
@@ -59,7 +59,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         read = [i for i, x in enumerate(pixels) if x is not None]
         p: list[float | None] = [None] * len(rows)
         if read:
-            for i, v in zip(read, predict_proba(self.model, np.stack([pixels[i] for i in read]), self.engine)):
+            for i, v in zip(read, probabilities(self.model, np.stack([pixels[i] for i in read]), self.engine)):
                 p[i] = float(v)
         # object columns: a row that failed answers null (pandas' own string and float columns would say NaN, which
         # strict JSON parsers reject)
@@ -159,7 +159,7 @@ def log_version(model_path: str | Path, settings: dict, name: str, registered_na
     return out
 
 
-def load(uri: str):
+def load_classifier(uri: str):
     """The :class:`ImageClassifier` of a logged version (``models:/…`` or ``runs:/…``), its Keras model in
     ``.model`` and its settings in ``.settings``. A version logged in Keras's own flavour (before this module)
     comes back with empty settings."""

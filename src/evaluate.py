@@ -31,7 +31,7 @@ def main() -> None:
 
     def evaluate(path, name: str) -> tuple:
         model, stored = predicting.load_with_threshold(str(path))
-        threshold = predicting.choose_threshold(None, stored, params.threshold.fixed)
+        threshold = predicting.resolve_threshold(None, stored, params.threshold.fixed)
         result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name, params.inference)
         calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
                                                                            ("adversarial", result.p_adv))}

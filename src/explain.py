@@ -51,7 +51,7 @@ def main() -> None:
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
     model, stored = predicting.load_with_threshold(args.model or str(params.paths.model_adv))
-    threshold = predicting.choose_threshold(args.threshold, stored, params.threshold.fixed)
+    threshold = predicting.resolve_threshold(args.threshold, stored, params.threshold.fixed)
     layer = explain.resolve_layer(model, args.layer)  # a wrong --layer fails before anything is written
     rows, bad = [], []
     for part in parts:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli, predicting, tracking
 from pipeline.errors import ConfigError
-from pipeline.inference import predict_proba
+from pipeline.inference import probabilities
 
 
 def main() -> None:
@@ -42,9 +42,9 @@ def main() -> None:
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
     model, stored = predicting.load_with_threshold(args.model or str(params.paths.model_adv))
-    threshold = predicting.choose_threshold(args.threshold, stored, params.threshold.fixed)
+    threshold = predicting.resolve_threshold(args.threshold, stored, params.threshold.fixed)
     def p_fake(x):
-        return predict_proba(model, x, params.inference, params.predict.batch_size)
+        return probabilities(model, x, params.inference, params.predict.batch_size)
 
     for listing, (_, _, output) in zip(listings, jobs):
         done = predicting.predict_to_csv(p_fake, listing, params.preprocess.resize, params.preprocess.max_pixels,

@@ -138,7 +138,7 @@ def test_predictions_and_figures_are_the_evaluated_models_at_its_stored_threshol
                              for n in test.names])
     for name, x, split, suffix in (("Test_1_results.csv", test.x, "clean", ".jpg"),
                                    ("Test_2_results.csv", attacked, "adversarial", ".png")):
-        p = inference.predict_proba(adv, x, params.inference)
+        p = inference.probabilities(adv, x, params.inference)
         rows = _labelled(root, name)
         assert [rows[Path(n).with_suffix(suffix).as_posix()] for n in test.names] == predicting.labels(p, threshold)
         assert m[split]["balanced_accuracy"] == pytest.approx(metrics.measure(test.y, p, threshold=threshold))

@@ -21,7 +21,7 @@ TENSORFLOW = config.Inference(engine="tensorflow")
 def test_openvino_gives_tensorflows_probabilities_and_labels(tiny_model) -> None:
     x = tiny_model.x
     p_tf = batched(forward_fn(tiny_model.model), x, 32)[:, 0]
-    p_ov = inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=32)
+    p_ov = inference.probabilities(tiny_model.model, x, OPENVINO, batch_size=32)
     assert p_ov.shape == p_tf.shape and p_ov.dtype == np.float32
     np.testing.assert_allclose(p_ov, p_tf, atol=1e-5)
     for threshold in (0.5, float(np.median(p_tf))):
@@ -39,17 +39,17 @@ def test_openvino_features_match_tensorflows_to_float32_noise(tiny_model) -> Non
 @pytest.mark.parametrize("batch_size", [1, 7, 50, 128, 500])
 def test_any_batch_split_gives_the_same_answers_in_order(tiny_model, batch_size) -> None:
     x = tiny_model.x[:100]
-    whole = inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=100)
-    np.testing.assert_allclose(inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=batch_size),
+    whole = inference.probabilities(tiny_model.model, x, OPENVINO, batch_size=100)
+    np.testing.assert_allclose(inference.probabilities(tiny_model.model, x, OPENVINO, batch_size=batch_size),
                                whole, atol=1e-6)
 
 
 def test_openvino_is_deterministic_and_takes_floats_in_unit_range(tiny_model) -> None:
     x = tiny_model.x[:64]
-    first = inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=16)
-    assert np.array_equal(first, inference.predict_proba(tiny_model.model, x, OPENVINO, batch_size=16))
+    first = inference.probabilities(tiny_model.model, x, OPENVINO, batch_size=16)
+    assert np.array_equal(first, inference.probabilities(tiny_model.model, x, OPENVINO, batch_size=16))
     as_floats = x.astype(np.float32) / 255.0
-    np.testing.assert_allclose(inference.predict_proba(tiny_model.model, as_floats, OPENVINO), first, atol=1e-6)
+    np.testing.assert_allclose(inference.probabilities(tiny_model.model, as_floats, OPENVINO), first, atol=1e-6)
 
 
 def test_empty_input_gives_empty_output(tiny_model) -> None:
@@ -64,8 +64,8 @@ def test_bf16_stays_close_to_float32(graded_model) -> None:
                     "compute in f32): no bf16 arithmetic to check on this machine")
     # The graded model's P(FAKE) spreads over (0, 1), so rounding in bf16 shows, and could move labels.
     bf16 = config.Inference(engine="openvino", precision="bf16")
-    p_f32 = inference.predict_proba(graded_model.model, graded_model.x, OPENVINO)
-    p_bf16 = inference.predict_proba(graded_model.model, graded_model.x, bf16)
+    p_f32 = inference.probabilities(graded_model.model, graded_model.x, OPENVINO)
+    p_bf16 = inference.probabilities(graded_model.model, graded_model.x, bf16)
     assert not np.array_equal(p_bf16, p_f32)  # bf16 really ran
     assert np.abs(p_bf16 - p_f32).max() < 0.05
     assert ((p_bf16 >= 0.5) == (p_f32 >= 0.5)).mean() >= 0.97
@@ -110,7 +110,7 @@ def test_a_process_that_ran_openvino_exits_cleanly(tiny_model_file) -> None:
         import numpy as np
         from pipeline import config, inference, model
         m = model.load({str(tiny_model_file)!r})
-        p = inference.predict_proba(m, np.zeros((300, 32, 32, 3), np.uint8), config.Inference(engine="openvino"))
+        p = inference.probabilities(m, np.zeros((300, 32, 32, 3), np.uint8), config.Inference(engine="openvino"))
         print("ok", p.shape)
     """)
     for _ in range(3):

@@ -53,7 +53,7 @@ def test_a_version_is_logged_with_its_signature_settings_and_code(served: str) -
     assert inputs["image"]["type"] == "string" and not inputs["image"]["required"]
     assert inputs["pixels"]["type"] == "array" and not inputs["pixels"]["required"]
     assert [c["name"] for c in info.signature.outputs.to_dict()] == ["label", "p_fake", "error"]
-    assert serving.load(served).settings == SETTINGS
+    assert serving.load_classifier(served).settings == SETTINGS
     version = MlflowClient().get_model_version_by_alias(NAME, registry.CHAMPION)
     assert MlflowClient().get_run(version.run_id).data.params["threshold"] == str(SETTINGS["threshold"])
 
@@ -123,7 +123,7 @@ def test_a_broken_record_gets_its_own_error_and_the_rest_their_answers(served: s
 
 def test_the_keras_model_comes_back_out_of_the_version(served: str, tiny_model) -> None:
     want = model.predict_proba(tiny_model.model, tiny_model.x)
-    assert np.array_equal(model.predict_proba(serving.load(served).model, tiny_model.x), want)
+    assert np.array_equal(model.predict_proba(serving.load_classifier(served).model, tiny_model.x), want)
     loaded, threshold = predicting.load_with_threshold(served)
     assert np.array_equal(model.predict_proba(loaded, tiny_model.x), want) and threshold == SETTINGS["threshold"]
 
