@@ -294,6 +294,21 @@ def choose_threshold(rule: config.Threshold, evaluate: config.Evaluate, y: np.nd
     return metrics.best_threshold(y, p_clean, p_attacked, evaluate.weights, evaluate.measure)
 
 
+def probabilities_under_evaluation(model: keras.Model, evaluate: config.Evaluate, x: np.ndarray, y: np.ndarray,
+                                   seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """P(FAKE) on validation images, clean and under evaluate's attacks (the mission's and the diagnostic, per
+    image the worse of the two, 8-bit rounded): what evaluate's robust_score counts, so a threshold chosen on these
+    is chosen by the rule it will be judged by. A threshold chosen under a weaker attack (advtrain's own PGD-3)
+    sits where that attack leaves the images and costs balanced accuracy under the stronger one
+    (bench/README.md, "The stored threshold")."""
+    from pipeline.attacks import to_uint8
+
+    fn = forward_fn(model)
+    attacked = [batched(fn, to_uint8(Attacker(model, attack, seed).perturb(x, y, batch_size)), batch_size)[:, 0]
+                for attack in (evaluate.attack, evaluate.diagnostic)]
+    return batched(fn, x, batch_size)[:, 0], metrics.worst_case(y, *attacked)
+
+
 def validation_probabilities(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray,
                              batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """P(FAKE) on validation images, clean and attacked (8-bit rounded, as saved)."""
@@ -302,6 +317,13 @@ def validation_probabilities(model: keras.Model, attacker: Attacker, x: np.ndarr
     fn = forward_fn(model)
     return (batched(fn, x, batch_size)[:, 0],
             batched(fn, to_uint8(attacker.perturb(x, y, batch_size)), batch_size)[:, 0])
+
+
+def evaluation_scores(y: np.ndarray, p: tuple[np.ndarray, np.ndarray], evaluate: config.Evaluate) -> dict[str, float]:
+    """Validation figures under evaluate's attacks (:func:`probabilities_under_evaluation`), at 0.5."""
+    m = evaluate.measure
+    return {f"val_worst_{m}": metrics.measure(y, p[1], m), "val_worst_robust_score": metrics.robust_score(
+        y, p[0], p[1], evaluate.weights, m)}
 
 
 def _scores(y: np.ndarray, p: tuple[np.ndarray, np.ndarray], evaluate: config.Evaluate) -> dict[str, float]:
