@@ -9,7 +9,8 @@ AUC and the share called FAKE:
 
 * ``pgd50x3-margin``: 50 steps (``--steps``) of 1/255 on the logit margin, 3 random restarts (``--restarts``), worst
   restart kept per image;
-* ``pgd50-ce-step2``: 50 steps (``--steps``) of 2/255 on cross-entropy (the sigmoid's, in float32, as a plain implementation
+* ``pgd50-ce-step2``: 50 steps (``--steps``) of 2/255 on cross-entropy (the sigmoid's, in float32, as a plain
+  implementation
   would do it);
 * ``transfer``: the after-``train`` model's ``pgd50x3-margin`` images, replayed on the model after ``advtrain``
   (gradient masking in the defended model does not stop an attack made elsewhere);
@@ -162,8 +163,9 @@ def main() -> None:
                 row(label, e, p, time.perf_counter() - start)
                 found.append(p)
             strong = f"pgd{args.steps}x{args.restarts}-margin"
+            ce = f"pgd{args.steps}-ce-step2"
             for label, kw in ((strong, dict(steps=args.steps, step=1 / 255, kind="margin", restarts=args.restarts)),
-                              (f"pgd{args.steps}-ce-step2", dict(steps=args.steps, step=2 / 255, kind="ce", restarts=1))):
+                              (ce, dict(steps=args.steps, step=2 / 255, kind="ce", restarts=1))):
                 start = time.perf_counter()
                 p, images = pgd(eps, seed=1, **kw)
                 row(label, e, p, time.perf_counter() - start)
