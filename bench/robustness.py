@@ -10,8 +10,7 @@ AUC and the share called FAKE:
 * ``pgd50x3-margin``: 50 steps (``--steps``) of 1/255 on the logit margin, 3 random restarts (``--restarts``), worst
   restart kept per image;
 * ``pgd50-ce-step2``: 50 steps (``--steps``) of 2/255 on cross-entropy (the sigmoid's, in float32, as a plain
-  implementation
-  would do it);
+  implementation would do it);
 * ``transfer``: the after-``train`` model's ``pgd50x3-margin`` images, replayed on the model after ``advtrain``
   (gradient masking in the defended model does not stop an attack made elsewhere);
 * ``square``: the score-based black-box Square attack (Andriushchenko et al. 2020: random vertical stripes, then
@@ -39,8 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-import pipeline  # noqa: E402,F401  sets TensorFlow's environment (oneDNN on) before TensorFlow loads: without it
-# gradients on an AVX2-only CPU run many times slower (bench/README.md, "An independent attack")
+# pipeline sets TensorFlow's environment (oneDNN on) before TensorFlow loads: without it gradients on an AVX2-only
+# CPU run many times slower (bench/README.md, "An independent attack").
+import pipeline  # noqa: E402,F401
 
 
 def report(**fields) -> None:
