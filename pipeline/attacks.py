@@ -1,4 +1,5 @@
-"""White-box L∞ attacks in pixel space [0, 1]: FGSM and PGD, untargeted, against the true labels.
+"""L∞ attacks in pixel space [0, 1], untargeted, against the true labels: FGSM and PGD (``Attacker``), and for
+evaluation APGD-CE (``APGD``, white-box) and the score-based black-box Square attack (``SquareAttack``), below.
 
 Epsilon and step size are in 8-bit pixel units (``epsilon: 8`` is 8/255). The steps follow binary cross-entropy's
 gradient sign, taken through the model's logit (see ``_loss``): differentiating the sigmoid output instead gives
@@ -7,6 +8,10 @@ over a whole batch; epsilon is a tensor argument, so sweeping a list of epsilons
 ``restarts`` > 1 runs from several random starts and keeps, per image, the one that did the most damage.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
@@ -134,3 +139,289 @@ class Attacker:
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Round [0, 1] floats to 8-bit pixels, as writing a PNG does: metrics are computed on exactly what is saved."""
     return np.clip(np.rint(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ APGD-CE and Square
+#
+# The two attacks AutoAttack adds to PGD, for evaluation: APGD-CE (white-box, gradient) and Square (black-box, scores
+# only). Both take uint8 or [0, 1] float NHWC images and 0/1 labels, work in pixel space [0, 1] with an L∞ budget in
+# 8-bit units, and share one shape: ``run(x, y, batch_size, epsilon=None, progress=None) -> AttackResult`` and
+# ``perturb(...)``, the images alone (float32 in [0, 1], each within epsilon of its input), as ``Attacker.perturb``.
+
+@dataclass
+class AttackResult:
+    x_adv: np.ndarray  # float32 in [0, 1], each image within epsilon (L∞) of its input
+    loss: np.ndarray  # per image, float64. APGD: the cross-entropy at x_adv. Square: its margin (<= 0: fooled)
+    queries: np.ndarray  # per image: model passes spent on it (APGD forward+backward passes, Square forward queries)
+
+    @property
+    def mean_queries(self) -> float:
+        return float(np.mean(self.queries)) if len(self.queries) else 0.0
+
+
+def _labels(y) -> np.ndarray:
+    return np.asarray(y).reshape(-1).astype(np.float32)
+
+
+def _project(v: np.ndarray, x: np.ndarray, eps: np.float32) -> np.ndarray:
+    """Onto the L∞ ball of radius ``eps`` around ``x``, then onto the pixel range."""
+    return np.clip(np.clip(v, x - eps, x + eps), 0.0, 1.0)
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """APGD's step-size checkpoints w_j = ceil(p_j · steps) for j >= 1 (Croce and Hein 2020, §3.2): p_0 = 0,
+    p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), while p_j <= 1. Duplicates (few steps) collapse."""
+    p = [0.0, 0.22]
+    while True:
+        nxt = round(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06), 10)  # rounded: 0.22 + 0.19 is 0.41, not 0.41000001
+        if nxt > 1.0:
+            break
+        p.append(nxt)
+    # ceil(0.22 * 100) is 23 in floating point (22.000000000000004): the tolerance keeps it 22.
+    return sorted({math.ceil(pj * steps - 1e-9) for pj in p[1:]} - {0})
+
+
+@dataclass
+class ApgdTrace:
+    """What one APGD run did, for tests and diagnostics: rows are iterations, columns images."""
+    step_size: list[np.ndarray] = field(default_factory=list)  # the η used by each step (steps rows)
+    loss: list[np.ndarray] = field(default_factory=list)  # f(x^(k)) for k = 0..steps
+    halved: dict[int, np.ndarray] = field(default_factory=dict)  # checkpoint w_j -> which images halved there
+
+
+def apgd(objective_and_gradient: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: np.ndarray,
+         start: np.ndarray, eps: float, steps: int, rho: float = 0.75, momentum: float = 0.75,
+         trace: ApgdTrace | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """APGD, L∞ (Croce and Hein 2020, Algorithm 1), maximising ``objective_and_gradient(x) -> (f, ∇f)`` per image.
+
+    ``x`` the clean images (n, ...), ``start`` x^(0) (inside the ball). The first step is plain, then each step takes
+    η·sign(∇f) and mixes it with the previous move (momentum α = 0.75). Every image has its own η, 2·eps at first,
+    halved at checkpoint w_j (:func:`apgd_checkpoints`) when either
+      1. f increased in fewer than ρ·(w_j - w_{j-1}) of the steps since w_{j-1}, or
+      2. η was not halved at w_{j-1} and the best f has not improved since w_{j-1};
+    an image whose η halves restarts from its best point (and that point's gradient). As in the paper, condition 2
+    applies at w_1 too (η^(0) = η^(w_1) trivially) and condition 1 is a strict "<"; the authors' code skips
+    condition 2 at w_1 and uses "<=". Returns the best point per image (highest f seen), its f and the number of
+    ``objective_and_gradient`` calls (steps + 1).
+    """
+    eps = np.float32(eps)
+    n = len(x)
+    xk = np.asarray(start, np.float32).copy()
+    f, g = objective_and_gradient(xk)
+    f, g = np.array(f, np.float64), np.array(g, np.float32)  # copies: rows are overwritten on a restart
+    calls = 1
+    best, f_best, g_best = xk.copy(), f.copy(), g.copy()
+    eta = np.full((n,) + (1,) * (x.ndim - 1), 2.0 * eps, np.float32)
+    x_prev = xk.copy()
+    losses = [f]
+    checkpoints = set(apgd_checkpoints(steps))
+    last_check, f_best_at_last, halved_at_last = 0, f_best.copy(), np.zeros(n, bool)
+    if trace is not None:
+        trace.loss.append(f.copy())
+    for k in range(steps):
+        a = np.float32(1.0 if k == 0 else momentum)
+        z = _project(xk + eta * np.sign(g), x, eps)
+        x_next = _project(xk + a * (z - xk) + (1 - a) * (xk - x_prev), x, eps)
+        if trace is not None:
+            trace.step_size.append(eta.reshape(n).copy())
+        x_prev, xk = xk, x_next
+        f, g = objective_and_gradient(xk)
+        f, g = np.array(f, np.float64), np.array(g, np.float32)
+        calls += 1
+        losses.append(f)
+        if trace is not None:
+            trace.loss.append(f.copy())
+        better = f > f_best
+        best[better], f_best[better], g_best[better] = xk[better], f[better], g[better]
+        w = k + 1
+        if w in checkpoints:
+            increases = np.sum([losses[i + 1] > losses[i] for i in range(last_check, w)], axis=0)
+            oscillating = increases < rho * (w - last_check)
+            stalled = ~halved_at_last & (f_best <= f_best_at_last)
+            halve = oscillating | stalled
+            eta[halve] /= 2
+            xk[halve], g[halve] = best[halve], g_best[halve]
+            if trace is not None:
+                trace.halved[w] = halve.copy()
+            last_check, f_best_at_last, halved_at_last = w, f_best.copy(), halve
+    return best, f_best, calls
+
+
+class APGD:
+    """APGD-CE against ``model`` (pixels -> P(FAKE)): cross-entropy on the two-logit view [0, z] of its logit z.
+
+    That cross-entropy is softplus(-(2y - 1)·z), binary cross-entropy from the logit. The compiled pass returns the
+    margin -(2y - 1)·z and its gradient instead: CE is a strictly increasing function of it, so every comparison APGD
+    makes (improved? best point?) and the sign of every step are the same, while CE's own gradient,
+    sigmoid(z) - y, underflows to 0 in float32 beyond |z| ~ 88 and would leave the most confident images unattacked
+    (see ``_loss``). The CE reported is computed from the margin in float64 (``np.logaddexp``).
+
+    ``epsilon`` in 8-bit units; ``restarts`` random starts (uniform in the ball, scaled to touch it, as the authors'
+    code), keeping per image the one with the highest loss; ``seed`` makes a run reproducible (each ``run`` call
+    draws from a fresh generator, per batch).
+    """
+
+    def __init__(self, model: keras.Model, epsilon: float = 8.0, steps: int = 20, restarts: int = 1, seed: int = 0,
+                 rho: float = 0.75, momentum: float = 0.75):
+        if steps < 1 or restarts < 1:
+            raise ValueError(f"APGD needs steps >= 1 and restarts >= 1 (got steps={steps}, restarts={restarts})")
+        self.epsilon, self.steps, self.restarts, self.seed = epsilon, steps, restarts, seed
+        self.rho, self.momentum = rho, momentum
+        self.logits = logits_model(model)
+        x_spec = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
+        y_spec = tf.TensorSpec((None,), tf.float32)
+        self._pass = tf.function(self._margin_and_gradient, input_signature=[x_spec, y_spec])
+
+    def _margin_and_gradient(self, x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            margin = (1.0 - 2.0 * y) * tf.cast(self.logits(x, training=False), tf.float32)[:, 0]
+            total = tf.reduce_sum(margin)  # inside the tape, or the gradient is None
+        return margin, tape.gradient(total, x)
+
+    def run_batch(self, x: np.ndarray, y, epsilon: float | None = None, rng: np.random.Generator | None = None,
+                  trace: ApgdTrace | None = None) -> AttackResult:
+        """One batch (held in memory at once): ``x`` uint8 or [0, 1] float, ``y`` 0/1 labels."""
+        x = to_unit(np.asarray(x))
+        yt = tf.constant(_labels(y))
+        eps = np.float32((self.epsilon if epsilon is None else epsilon) / 255.0)
+        rng = np.random.default_rng(self.seed) if rng is None else rng
+
+        def objective_and_gradient(xb):
+            margin, grad = self._pass(tf.constant(xb), yt)
+            return margin.numpy(), grad.numpy()
+
+        best, best_margin, calls = None, None, 0
+        for _ in range(self.restarts):
+            t = rng.uniform(-1.0, 1.0, x.shape).astype(np.float32)
+            t /= np.maximum(np.abs(t).reshape(len(x), -1).max(axis=1), 1e-12).reshape(-1, 1, 1, 1)
+            start = np.clip(x + eps * t, 0.0, 1.0)
+            found, margin, used = apgd(objective_and_gradient, x, start, eps, self.steps, self.rho, self.momentum,
+                                       trace if best is None else None)
+            calls += used
+            if best is None:
+                best, best_margin = found, margin
+            else:
+                better = margin > best_margin
+                best[better], best_margin[better] = found[better], margin[better]
+        return AttackResult(best.astype(np.float32, copy=False), np.logaddexp(0.0, best_margin),
+                            np.full(len(x), calls, np.int64))
+
+    def run(self, x: np.ndarray, y, batch_size: int, epsilon: float | None = None,
+            progress: str | None = None) -> AttackResult:
+        """The whole set, batch by batch. Batch i draws its random starts from a generator seeded (seed, i)."""
+        from tqdm import tqdm
+
+        y = np.asarray(y).reshape(-1)
+        out = np.empty((len(x), *INPUT_SHAPE), np.float32)
+        loss, queries = np.empty(len(x)), np.zeros(len(x), np.int64)
+        starts = range(0, len(x), batch_size)
+        for b, i in enumerate(tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None)):
+            part = slice(i, i + batch_size)
+            r = self.run_batch(x[part], y[part], epsilon, np.random.default_rng([self.seed, b]))
+            out[part], loss[part], queries[part] = r.x_adv, r.loss, r.queries
+        return AttackResult(out, loss, queries)
+
+    def perturb(self, x: np.ndarray, y, batch_size: int, epsilon: float | None = None,
+                progress: str | None = None) -> np.ndarray:
+        return self.run(x, y, batch_size, epsilon, progress).x_adv
+
+
+def logit_forward(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """``model`` (pixels -> P(FAKE)) as the ``forward`` a :class:`SquareAttack` queries: [0, 1] images -> logits,
+    through one compiled TensorFlow pass (no re-tracing across batch sizes)."""
+    from pipeline.model import forward_fn
+
+    fn = forward_fn(logits_model(model))
+    return lambda x: fn(tf.constant(x, tf.float32)).numpy()[:, 0]
+
+
+def square_p(p_init: float, iteration: int, queries: int) -> float:
+    """The fraction of pixels a Square attack window covers at ``iteration`` (0-based) of a ``queries`` budget: the
+    authors' schedule (p_selection), halving after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of
+    10 000, rescaled to the budget."""
+    it = int(iteration / queries * 10000)
+    for k, bound in enumerate((10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000, 10000)):
+        if it <= bound:
+            return p_init / 2**k
+    return p_init
+
+
+class SquareAttack:
+    """The Square attack, L∞, untargeted (Andriushchenko et al. 2020): score-based, black-box, no gradient.
+
+    ``forward(x) -> logits``: [0, 1] float32 NHWC images in, the model's logit z per image out (shape (n,) or (n, 1));
+    any backend (TensorFlow through :func:`logit_forward`, OpenVINO, ...). The loss is the margin at the model's
+    decision threshold t, (2y - 1)·(z - logit(t)): positive while the image is still labelled right, so an image
+    stops costing queries once it is fooled at t. The run follows the authors' code: vertical stripes of ±eps per
+    column and channel first (one query), then ``queries`` - 1 iterations, each drawing per image one s×s window
+    (s from :func:`square_p`) set to x ± eps per channel (redrawn while it would change nothing), accepted when the
+    margin drops. Images misclassified before the attack are returned unchanged; the clean pass that finds them is one
+    extra forward pass per image, not counted in ``queries``, as in the paper. One difference: a window may start on
+    any row and column, where the authors' ``randint(0, h - s)`` never reaches the last.
+    """
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], epsilon: float = 8.0, queries: int = 1000,
+                 p_init: float = 0.05, threshold: float = 0.5, seed: int = 0):
+        if queries < 1 or not 0.0 < p_init < 1.0 or not 0.0 < threshold < 1.0:
+            raise ValueError(f"Square: queries >= 1, 0 < p_init < 1, 0 < threshold < 1 "
+                             f"(got {queries}, {p_init}, {threshold})")
+        self.forward, self.epsilon, self.queries, self.p_init = forward, epsilon, queries, p_init
+        self.threshold, self.seed = threshold, seed
+        self.cut = math.log(threshold / (1.0 - threshold))  # the logit at the threshold
+
+    def _margins(self, x: np.ndarray, sign: np.ndarray, batch_size: int) -> np.ndarray:
+        z = np.concatenate([np.asarray(self.forward(x[i : i + batch_size]), np.float64).reshape(-1)
+                            for i in range(0, len(x), batch_size)]) if len(x) else np.zeros(0)
+        return sign * (z - self.cut)
+
+    def run(self, x: np.ndarray, y, batch_size: int = 256, epsilon: float | None = None,
+            progress: str | None = None) -> AttackResult:
+        """The whole set at once (the images still unfooled are queried in batches of ``batch_size``)."""
+        from tqdm import tqdm
+
+        rng = np.random.default_rng(self.seed)
+        x = to_unit(np.asarray(x))
+        sign = 2.0 * np.asarray(y, np.float64).reshape(-1) - 1.0
+        eps = np.float32((self.epsilon if epsilon is None else epsilon) / 255.0)
+        n, h, w, c = x.shape
+        queries = np.zeros(n, np.int64)
+        margin = self._margins(x, sign, batch_size)
+        best = x.copy()
+        todo = np.flatnonzero(margin > 0)
+        if eps == 0 or not len(todo):
+            return AttackResult(best, margin, queries)
+        # Vertical stripes: one sign per column and channel, the same down the whole column.
+        stripes = eps * rng.choice(np.array([-1.0, 1.0], np.float32), (len(todo), 1, w, c))
+        best[todo] = np.clip(x[todo] + stripes, 0.0, 1.0)
+        margin[todo] = self._margins(best[todo], sign[todo], batch_size)
+        queries[todo] += 1
+        steps = range(self.queries - 1)
+        for i in tqdm(steps, desc=progress, unit="query", leave=False, disable=progress is None):
+            todo = todo[margin[todo] > 0]
+            if not len(todo):
+                break
+            s = min(max(int(round(math.sqrt(square_p(self.p_init, i, self.queries) * h * w))), 1), h - 1)
+            m = len(todo)
+            rows = rng.integers(0, h - s + 1, m)[:, None] + np.arange(s)
+            cols = rng.integers(0, w - s + 1, m)[:, None] + np.arange(s)
+            at = (todo[:, None, None], rows[:, :, None], cols[:, None, :])
+            clean_window, best_window = x[at], best[at]  # (m, s, s, c)
+            deltas = eps * rng.choice(np.array([-1.0, 1.0], np.float32), (m, 1, 1, c))
+            for _ in range(100):  # redraw the signs of windows that would stay as they are (the authors' loop)
+                same = np.all(np.abs(np.clip(clean_window + deltas, 0.0, 1.0) - best_window) < 1e-7, axis=(1, 2, 3))
+                if not same.any():
+                    break
+                deltas[same] = eps * rng.choice(np.array([-1.0, 1.0], np.float32), (int(same.sum()), 1, 1, c))
+            trial = best[todo]
+            trial[(np.arange(m)[:, None, None], rows[:, :, None], cols[:, None, :])] = np.clip(
+                clean_window + deltas, 0.0, 1.0)
+            new = self._margins(trial, sign[todo], batch_size)
+            queries[todo] += 1
+            better = new < margin[todo]
+            best[todo[better]], margin[todo[better]] = trial[better], new[better]
+        return AttackResult(best, margin, queries)
+
+    def perturb(self, x: np.ndarray, y, batch_size: int = 256, epsilon: float | None = None,
+                progress: str | None = None) -> np.ndarray:
+        return self.run(x, y, batch_size, epsilon, progress).x_adv
