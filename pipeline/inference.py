@@ -146,8 +146,8 @@ class OpenVinoRunner(Runner):
 
 
 def runner(model: keras.Model, cfg: config.Inference) -> Runner:
-    """The inference function of ``model`` under ``cfg``, built once per model (conversion and tracing cost ≈ 1 s)
-    and kept on the model object, so it lives and dies with it."""
+    """The inference function of ``model`` under ``cfg``, built once per model (conversion and tracing cost more than
+    a batch) and kept on the model object, so it lives and dies with it."""
     key = describe(cfg)
     cache = getattr(model, "_cifake_runners", None)
     if cache is None:

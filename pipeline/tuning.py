@@ -286,7 +286,8 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
                 fail_dead_local_trials(study)
             continue
         # A trial on images builds a ResNet50, reference cycles worth freeing at once; a head trial leaves only a
-        # small head behind, and a full collection costs ~0.4 s a trial once TensorFlow's objects are loaded.
+        # small head behind, and a full collection costs a large share of a head trial once TensorFlow's objects are
+        # loaded (bench/README.md, "Tuning at arithmetic speed": where tune's time went).
         heads_only = isinstance(objective, Objective) and objective.params.model.frozen
         study.optimize(guarded, n_trials=1, catch=(_Surplus,), gc_after_trial=not heads_only)
 
