@@ -33,6 +33,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# The pipeline's TensorFlow environment (oneDNN on) before any benchmark imports TensorFlow: without it gradients on
+# an AVX2-only CPU run many times slower, and a benchmark would measure a configuration the pipeline never runs.
+import pipeline  # noqa: E402,F401
+
 
 def _version(dist: str) -> str | None:
     try:

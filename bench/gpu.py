@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, Python puts bench/ first on sys.path: its modules (features.py, sample.py, openvino.py, ...)
+# Run as a script, Python puts bench/ first on sys.path: its modules (features.py, sample.py, ...)
 # must not shadow real packages. The repository root goes there instead, for ``pipeline``.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:

@@ -1,9 +1,9 @@
 """OpenVINO beside TensorFlow: the same classifier and feature extractor, the same inputs, in one process.
 
-    python bench/openvino.py                     # 4,096 images, batch 256 (a few minutes on 2 cores)
-    python bench/openvino.py --images 1024       # quicker
-    python bench/openvino.py --trained           # also bf16 vs f32 labels of the trained models on the test split
-    python bench/openvino.py --trained-only      # only those labels (clean and attacked), no speed figures
+    python bench/engines.py                     # 4,096 images, batch 256 (a few minutes on 2 cores)
+    python bench/engines.py --images 1024       # quicker
+    python bench/engines.py --trained           # also bf16 vs f32 labels of the trained models on the test split
+    python bench/engines.py --trained-only      # only those labels (clean and attacked), no speed figures
 
 OpenVINO (2026.4.1) is a project dependency since the pipeline's inference passes run on it
 (``pipeline.inference``). Its converter sends telemetry unless a consent file says no or it believes it runs in
