@@ -34,10 +34,10 @@ def main() -> None:
         before, after = rows[0], rows[kept]
         summary = {**{f"before_{k}": v for k, v in before.items() if k != "loss"}, **after, "epochs": cfg.epochs,
                    "best_epoch": kept, "val_images": len(pick)}
-        if params.threshold.rule == "criterion":  # judged as evaluate will judge it: its attacks, the worse per image
-            p_val = training.probabilities_under_evaluation(model, params.evaluate, val.x[pick], val.y[pick],
+        if params.threshold.rule == "criterion":  # chosen under the strongest attack evaluate judges by
+            p_val = training.probabilities_under_diagnostic(model, params.evaluate, val.x[pick], val.y[pick],
                                                             params.base.seed, cfg.batch_size)
-            summary.update(training.evaluation_scores(val.y[pick], p_val, params.evaluate))
+            summary.update(training.diagnostic_scores(val.y[pick], p_val, params.evaluate))
         summary["threshold"] = training.choose_threshold(params.threshold, params.evaluate, val.y[pick], *p_val)
         mlflow.log_metrics({k: v for k, v in summary.items() if v is not None})
         modellib.save(model, params.paths.model_adv)

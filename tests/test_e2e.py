@@ -244,8 +244,7 @@ KEY_STAGES = {
     "train": {"train"},
     "advtrain": {"advtrain"},
     "evaluate": {"evaluate"},
-    "evaluate.attack": {"advtrain", "evaluate"},  # advtrain chooses its threshold under evaluate's attacks
-    "evaluate.diagnostic": {"advtrain", "evaluate"},
+    "evaluate.diagnostic": {"advtrain", "evaluate"},  # advtrain chooses its threshold under it
     "evaluate.weights": {"tune", "train", "advtrain", "evaluate"},  # the selection rule: trials, epochs, thresholds
     "evaluate.measure": {"tune", "train", "advtrain", "evaluate"},
     "threshold.rule": {"train", "advtrain", "evaluate"},
