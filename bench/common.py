@@ -1,10 +1,9 @@
-"""What the benchmark scripts share: the machine description, one-JSON-line-per-figure output, a timer, and the
-scratch folders.
+"""What the benchmark scripts share: the machine description, one-JSON-line-per-figure output, timing, scratch
+folders, the built-in sample they run on, and a throwaway copy of the repository for `dvc repro`.
 
-Every figure line carries ``machine`` (cores, CPU model, library versions, date, the 1-minute load average at the
-moment the figure was measured, and whether ``/tmp/quiet.flag`` said the machine was otherwise idle) and the exact
-command that produced it. Scripts import this as ``from bench.common import ...`` after putting the repository
-root on ``sys.path``.
+Every figure line carries ``machine`` (cores, CPU model, library versions, UTC date, the 1-minute load average when
+it was printed, whether ``/tmp/quiet.flag`` said the machine was otherwise idle, the git HEAD) and the exact command.
+Scripts import this as ``from bench.common import ...`` after putting the repository root on ``sys.path``.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import json
 import os
 import platform
 import shlex
-import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"  # small scratch outputs (git-ignored)
+OUT = ROOT / "bench" / "out"  # small outputs and logs (git-ignored)
 # Large scratch trees (tens of thousands of files, repository copies) live outside the repository: `dvc repro`
 # in the real workspace walks the whole tree looking for dvc.yaml files, and bench/out is not in .dvcignore.
 SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/tmp/cifake-bench"))
@@ -56,38 +55,29 @@ def cpu_model() -> str:
 
 
 def loadavg() -> float:
-    """The 1-minute load average: above ~0.3 on this 2-core machine, wall-time figures are pessimistic."""
+    """The 1-minute load average: above ~0.3 on a 2-core machine, wall-time figures are pessimistic."""
     return round(os.getloadavg()[0], 2)
 
 
 def git_state() -> str:
-    """HEAD of the repository, with "+dirty" when the library, stages or params have uncommitted edits (other
-    engineers work in the same tree, so the code measured is not always a commit)."""
+    """HEAD, with "+dirty" when the library, stages or params have uncommitted edits (other engineers work in the
+    same tree, so the code measured is not always a commit)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "src", "params.yaml", "dvc.yaml"],
                                cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
-        return head + ("+dirty" if dirty else "")
+        return (head or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def machine(**extra) -> dict:
-    """Cores, CPU, versions (read from package metadata: no TensorFlow import), UTC time, load average."""
-    return {
-        "cores": len(os.sched_getaffinity(0)),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "tensorflow": _version("tensorflow-cpu") or _version("tensorflow"),
-        "keras": _version("keras"),
-        "numpy": _version("numpy"),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "loadavg_1m": loadavg(),
-        "quiet_flag": QUIET_FLAG.exists(),
-        "git": git_state(),
-        **extra,
-    }
+def machine() -> dict:
+    """Cores, CPU, versions (read from package metadata: no TensorFlow import), UTC time, load average, git."""
+    return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu_model(), "python": platform.python_version(),
+            "tensorflow": _version("tensorflow-cpu") or _version("tensorflow"), "keras": _version("keras"),
+            "numpy": _version("numpy"), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "loadavg_1m": loadavg(), "quiet_flag": QUIET_FLAG.exists(), "git": git_state()}
 
 
 def command() -> str:
@@ -96,7 +86,7 @@ def command() -> str:
 
 def emit(figure: str, load_before: float | None = None, **fields) -> dict:
     """Print one figure as a JSON line (flushed) and return it. ``load_before``: the load average recorded just
-    before the measurement started (the one that matters); the machine block also has the one at print time."""
+    before the measurement started (the one that matters); the machine block has the one at print time."""
     row = {"figure": figure, **fields, "loadavg_1m_before": load_before, "command": command(), "machine": machine()}
     print(json.dumps(row), flush=True)
     return row
@@ -106,18 +96,6 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
-
-
-def repeat(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds per call, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    return [timed(fn)[0] for _ in range(repeats)]
-
-
-def summary(seconds: list[float]) -> dict:
-    return {"median_s": round(statistics.median(seconds), 4), "min_s": round(min(seconds), 4),
-            "max_s": round(max(seconds), 4), "repeats": len(seconds)}
 
 
 def run_logged(cmd: list[str], cwd: Path, env: dict | None = None, log: Path | None = None,
@@ -150,24 +128,64 @@ def ran_stages(dvc_stdout: str) -> list[str]:
     return [line.split("'")[1] for line in dvc_stdout.splitlines() if line.startswith("Running stage '")]
 
 
+# Copied as tests/test_e2e.py copies the repository: no outputs, caches, history or benchmarks.
+SKIP = {".git", ".dvc/tmp", ".dvc/cache", "data", "models", "mlruns", "metrics", "plots", "predictions", "reports",
+        "optuna", ".cache", "bench", ".pytest_cache", ".ruff_cache", "dvc.lock", ".benchmarks"}
+
+
+def copy_repo(dst: Path, values: dict[tuple[str, ...], object]) -> None:
+    """The working tree without outputs, caches or history, with ``values`` set in params.yaml, as a fresh git
+    repository with one commit (what `dvc repro` in a clone sees)."""
+    import yaml
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        rel = Path(folder).relative_to(ROOT)
+        return {n for n in names if (rel / n).as_posix() in SKIP or n == "__pycache__"}
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(ROOT, dst, ignore=ignore)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for keys, value in values.items():
+        node = params
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=b@b", "-c", "user.name=bench", "commit", "-qm", "bench copy"]):
+        subprocess.run(cmd, cwd=dst, check=True)
+
+
 def sample_data(train_per_class: int, test_per_class: int, seed: int = 42) -> tuple[Path, Path, float]:
-    """The built-in sample (``pipeline.sample.write_sample``) and its preprocessed arrays (``pipeline.data.
-    preprocess``, val_fraction 0.2) under SCRATCH, made once and reused. Returns (raw, processed, seconds spent
+    """The built-in sample (``pipeline.sample.write_sample``) and its arrays (``pipeline.data.preprocess`` with
+    params.yaml's preprocess settings) under SCRATCH, made once and reused. Returns (raw, processed, seconds spent
     making them now; 0 when reused)."""
     from pipeline import config, data, sample
 
     root = SCRATCH / f"sample-{train_per_class}-{test_per_class}-seed{seed}"
-    raw, processed, marker = root / "raw", root / "processed", root / ".complete"
-    if marker.exists():
-        return raw, processed, 0.0
-    import shutil
-
-    shutil.rmtree(root, ignore_errors=True)
+    if root.exists():
+        return root / "raw", root / "processed", 0.0
     t0 = time.perf_counter()
-    sample.write_sample(raw, config.Sample(train_per_class=train_per_class, test_per_class=test_per_class,
-                                           jpeg_quality=95), seed, progress=False)
-    cfg = config.Preprocess(val_fraction=0.2, resize="resize", max_bad_fraction=0.01, max_pixels=16777216,
-                            duplicates="report", duplicate_similarity=0.99)
-    data.preprocess(raw, processed, cfg, seed, progress=False)
-    marker.touch()
-    return raw, processed, time.perf_counter() - t0
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")  # renamed into place whole: a parallel run may race
+    sample.write_sample(tmp / "raw", config.Sample(train_per_class=train_per_class, test_per_class=test_per_class,
+                                                   jpeg_quality=95), seed, progress=False)
+    data.preprocess(tmp / "raw", tmp / "processed", config.load(ROOT / "params.yaml").preprocess, seed, progress=False)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root / "raw", root / "processed", time.perf_counter() - t0
+
+
+def tiny_model(seed: int = 0):
+    """A small random classifier with the interface of ``pipeline.model.build_model``'s (pixels in [0, 1] -> pooled
+    features at the layer ``gap`` -> a logit -> P(FAKE) at the float32 sigmoid layer ``prob``) for the smoke runs:
+    its graphs trace in about a second where ResNet50's take tens of seconds, and a smoke run checks a script's
+    code, not the model's speed."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    logit = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    return keras.Model(inputs, keras.layers.Activation("sigmoid", dtype="float32", name="prob")(logit))

@@ -1,6 +1,7 @@
 """Near-duplicate detection (pipeline.duplicates) on the built-in sample: recall on planted copies, false matches.
 
     python bench/duplicates.py [--processed data/processed] [--planted 1000]
+    python bench/duplicates.py --smoke      # a 16 + 8 image sample, 8 planted: checks the script runs
 
 Plants copies of seeded train images (exact, JPEG-re-saved at 90/75/50, mirrored, mirrored and re-saved, brighter)
 and counts how many `duplicates.find` finds against train at `preprocess.duplicate_similarity`; then how many test
@@ -20,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import emit, loadavg  # noqa: E402
+from bench.common import emit, loadavg, sample_data  # noqa: E402
 from pipeline import config, duplicates  # noqa: E402
 from pipeline.data import load_split  # noqa: E402
 
@@ -35,7 +36,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processed", type=Path, default=ROOT / "data" / "processed")
     parser.add_argument("--planted", type=int, default=1000)
+    parser.add_argument("--smoke", action="store_true", help="a 16 + 8 image sample, 8 planted")
     args = parser.parse_args()
+    if args.smoke:
+        args.processed, args.planted = sample_data(16, 8)[1], 8
     threshold = config.load(ROOT / "params.yaml").preprocess.duplicate_similarity
     train, val, test = (load_split(args.processed, s, mmap=False) for s in ("train", "val", "test"))
     pick = np.random.default_rng(0).choice(len(train), args.planted, replace=False)

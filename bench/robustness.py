@@ -2,6 +2,8 @@
 
     python bench/robustness.py                       # the models and test split of the last `dvc repro`
     python bench/robustness.py --images 500 --epsilons 8 12 16 --queries 1000
+    python bench/robustness.py -S paths.model_adv=other.keras   # params.yaml overrides, as the stages take them
+    python bench/robustness.py --smoke     # a small random model, a tiny sample, 8 images, 2 steps: checks it runs
 
 For each model (after `train`, after `advtrain`), on a seeded stratified subset of the test split, judged at the
 threshold stored beside it (as evaluate judges it), prints one JSON line per attack with balanced accuracy, ROC
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,13 +39,23 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-# pipeline sets TensorFlow's environment (oneDNN on) before TensorFlow loads: without it gradients on an AVX2-only
-# CPU run many times slower (bench/README.md, "An independent attack").
-import pipeline  # noqa: E402,F401
+# bench.common imports pipeline, which sets TensorFlow's environment (oneDNN on) before TensorFlow loads: without it
+# gradients on an AVX2-only CPU run many times slower (bench/README.md, "An independent attack").
+from bench.common import SCRATCH, emit, sample_data, tiny_model  # noqa: E402
 
 
-def report(**fields) -> None:
-    print(json.dumps(fields), flush=True)
+def smoke_overrides() -> list[str]:
+    """What --smoke runs on: ``bench.common.tiny_model`` (saved with its threshold, as the stages save a model)
+    standing in for both models, and a 16 + 8 image sample."""
+    from pipeline import model
+
+    _, processed, _ = sample_data(16, 8)
+    path = SCRATCH / "robustness-smoke" / "model.keras"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(tiny_model(), path)
+    path.with_suffix(".json").write_text(json.dumps({"threshold": 0.5}))
+    return [f"paths.processed={processed}", f"paths.model={path}", f"paths.model_adv={path}",
+            "evaluate.diagnostic.steps=2"]
 
 
 def main() -> None:
@@ -54,6 +65,9 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50, help="steps of the two PGD attacks")
     parser.add_argument("--queries", type=int, default=1000, help="Square attack: model calls an image")
+    parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="params.yaml override, e.g. paths.model_adv=... (repeatable)")
+    parser.add_argument("--smoke", action="store_true", help="random model, tiny sample, 8 images, 2 steps")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -64,14 +78,15 @@ def main() -> None:
     from pipeline.attacks import Attacker, to_uint8
     from pipeline.data import load_split, stratified_subset
 
-    params = config.load(ROOT / "params.yaml")
+    params = config.load(ROOT / "params.yaml", args.overrides)
+    if args.smoke:
+        params = config.load(ROOT / "params.yaml", [*smoke_overrides(), *args.overrides])
+        args.images, args.epsilons, args.restarts, args.steps, args.queries = 8, [8.0], 1, 2, 3
     test = load_split(params.paths.processed, "test")
     idx = stratified_subset(test.y, args.images, params.base.seed)
     x_u8, y = np.asarray(test.x[idx]), test.y[idx].astype(int)
     x0 = tf.constant(x_u8.astype(np.float32) / 255.0)
     sign = tf.constant((2.0 * y - 1.0).astype(np.float32)[:, None])
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
 
     made_on_baseline: dict[float, np.ndarray] = {}
     for name, path in (("baseline", params.paths.model), ("advtrained", params.paths.model_adv)):
@@ -147,10 +162,10 @@ def main() -> None:
 
         def row(attack: str, eps: float, p: np.ndarray, seconds: float) -> None:
             called = p >= threshold
-            report(model=name, attack=attack, epsilon_255=eps, images=len(y), threshold=round(threshold, 4),
-                   balanced_accuracy=round(float(balanced_accuracy_score(y, called)), 4),
-                   roc_auc=round(float(roc_auc_score(y, p)), 4), fake_share=round(float(called.mean()), 4),
-                   seconds=round(seconds, 1), cpu=cpu)
+            emit("attack", model=name, attack=attack, epsilon_255=eps, images=len(y), threshold=round(threshold, 4),
+                 balanced_accuracy=round(float(balanced_accuracy_score(y, called)), 4),
+                 roc_auc=round(float(roc_auc_score(y, p)), 4), fake_share=round(float(called.mean()), 4),
+                 seconds=round(seconds, 1))
 
         for e in args.epsilons:
             eps, found = e / 255.0, []

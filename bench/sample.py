@@ -2,7 +2,8 @@
 
     python bench/sample.py                      # default size from params.yaml: time + peak memory
     python bench/sample.py --cifake             # 50k+50k train, 10k+10k test
-    python bench/sample.py --measure [--resnet] [--cnn]   # also the bounds and single-cue baselines
+    python bench/sample.py --measure [--resnet] # also the bounds and single-cue baselines
+    python bench/sample.py --smoke              # 16 + 8 images a class, with --measure: checks the script runs
 
 Accuracies are on the test split (photographs the train split never saw). Prints one JSON line per figure. The
 sample is written under bench/out/ (git-ignored).
@@ -10,7 +11,6 @@ sample is written under bench/out/ (git-ignored).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import sys
@@ -23,11 +23,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import OUT, emit  # noqa: E402
 from pipeline import config, sample  # noqa: E402
-
-
-def report(**fields) -> None:
-    print(json.dumps(fields), flush=True)
 
 
 def read(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +47,7 @@ def mean_std(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean((1, 2)), x.std((1, 2))], axis=1)
 
 
-def measure(root: Path, resnet: bool, cnn: bool) -> None:
+def measure(root: Path, resnet: bool, seed: int) -> None:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -63,16 +60,16 @@ def measure(root: Path, resnet: bool, cnn: bool) -> None:
 
     def score(name: str, feats, model) -> None:
         acc = model.fit(feats(xtr), ytr).score(feats(xte), yte)
-        report(classifier=name, test_accuracy=round(float(acc), 3), n_train=len(ytr), n_test=len(yte))
+        emit("classifier", classifier=name, test_accuracy=round(float(acc), 3), n_train=len(ytr), n_test=len(yte))
 
     for eps in (0, 2, 4, 6, 8, 10, 12, 16):
         bounds = sample.robustness_bounds(xte, yte, eps)
-        report(classifier="reference: sign of the 2x2 phase mark (sample.mark_score)", epsilon_255=eps,
-               certified_test_accuracy=round(sample.certified_accuracy(xte, yte, eps), 4),
-               certified_balanced_accuracy_lower_bound=round(bounds["lower"], 4),
-               balanced_accuracy_ceiling=round(bounds["upper"], 4), n_test=len(yte))
-    report(classifier="the sign of the line pattern (the non-robust cue, sample.lines_score), clean",
-           n_test=len(yte), test_accuracy=round(float(((sample.lines_score(xte) > 0) == yte).mean()), 4))
+        emit("bounds", classifier="reference: sign of the 2x2 phase mark (sample.mark_score)", epsilon_255=eps,
+             certified_test_accuracy=round(sample.certified_accuracy(xte, yte, eps), 4),
+             certified_balanced_accuracy_lower_bound=round(bounds["lower"], 4),
+             balanced_accuracy_ceiling=round(bounds["upper"], 4), n_test=len(yte))
+    emit("classifier", classifier="the sign of the line pattern (the non-robust cue, sample.lines_score), clean",
+         n_test=len(yte), test_accuracy=round(float(((sample.lines_score(xte) > 0) == yte).mean()), 4))
     score("logreg: RGB mean+std", mean_std, logreg())
     score("gradient boosting: RGB mean+std", mean_std, HistGradientBoostingClassifier(random_state=0))
     score("logreg: Laplacian energy", laplacian_energy, logreg())
@@ -81,31 +78,12 @@ def measure(root: Path, resnet: bool, cnn: bool) -> None:
     score("logreg: 5 fingerprint features", sample.fingerprint_features, logreg())
     score("gradient boosting: 5 fingerprint features", sample.fingerprint_features,
           HistGradientBoostingClassifier(random_state=0))
-    if resnet:
-        import keras
+    if resnet:  # the pipeline's own frozen backbone (params.yaml's model): what tune and train fit heads on
+        from pipeline import features
+        from pipeline.model import build_model
 
-        keras.utils.set_random_seed(0)
-        backbone = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
-
-        def features(x: np.ndarray) -> np.ndarray:
-            pre = keras.applications.resnet50.preprocess_input(x.astype(np.float32))
-            return backbone.predict(pre, batch_size=256, verbose=0)
-
-        score("logreg: random-init frozen ResNet50 avg-pool features", features, logreg())
-    if cnn:
-        import keras
-
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
-            keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(), keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid"),
-        ])
-        model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
-        model.fit(xtr, ytr, epochs=15, batch_size=64, verbose=0)
-        acc = model.evaluate(xte, yte, verbose=0)[1]
-        report(classifier="tiny CNN (3 conv, 15 epochs)", test_accuracy=round(float(acc), 3), n_train=len(ytr))
+        built = build_model(config.load(ROOT / "params.yaml").model, 0.0, seed)
+        score("logreg: the pipeline's frozen ResNet50 features", lambda x: features.extract(built, x, 256), logreg())
 
 
 def main() -> None:
@@ -113,24 +91,25 @@ def main() -> None:
     parser.add_argument("--cifake", action="store_true", help="CIFAKE size: 50k+50k train, 10k+10k test")
     parser.add_argument("--seed", type=int, default=None, help="default: base.seed from params.yaml")
     parser.add_argument("--measure", action="store_true", help="baseline and classifier accuracies")
-    parser.add_argument("--resnet", action="store_true", help="with --measure: random-init ResNet50 features")
-    parser.add_argument("--cnn", action="store_true", help="with --measure: a tiny CNN trained from scratch")
+    parser.add_argument("--resnet", action="store_true", help="with --measure: the pipeline's backbone's features")
+    parser.add_argument("--smoke", action="store_true", help="16 + 8 images a class, --measure (seconds)")
     args = parser.parse_args()
     params = config.load(ROOT / "params.yaml")
     cfg = params.sample
-    if args.cifake:
-        cfg = cfg.model_copy(update={"train_per_class": 50_000, "test_per_class": 10_000})
+    if args.cifake or args.smoke:
+        sizes = (16, 8) if args.smoke else (50_000, 10_000)
+        cfg = cfg.model_copy(update=dict(zip(("train_per_class", "test_per_class"), sizes)))
     seed = params.base.seed if args.seed is None else args.seed
-    out = ROOT / "bench" / "out" / "sample"
+    out = OUT / "sample"
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     counts = sample.write_sample(out, cfg, seed, progress=False)
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    report(figure="generate", images=sum(counts.values()), seconds=round(seconds, 1),
-           images_per_s=round(sum(counts.values()) / seconds), peak_rss_mib=round(peak_mib), seed=seed)
-    if args.measure:
-        measure(out, args.resnet, args.cnn)
+    emit("generate", images=sum(counts.values()), seconds=round(seconds, 1),
+         images_per_s=round(sum(counts.values()) / seconds), peak_rss_mib=round(peak_mib), seed=seed)
+    if args.measure or args.smoke:
+        measure(out, args.resnet, seed)
 
 
 if __name__ == "__main__":

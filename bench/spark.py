@@ -1,6 +1,8 @@
 """Scoring on Spark against the predict tool (#21): images a second at 20,000 images, and the start-up cost.
 
     python bench/spark.py [--n 20000] [--master local[2]]   # the built-in sample's test split: 32×32 JPEGs
+    python bench/spark.py --tools predict                   # the predict tool alone (target: >= 1,000 images/s)
+    python bench/spark.py --smoke      # both tools once, on 16 images, bench.common.tiny_model: checks it runs
 
 Both tools score the same folder with the same registered version (a ResNet50, weights none, frozen, 32×32: the real
 model's compute, logged as the pipeline logs one in a scratch MLflow store), as subprocesses from the repository
@@ -8,7 +10,8 @@ root: ``src/predict.py --input DIR --output F.csv --model models:/cifake-bench@c
 with the same arguments and ``--master``. Figures (JSON lines): ``<tool>_startup``, the tool on 16 of the images
 (imports, JVM, model load); ``<tool>_full``, on all N; ``<tool>_marginal``, (N - 16) / (full - startup), the rate
 once started. ``cpu_s``: CPU seconds of the tool's whole process tree (driver, JVM, Spark's Python workers), which
-other load inflates far less than wall time. The two CSVs must give every image the same label (checked).
+other load inflates far less than wall time; ``peak_rss_mib``: the largest resident size any one process of the tree
+reached (sampled every 0.2 s). The two CSVs must give every image the same label (checked).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import OUT, SCRATCH, emit, loadavg, stage_env  # noqa: E402
+from bench.common import OUT, SCRATCH, emit, loadavg, stage_env, tiny_model  # noqa: E402
 
 NAME = "cifake-bench"
 
@@ -48,8 +51,9 @@ def images(n: int) -> tuple[Path, Path]:
     return root / "raw" / "test", tiny
 
 
-def register(store: Path) -> str:
-    """A fresh scratch store holding the benchmark model as version 1 @champion; returns its tracking URI."""
+def register(store: Path, smoke: bool) -> str:
+    """A fresh scratch store holding the benchmark model (with ``smoke``, ``bench.common.tiny_model``) as version 1
+    @champion; returns its tracking URI."""
     import mlflow
 
     from pipeline import config, model, serving
@@ -60,17 +64,19 @@ def register(store: Path) -> str:
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", (store / "artifacts").as_uri()))
     params, keras_file = config.load(ROOT / "params.yaml"), OUT / "spark-model.keras"
     cfg = params.model.model_copy(update={"trainable_from": None, "weights": "none", "image_size": 32})
-    model.save(model.build_model(cfg, 0.0, seed=42), keras_file)
+    model.save(tiny_model() if smoke else model.build_model(cfg, 0.0, seed=42), keras_file)
     with mlflow.start_run():
         info = serving.log_version(keras_file, serving.settings(0.5, params.preprocess), "model", NAME)
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", info["version"])
     return uri
 
 
-def run(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """Wall and CPU seconds of ``cmd``'s process tree, from /proc every 0.2 s (``time`` misses Spark's JVM)."""
+def run(cmd: list[str], env: dict, log: Path) -> tuple[float, float, float]:
+    """Wall and CPU seconds of ``cmd``'s process tree and its largest process's peak RSS in MiB, from /proc every
+    0.2 s (``time`` misses Spark's JVM)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     ticks: dict[tuple[int, str], int] = {}
+    rss_pages = 0
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -84,35 +90,48 @@ def run(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
                 tree |= grown
             for pid in tree & stats.keys():  # utime + stime, per process (pid and start time)
                 ticks[(pid, stats[pid][19])] = int(stats[pid][11]) + int(stats[pid][12])
+                rss_pages = max(rss_pages, int(stats[pid][21]))
             time.sleep(0.2)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[1]} failed (rc {proc.returncode}): see {log}")
-    return time.perf_counter() - t0, sum(ticks.values()) / os.sysconf("SC_CLK_TCK")
+    return (time.perf_counter() - t0, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"),
+            rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000, help="images (half REAL, half FAKE)")
     parser.add_argument("--master", default="local[2]")
-    folder, tiny = images((args := parser.parse_args()).n)
+    parser.add_argument("--tools", nargs="+", choices=("predict", "spark"), default=["predict", "spark"])
+    parser.add_argument("--smoke", action="store_true", help="16 images, one run of each tool (no start-up run), "
+                        "a small model, Spark on local[1]")
+    args = parser.parse_args()
+    if args.smoke:
+        args.master = "local[1]"
+    folder, tiny = images(16 if args.smoke else args.n)
     n = sum(1 for _ in folder.rglob("*.jpg"))
-    env = {**stage_env(), "MLFLOW_TRACKING_URI": register(SCRATCH / "spark-mlflow")}
-    tools, labels = {"predict": ["src/predict.py"], "spark": ["src/score_spark.py", "--master", args.master]}, {}
-    for tool, cmd in tools.items():
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": register(SCRATCH / "spark-mlflow", args.smoke)}
+    tools = {"predict": ["src/predict.py"], "spark": ["src/score_spark.py", "--master", args.master]}
+    labels = {}
+    for tool in args.tools:
         wall, cpu = {}, {}
-        for what, where in (("startup", tiny), ("full", folder)):
+        for what, where in (("full", folder),) if args.smoke else (("startup", tiny), ("full", folder)):
             out, load = OUT / f"spark-bench-{tool}-{what}.csv", loadavg()
-            wall[what], cpu[what] = run([sys.executable, *cmd, "--input", str(where), "--output", str(out), "--model",
-                                         f"models:/{NAME}@champion"], env, OUT / "logs" / f"spark-{tool}-{what}.log")
+            cmd = [sys.executable, *tools[tool], "--input", str(where), "--output", str(out), "--model",
+                   f"models:/{NAME}@champion"]
+            wall[what], cpu[what], peak = run(cmd, env, OUT / "logs" / f"spark-{tool}-{what}.log")
             k = 16 if what == "startup" else n
             emit(f"{tool}_{what}", load, images=k, wall_s=round(wall[what], 2), cpu_s=round(cpu[what], 1),
-                 images_per_s=round(k / wall[what], 1), master=args.master if tool == "spark" else None)
-        emit(f"{tool}_marginal", None, images=n - 16, images_per_s=round((n - 16) / (wall["full"] - wall["startup"]),
-             1), images_per_cpu_s=round((n - 16) / (cpu["full"] - cpu["startup"]), 1))
+                 images_per_s=round(k / wall[what], 1), peak_rss_mib=round(peak),
+                 master=args.master if tool == "spark" else None)
+        if "startup" in wall:
+            emit(f"{tool}_marginal", None, images=n - 16, images_per_s=round((n - 16) / (wall["full"] - wall[
+                "startup"]), 1), images_per_cpu_s=round((n - 16) / (cpu["full"] - cpu["startup"]), 1))
         with open(out, newline="") as f:
             labels[tool] = {row[0]: row[1] for row in list(csv.reader(f))[1:]}
-    assert labels["spark"] == labels["predict"], "the two tools disagree on some label"
-    print(f"labels agree on all {len(labels['predict'])} images", file=sys.stderr)
+    if len(labels) == 2:
+        assert labels["spark"] == labels["predict"], "the two tools disagree on some label"
+        print(f"labels agree on all {len(labels['predict'])} images", file=sys.stderr)
 
 
 if __name__ == "__main__":

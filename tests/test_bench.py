@@ -1,0 +1,93 @@
+"""The benchmarks in bench/ run: each script at its smallest size (``--smoke``), as a subprocess from the repository
+root, exits 0 and prints the figures it exists for; and no file or folder in bench/ takes the name of a module
+(``python bench/X.py`` puts bench/ first on sys.path: a bench/openvino.py once hid the openvino package from every
+script there). Figures are not checked: at these sizes they mean nothing."""
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+# For each benchmark script: the figures (or attacks) its smoke run must print, one JSON line each.
+EXPECTED = {
+    "duplicates": {"duplicates"},
+    "fullscale": {"fullscale_stage", "fullscale_total", "fullscale_noop_repro"},
+    "robustness": {"attack", "fgsm", "transfer", "square-3", "mark", "worst"},
+    "sample": {"generate", "bounds", "classifier"},
+    "spark": {"predict_full", "spark_full"},
+    "throughput": {"matmul", "features", "attack", "head_fit"},
+}
+
+
+def _spark_missing() -> str | None:
+    from pipeline import spark
+
+    try:
+        spark.check_java()
+    except ConfigError as err:
+        return str(err)
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        return "pyspark is not installed (pip install -r requirements-dev.txt)"
+    return None
+
+
+def _needs(script: str) -> str | None:
+    """Why ``script`` cannot run on this machine, or None."""
+    if script == "spark":
+        return _spark_missing()
+    if script == "fullscale" and not Path("/usr/bin/time").exists():
+        return "bench/fullscale.py times each stage with /usr/bin/time (Debian's `time` package), missing here"
+    return None
+
+
+def test_every_benchmark_has_a_smoke_check() -> None:
+    scripts = {p.stem for p in BENCH.glob("*.py")} - {"common"}
+    assert scripts == set(EXPECTED), "a bench/ script without a smoke check here, or one listed that is gone"
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One scratch folder (BENCH_SCRATCH) for all the smoke runs: the 16 + 8 image sample is made once for all."""
+    return tmp_path_factory.mktemp("bench-scratch")
+
+
+# Spark's smoke run starts a JVM and a Python worker that loads TensorFlow: ~1 min on 2 cores; the others ~5-12 s.
+@pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s == "spark" else []) for s in
+                                    sorted(EXPECTED)])
+def test_benchmark_runs_at_its_smallest_size(script: str, scratch: Path) -> None:
+    if reason := _needs(script):
+        pytest.skip(reason)
+    env = {**os.environ, "BENCH_SCRATCH": str(scratch), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([sys.executable, f"bench/{script}.py", "--smoke"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=420)
+    assert out.returncode == 0, f"bench/{script}.py --smoke failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    seen = {r["figure"] for r in rows} | {r.get("attack") for r in rows}
+    assert EXPECTED[script] <= seen, f"missing {EXPECTED[script] - seen} in:\n{out.stdout[-3000:]}"
+    assert all(r["machine"]["cpu"] and r["machine"]["date"] and r["command"] for r in rows)
+
+
+def test_nothing_in_bench_takes_a_module_name() -> None:
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+    hidden = {}
+    for path in BENCH.iterdir():
+        name = path.stem if path.suffix == ".py" else path.name
+        if path.suffix not in ("", ".py") or name == "__pycache__":
+            continue
+        found = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+        if found is not None or name in sys.stdlib_module_names or name in sys.builtin_module_names:
+            hidden[path.name] = found and (found.origin or list(found.submodule_search_locations or []))
+    assert not hidden, f"in bench/, these hide the modules of the same name: {hidden}"
