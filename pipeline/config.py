@@ -170,6 +170,29 @@ class Attack(Section):
                 + (" rs" if self.random_start else ""))
 
 
+class ExtraAttack(Section):
+    """An attack evaluate adds beside the mission's and the diagnostic (pipeline/attacks.py), on a seeded, stratified
+    subset of ``images`` of the diagnostic images (null: all of them): ``apgd`` (APGD-CE, white-box: ``steps``,
+    ``restarts``), ``square`` (black-box, scores only: ``queries``, ``p_init``) or ``transfer`` (the undefended
+    model's diagnostic-attack images replayed on the defended one: no budget of its own, the diagnostic's epsilon)."""
+
+    name: Literal["apgd", "square", "transfer"]
+    epsilon: Epsilon255 = 8.0
+    steps: PositiveInt = 20
+    restarts: PositiveInt = 1
+    queries: PositiveInt = 300
+    p_init: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
+    images: PositiveInt | None = None
+
+    def describe(self) -> str:
+        """``apgd-ce-20 eps 8/255``, ``square-300 eps 8/255``, ``transfer``: tags and logs."""
+        if self.name == "transfer":
+            return "transfer from the undefended model's diagnostic"
+        budget = (f"apgd-ce-{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+                  if self.name == "apgd" else f"square-{self.queries}")
+        return f"{budget} eps {self.epsilon:g}/255" + (f" on {self.images}" if self.images else "")
+
+
 class Corruption(Section):
     """A change without an attacker (pipeline/corruptions.py): jpeg (amount = quality), downscale (by amount and
     back), blur (Gaussian sigma in pixels), noise (Gaussian sigma in 1/255 units)."""
@@ -272,11 +295,20 @@ class Evaluate(Section):
     epsilons: list[Epsilon255] = Field(min_length=1)
     curve_images: PositiveInt | None = None  # robustness curve on a stratified subset; null: every test image
     diagnostic_images: PositiveInt | None = None  # the diagnostic attack likewise
+    attacks: list[ExtraAttack] = Field(default_factory=list)  # more attacks, on the diagnostic_images subset
     corruptions: list[Corruption] = Field(default_factory=list)  # on the diagnostic_images subset
     weights: Weights
     measure: Literal["balanced_accuracy", "macro_f1"]  # what robust_score weights: counts both classes
     bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples for the 95 % intervals; 0: none
     batch_size: PositiveInt
+
+    @field_validator("attacks")
+    @classmethod
+    def _one_of_each(cls, attacks: list[ExtraAttack]) -> list[ExtraAttack]:
+        names = [a.name for a in attacks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"one attack of each name (got {names}): they are reported by name")
+        return attacks
 
 
 class Threshold(Section):

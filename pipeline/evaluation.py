@@ -1,16 +1,20 @@
 """Evaluation on Test_dataset_1 (clean) and Test_dataset_2 (the same images attacked white-box against the model
 being evaluated with the mission's attack, rounded to 8 bits exactly as the PNG files that hold them), plus a
-stronger diagnostic attack (PGD) so that gradient masking or an FGSM-only defence shows up.
+stronger diagnostic attack (PGD) so that gradient masking or an FGSM-only defence shows up, and the attacks of
+``evaluate.attacks`` beside them: APGD-CE (white-box), Square (black-box) and a transfer attack from the undefended
+model.
 
 Every set gets figures that count both classes (balanced accuracy, the recall of each class, ROC AUC, the share
 called FAKE) beside the mission's F1; the selection rule :func:`pipeline.metrics.robust_score` takes, per image,
-the worse of the two attacks."""
+the worst of all the attacks (``worst``). When a gradient-free attack (Square, transfer) beats the white-box ones
+by more than the bootstrap interval, the defence is reported as gradient-masked (:func:`gradient_masking`)."""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import config, corruptions, filetree, inference, metrics, registry
-from pipeline.attacks import Attacker, to_uint8
+from pipeline.attacks import APGD, Attacker, SquareAttack, logit_forward, to_uint8
 from pipeline.data import stratified_subset
 
 
@@ -36,6 +40,10 @@ class Result:
     curve: list[dict] = field(default_factory=list)  # F1 and balanced accuracy per epsilon
     diagnosed: np.ndarray | None = None  # indices of the images the diagnostic attack ran on (p_diagnostic's order)
     corrupted: dict[str, dict[str, float]] = field(default_factory=dict)  # corruption -> metrics, same subset
+    p_worst: np.ndarray | None = None  # per diagnosed image, the worst of every attack (p_diagnostic's order)
+    x_diagnostic: np.ndarray | None = None  # uint8, the diagnostic attack's images: a transfer attack's source
+    masking: dict[str, dict] = field(default_factory=dict)  # gradient-free attack -> its test against white-box
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each pass: where evaluate's time goes
 
     @property
     def clean(self) -> dict[str, float]:
@@ -47,15 +55,18 @@ class Result:
 
     def line(self, cfg: config.Evaluate) -> str:
         ba = {k: v["balanced_accuracy"] for k, v in self.sets.items()}
+        extra = "".join(f", {a.name} {ba[a.name]:.3f}" for a in cfg.attacks if a.name in ba)
+        masked = [k for k, m in self.masking.items() if m["masked"]]
         return (f"robust_score {self.robust_score:.4f}, weighted_f1 {self.weighted_f1:.4f}; balanced accuracy clean "
                 f"{ba['clean']:.3f}, {cfg.attack.describe()} {ba['adversarial']:.3f}, {cfg.diagnostic.describe()} "
-                f"{ba['diagnostic']:.3f}")
+                f"{ba['diagnostic']:.3f}{extra}, worst {ba['worst']:.3f}"
+                + (f"; GRADIENT MASKING: {', '.join(masked)} beat the white-box attacks" if masked else ""))
 
     def at_threshold(self, y: np.ndarray, cfg: config.Evaluate, threshold: float) -> dict[str, float]:
         """The headline figures had the model been judged at ``threshold`` instead of its own: beside the stored
         threshold's, they show what choosing it bought."""
         sub = np.arange(len(y)) if self.diagnosed is None else self.diagnosed
-        p_worst = metrics.worst_case(y[sub], self.p_adv[sub], self.p_diagnostic)
+        p_worst = self.worst(y)
         m = cfg.measure
         return {"threshold": threshold,
                 "weighted_f1": metrics.weighted_f1(metrics.f1(y, self.p_clean, threshold),
@@ -65,10 +76,17 @@ class Result:
                    (("clean", y, self.p_clean), ("adversarial", y, self.p_adv),
                     ("diagnostic", y[sub], self.p_diagnostic), ("worst", y[sub], p_worst))}}
 
+    def worst(self, y: np.ndarray) -> np.ndarray:
+        if self.p_worst is not None:
+            return self.p_worst
+        sub = np.arange(len(y)) if self.diagnosed is None else self.diagnosed
+        return metrics.worst_case(y[sub], self.p_adv[sub], self.p_diagnostic)
+
     def summary(self, reference: dict[str, float]) -> dict:
         return {"weighted_f1": self.weighted_f1, "robust_score": self.robust_score,
                 "weighted_f1_minus_always_fake": self.weighted_f1 - reference["always_fake_weighted_f1"],
-                **self.sets, **({"corruptions": self.corrupted} if self.corrupted else {})}
+                **self.sets, **({"corruptions": self.corrupted} if self.corrupted else {}),
+                **({"gradient_masking": self.masking} if self.masking else {})}
 
     def corruption_rows(self, name: str) -> list[dict]:
         """One row per corruption (``none`` first: the clean images of the same subset), for plots."""
@@ -77,14 +95,18 @@ class Result:
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
-             threshold: float = 0.5, name: str = "model", engine: config.Inference = inference.AUTO) -> Result:
+             threshold: float = 0.5, name: str = "model", engine: config.Inference = inference.AUTO,
+             transfer_from: np.ndarray | None = None) -> Result:
     """Clean, mission-attacked and diagnostic-attacked metrics, the weighted F1, the robust score, and the curve
     along ``cfg.epsilons`` (the mission's attack kind). Attacks need TensorFlow's gradients; every forward pass
     runs on the inference ``engine``.
 
     The diagnostic attack (PGD: ``steps`` gradient passes an image) runs on a seeded, stratified subset of
     ``cfg.diagnostic_images`` (all images when null), and so do the figures built on it: ``diagnostic``, ``worst``
-    and ``robust_score`` (both its terms, so that they count the same images)."""
+    and ``robust_score`` (both its terms, so that they count the same images). ``cfg.attacks`` run on nested
+    subsets of it; ``transfer`` replays ``transfer_from`` (another model's diagnostic images, as
+    ``Result.x_diagnostic``) and is skipped without it. ``worst`` is per image the worst of every attack that ran on
+    it."""
     forward = inference.runner(model, engine)
     bs = cfg.batch_size
 
@@ -94,7 +116,9 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     def p_fake(images: np.ndarray, text: str | None = None) -> np.ndarray:
         return forward(images, bs, bar(text) if text else None)[:, 0]
 
+    laps = Laps()
     p_clean = p_fake(x, "clean")
+    laps("clean")
     attacker = Attacker(model, cfg.attack, seed)
     # The curve is on a seeded subset (all images when curve_images is null): it needs an attack pass per epsilon,
     # but for FGSM, whose direction does not depend on epsilon, the mission's set and the curve share one pass.
@@ -106,21 +130,41 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     else:
         x_adv = attacker.sweep(x, y, [cfg.attack.epsilon], bs, signs=signs)[cfg.attack.epsilon]
     p_adv = p_fake(x_adv)
+    laps("attack")
     sub = stratified_subset(y, cfg.diagnostic_images, seed)
     diagnostic = Attacker(model, cfg.diagnostic, seed)
-    p_diag = p_fake(to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe()))))
-    p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag)
+    x_diag = to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe())))
+    p_diag = p_fake(x_diag)
+    laps("diagnostic")
+    extra = {}  # attack name -> (positions in sub, P(FAKE) attacked)
+    for a in cfg.attacks:
+        part = stratified_subset(y[sub], a.images, seed)  # nested: the first of one seeded permutation per class
+        if a.name == "transfer" and transfer_from is None:
+            continue
+        extra[a.name] = part, p_fake(_attack(a, model, x[sub][part], y[sub][part], threshold, seed, bs,
+                                             bar(a.describe()), None if transfer_from is None else transfer_from[part]))
+        laps(a.name)
+    p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag, *(_on(p_adv[sub], part, p) for part, p in extra.values()))
     # No attacker: what a re-save, a resize, a blur or sensor noise on the way does (pipeline/corruptions.py).
     corrupted = {c.describe(): metrics.classification(y[sub], p_fake(corruptions.apply(x[sub], c, seed)), threshold)
                  for c in cfg.corruptions}
     if corrupted:  # the same images uncorrupted, to read the others against
         corrupted = {"none": metrics.classification(y[sub], p_clean[sub], threshold), **corrupted}
+    laps("corruptions")
     sets = {k: metrics.classification(labels, p, threshold) for k, labels, p in
             (("clean", y, p_clean), ("adversarial", y, p_adv), ("diagnostic", y[sub], p_diag),
              ("worst", y[sub], p_worst))}
+    for k, (part, p) in extra.items():
+        sets[k] = {**metrics.classification(y[sub][part], p, threshold), "images": len(part)}
+    # White-box worst (the mission's, the diagnostic and APGD where it ran) against each gradient-free attack, on
+    # the images that attack ran on.
+    white = metrics.worst_case(y[sub], p_adv[sub], p_diag, *(_on(p_adv[sub], *extra[k]) for k in ("apgd",)
+                                                              if k in extra))
+    masking = {k: gradient_masking(y[sub][part], white[part], p, threshold, cfg.bootstrap, seed)
+               for k, (part, p) in extra.items() if k in GRADIENT_FREE}
     weighted = metrics.weighted_f1(sets["clean"]["f1"], sets["adversarial"]["f1"], cfg.weights)
     robust = metrics.robust_score(y[sub], p_clean[sub], p_worst, cfg.weights, cfg.measure, threshold)
-
+    laps("scores")
     attacked = attacker.sweep(x[idx], y[idx], others, bs, bar("robustness curve"),
                               None if signs is None else signs[idx]) if others else {}
     curve = []
@@ -133,19 +177,84 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
             p = p_fake(attacked.pop(eps))
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
-    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub, corrupted)
+    laps("curve")
+    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub, corrupted, p_worst, x_diag,
+                  masking, laps.seconds)
+
+
+class Laps:
+    """Wall seconds between calls, by name (tracing included): logged to MLflow, kept out of the metrics file,
+    whose figures must not change from run to run."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+GRADIENT_FREE = ("square", "transfer")
+
+
+def _on(base: np.ndarray, part: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``p`` (scores of the images at ``part``) spread over ``base``'s images, ``base`` elsewhere: with ``base``
+    among the attacks, the worst case is unchanged where this attack did not run."""
+    out = np.array(base, np.float64)
+    out[part] = p
+    return out
+
+
+def _attack(a: config.ExtraAttack, model: keras.Model, x: np.ndarray, y: np.ndarray, threshold: float, seed: int,
+            batch_size: int, progress: str | None, transferred: np.ndarray | None) -> np.ndarray:
+    """One of ``evaluate.attacks`` on ``x``, as uint8 images (what a PNG would hold)."""
+    if a.name == "transfer":
+        return transferred
+    if a.name == "apgd":
+        attack = APGD(model, a.epsilon, a.steps, a.restarts, seed)
+    else:  # square: its loss is the margin at the model's own threshold, so it stops once that label flips
+        attack = SquareAttack(logit_forward(model), a.epsilon, a.queries, a.p_init, threshold, seed)
+    return to_uint8(attack.perturb(x, y, batch_size, progress=progress))
+
+
+def gradient_masking(y: np.ndarray, p_white: np.ndarray, p_free: np.ndarray, threshold: float, resamples: int,
+                     seed: int, level: float = 0.95) -> dict:
+    """Does a gradient-free attack (``p_free``) beat the white-box worst case (``p_white``) on the same images?
+    A defence that only hides its gradients fools every gradient attack but not these (Carlini et al. 2019).
+    ``masked`` when the paired bootstrap interval of balanced accuracy (white-box minus gradient-free) lies wholly
+    above 0: the gradient-free attack did better by more than the interval."""
+    y = np.asarray(y).astype(bool)
+    white, free = np.asarray(p_white) >= threshold, np.asarray(p_free) >= threshold
+    ba = {k: metrics.measure(y, p, "balanced_accuracy", threshold) for k, p in (("white", p_white), ("free", p_free))}
+    rng = np.random.default_rng(seed)
+    gaps = []
+    for _ in range(max(resamples, 1)):
+        i = rng.integers(0, len(y), len(y))
+        yi = y[i]
+        if yi.all() or not yi.any():
+            continue
+        per_class = [(w[i][yi].mean() + (~w[i][~yi]).mean()) / 2 for w in (white, free)]
+        gaps.append(per_class[0] - per_class[1])
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(gaps, [tail, 100 - tail]) if gaps else (np.nan, np.nan)
+    return {"white_box_balanced_accuracy": ba["white"], "balanced_accuracy": ba["free"],
+            "gap": ba["white"] - ba["free"], "gap_ci95": {"low": float(low), "high": float(high)},
+            "masked": bool(low > 0), "images": int(len(y))}
 
 
 def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
-            threshold_rule: Any, engine: config.Inference = inference.AUTO) -> registry.Standing:
-    """A registered version's scores under this protocol, attacked white-box against itself and judged at its own
-    stored threshold (0.5 for a version that stored none): what the champion rule needs when the champion's stored
-    scores come from another protocol."""
+            threshold_rule: Any, engine: config.Inference = inference.AUTO,
+            transfer_from: np.ndarray | None = None) -> registry.Standing:
+    """A registered version's scores under this protocol, attacked white-box against itself (the transfer attack
+    replaying ``transfer_from``, as for the candidate) and judged at its own stored threshold (0.5 for a version
+    that stored none): what the champion rule needs when the champion's stored scores come from another protocol."""
     from pipeline.predicting import load_with_threshold, resolve_threshold
 
     model, stored = load_with_threshold(f"models:/{name}/{version}")
     threshold = resolve_threshold(None, stored, 0.5)
-    result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}", engine)
+    result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}", engine, transfer_from)
     return registry.Standing(str(version), result.robust_score, result.weighted_f1,
                              protocol_id(protocol(cfg, x, y, seed, threshold_rule)))
 
@@ -156,7 +265,7 @@ def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, th
     if not cfg.bootstrap:
         return {}
     sub = np.arange(len(y)) if result.diagnosed is None else result.diagnosed
-    p_worst = metrics.worst_case(y[sub], result.p_adv[sub], result.p_diagnostic)
+    p_worst = result.worst(y)
     return metrics.bootstrap_ci(y, result.p_clean, result.p_adv, p_worst, cfg.weights, cfg.measure, threshold,
                                 cfg.bootstrap, seed, worst_index=sub)
 
@@ -168,6 +277,7 @@ def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, thre
     h.update(np.asarray(y, np.uint8).tobytes())
     return {"attack": cfg.attack.model_dump(mode="json"), "diagnostic": cfg.diagnostic.model_dump(mode="json"),
             "diagnostic_images": cfg.diagnostic_images,
+            **({"attacks": [a.model_dump(mode="json") for a in cfg.attacks]} if cfg.attacks else {}),
             "test_sha256": h.hexdigest()[:16], "weights": cfg.weights.model_dump(mode="json"),
             "measure": cfg.measure, "threshold": threshold, "seed": seed}
 

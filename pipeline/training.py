@@ -90,11 +90,11 @@ class HeadTrainer:
 
     A head step on cached features is a millisecond of arithmetic, so Keras's ``fit`` (a data pipeline per call,
     dispatch per step) would cost more than the steps, and tracing a fresh loop per trial costs about as much as
-    an epoch at CIFAKE size (bench/head_fit.py, bench/README.md). Here the features stay resident as one tensor, each epoch is one
-    compiled loop over shuffled batches, and one head and optimizer are reset for each fit: fresh seeded weights,
-    zeroed optimizer slots, the learning rate and dropout rate held in variables the loop reads. Validation runs
-    once an epoch in :class:`ValidationScores` (ahead of the other callbacks, which see ``loss``, ``accuracy``,
-    ``val_loss`` and the validation scores as Keras's ``fit`` would give them)."""
+    an epoch at CIFAKE size (bench/head_fit.py, bench/README.md). Here the features stay resident as one tensor,
+    each epoch is one compiled loop over shuffled batches, and one head and optimizer are reset for each fit: fresh
+    seeded weights, zeroed optimizer slots, the learning rate and dropout rate held in variables the loop reads.
+    Validation runs once an epoch in :class:`ValidationScores` (ahead of the other callbacks, which see ``loss``,
+    ``accuracy``, ``val_loss`` and the validation scores as Keras's ``fit`` would give them)."""
 
     def __init__(self, data: Arrays, l2: float, batch_size: int):
         self.data, self.l2 = data, l2
@@ -302,11 +302,7 @@ def probabilities_under_diagnostic(model: keras.Model, evaluate: config.Evaluate
     accuracy under the stronger one. The mission's FGSM is left out: it is the weaker attack on nearly every image
     (the same threshold with or without it: bench/README.md, "The stored threshold"), and without it an edit of the
     mission's attack does not rerun advtrain."""
-    from pipeline.attacks import to_uint8
-
-    fn = forward_fn(model)
-    attacked = to_uint8(Attacker(model, evaluate.diagnostic, seed).perturb(x, y, batch_size))
-    return batched(fn, x, batch_size)[:, 0], batched(fn, attacked, batch_size)[:, 0]
+    return validation_probabilities(model, Attacker(model, evaluate.diagnostic, seed), x, y, batch_size)
 
 
 def validation_probabilities(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray,

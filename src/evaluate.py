@@ -1,5 +1,6 @@
 """Stage `evaluate`: Test_dataset_1 (clean test split) and Test_dataset_2 (the same images attacked white-box with
-the mission's attack against the adversarially trained model, written as PNG), a stronger diagnostic attack (PGD),
+the mission's attack against the adversarially trained model, written as PNG), a stronger diagnostic attack (PGD)
+and ``evaluate.attacks`` (APGD-CE, Square, transfer) with a gradient-masking check, corruptions without an attacker,
 figures that count both classes with bootstrap intervals, the robustness curve, the same for the model from before
 `advtrain`, calibration (Brier score, reliability), Grad-CAM explanations of a few clean and attacked images, and
 the registry's `champion` alias (moved by robust_score under one protocol). Each model is judged at the threshold
@@ -29,10 +30,11 @@ def main() -> None:
     protocol = evaluation.protocol(cfg, test.x, test.y, seed, params.threshold.model_dump(mode="json"))
     protocol_id = evaluation.protocol_id(protocol)
 
-    def evaluate(path, name: str) -> tuple:
+    def evaluate(path, name: str, transfer_from=None) -> tuple:
         model, stored = predicting.load_with_threshold(str(path))
         threshold = predicting.resolve_threshold(None, stored, params.threshold.fixed)
-        result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name, params.inference)
+        result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name, params.inference,
+                                     transfer_from)
         calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
                                                                            ("adversarial", result.p_adv))}
         return model, threshold, result, {**result.summary(reference), "threshold": threshold, **calibration,
@@ -42,8 +44,9 @@ def main() -> None:
     with tracking.stage_run("evaluate", params):
         import mlflow
 
-        model, threshold, final, final_summary = evaluate(paths.model_adv, "advtrained")
+        # The undefended model first: its diagnostic images are the transfer attack on the defended one.
         _, _, base, base_summary = evaluate(paths.model, "baseline")
+        model, threshold, final, final_summary = evaluate(paths.model_adv, "advtrained", base.x_diagnostic)
         evaluation.write_png_set(final.x_adv, test.names, paths.adversarial)
         tracking.log_splits(paths.processed, "test")
         tracking.log_dataset(paths.adversarial, "testing-attacked", name="Test_dataset_2")
@@ -70,13 +73,17 @@ def main() -> None:
 
         mlflow.set_tags({"evaluated_model": info["model_uri"], "evaluated_version": info.get("version", ""),
                          "protocol": protocol_id, "attack": cfg.attack.describe(),
-                         "diagnostic": cfg.diagnostic.describe()})
+                         "diagnostic": cfg.diagnostic.describe(),
+                         **{f"attack_{a.name}": a.describe() for a in cfg.attacks},
+                         "gradient_masking": str(any(m["masked"] for m in final.masking.values()))})
         # Each model's figures are linked to the logged model they score (MLflow 3 lineage: `model_id`).
         flat = dict(config.flatten_dict(summary, exclude=("protocol",)))
         mlflow.log_metrics({k: v for k, v in flat.items() if not k.startswith("baseline.")},
                            model_id=info.get("model_id"))
         mlflow.log_metrics({k: v for k, v in flat.items() if k.startswith("baseline.")},
                            model_id=base_info.get("model_id"))
+        mlflow.log_metrics({f"seconds.{name}.{k}": v for name, r in (("advtrained", final), ("baseline", base))
+                            for k, v in r.seconds.items()})
         for name, fig in figures.items():
             mlflow.log_figure(fig, name)
         champion = ""
@@ -85,11 +92,13 @@ def main() -> None:
             holds, why = registry.update_champion(
                 info["registered_model"], candidate, reference,
                 lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed,
-                                             protocol["threshold"], params.inference))
+                                             protocol["threshold"], params.inference, base.x_diagnostic))
             mlflow.set_tags({"champion": str(holds), "champion_reason": why})
             champion = f"; v{info['version']} {'is' if holds else 'is not'} @champion ({why})"
 
     print(f"evaluate: {final.line(cfg)}\n  before advtrain: {base.line(cfg)}{champion}")
+    for name, r in (("advtrained", final), ("baseline", base)):
+        print(f"  seconds ({name}): " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ TINY = {
     ("advtrain", "epochs"): 1,
     ("advtrain", "batch_size"): 32,
     ("evaluate", "epsilons"): [0, 8],
+    ("evaluate", "attacks"): [{"name": "apgd", "steps": 5}, {"name": "square", "queries": 30, "images": 16},
+                              {"name": "transfer"}],
 }
 
 
@@ -98,6 +100,16 @@ def test_metrics_file_has_clean_adversarial_and_weighted_scores(repo):
             assert set(model[split]) >= {"accuracy", "precision", "recall", "f1"} | both_classes
         for key in ("weighted_f1", "robust_score"):
             assert model["ci95"][key]["low"] <= model[key] <= model["ci95"][key]["high"]
+    # every attack on its own, for both models (transfer replays the undefended model's images on the defended one)
+    for model, attacks in ((m, ("apgd", "square", "transfer")), (m["baseline"], ("apgd", "square"))):
+        for name in attacks:
+            assert set(model[name]) >= {"balanced_accuracy", "roc_auc", "images"}
+            if name != "square":  # on every diagnosed image, so the per-image worst case is at most as high
+                assert model["worst"]["balanced_accuracy"] <= model[name]["balanced_accuracy"] + 1e-12
+    assert "transfer" not in m["baseline"]
+    assert set(m["gradient_masking"]) == {"square", "transfer"}
+    assert m["gradient_masking"]["square"]["images"] == 16 and m["square"]["images"] == 16
+    assert [a["name"] for a in m["protocol"]["attacks"]] == ["apgd", "square", "transfer"]
     weights = yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["weights"]
     expected = weights["clean"] * m["clean"]["f1"] + weights["adversarial"] * m["adversarial"]["f1"]
     assert m["weighted_f1"] == pytest.approx(expected)
