@@ -8,6 +8,7 @@ Scripts import this as ``from bench.common import ...`` after putting the reposi
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -59,9 +60,10 @@ def loadavg() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+@functools.cache
 def git_state() -> str:
-    """HEAD, with "+dirty" when the library, stages or params have uncommitted edits (other engineers work in the
-    same tree, so the code measured is not always a commit)."""
+    """HEAD when the run started, with "+dirty" when the library, stages or params had uncommitted edits (other
+    engineers work in the same tree, so the code measured is not always a commit)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=5).stdout.strip()

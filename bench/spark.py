@@ -28,27 +28,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import OUT, SCRATCH, emit, loadavg, stage_env, tiny_model  # noqa: E402
+from bench.common import OUT, SCRATCH, emit, loadavg, sample_data, stage_env, tiny_model  # noqa: E402
 
 NAME = "cifake-bench"
 
 
 def images(n: int) -> tuple[Path, Path]:
-    """The sample's test split with n/2 images a class (made once), and 16 of them in a folder of their own."""
-    from pipeline import config, sample
-
-    root = SCRATCH / f"spark-sample-{n}"
-    if not (root / ".complete").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        sample.write_sample(root / "raw", config.Sample(train_per_class=1, test_per_class=n // 2, jpeg_quality=95),
-                            42, progress=False)
-        (root / ".complete").touch()
-    shutil.rmtree(tiny := root / "tiny", ignore_errors=True)
+    """The sample's test split with n/2 images a class (``bench.common.sample_data``, made once), and 16 of them in
+    a folder of their own."""
+    folder = sample_data(16, n // 2)[0] / "test"
+    shutil.rmtree(tiny := SCRATCH / f"spark-tiny-{n}", ignore_errors=True)
     for cls in ("REAL", "FAKE"):
         (tiny / cls).mkdir(parents=True)
-        for p in sorted((root / "raw" / "test" / cls).glob("*.jpg"))[:8]:
+        for p in sorted((folder / cls).glob("*.jpg"))[:8]:
             shutil.copy(p, tiny / cls / p.name)
-    return root / "raw" / "test", tiny
+    return folder, tiny
 
 
 def register(store: Path, smoke: bool) -> str:

@@ -3,6 +3,7 @@ head's training loop. bench/fullscale.py times the stages end to end; these say 
 
     python bench/throughput.py                 # every part at the size of bench/README.md's figures
     python bench/throughput.py features head   # some parts
+    python bench/throughput.py head -S tune.batch_size=1024   # params.yaml overrides, as the stages take them
     python bench/throughput.py --smoke         # the smallest sizes, features and attacks on bench.common.tiny_model
 
 One JSON line per figure, the pipeline's own code with params.yaml's settings:
@@ -108,6 +109,8 @@ def head(params, n: int, epochs: int, gflops: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", metavar="PART", help=f"any of {', '.join(PARTS)} (default: all)")
+    parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="params.yaml override, e.g. inference.precision=bf16 (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="every part at its smallest size (seconds)")
     args = parser.parse_args()
     if unknown := set(args.parts) - set(PARTS):
@@ -116,7 +119,7 @@ def main() -> None:
 
     from pipeline import config, model
 
-    params = config.load(ROOT / "params.yaml")
+    params = config.load(ROOT / "params.yaml", args.overrides)
     load = loadavg()
     gflops = matmul_gflops(512 if args.smoke else 4096)
     emit("matmul", load, n=512 if args.smoke else 4096, dtype="float32", gflops=round(gflops, 1))
