@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="Square attack: model calls an image")
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="params.yaml override, e.g. paths.model_adv=... (repeatable)")
-    parser.add_argument("--smoke", action="store_true", help="random model, tiny sample, 8 images, 2 steps")
+    parser.add_argument("--smoke", action="store_true", help="a small random model, a tiny sample, 8 images, 2 steps")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -78,9 +78,8 @@ def main() -> None:
     from pipeline.attacks import Attacker, to_uint8
     from pipeline.data import load_split, stratified_subset
 
-    params = config.load(ROOT / "params.yaml", args.overrides)
+    params = config.load(ROOT / "params.yaml", [*smoke_overrides(), *args.overrides] if args.smoke else args.overrides)
     if args.smoke:
-        params = config.load(ROOT / "params.yaml", [*smoke_overrides(), *args.overrides])
         args.images, args.epsilons, args.restarts, args.steps, args.queries = 8, [8.0], 1, 2, 3
     test = load_split(params.paths.processed, "test")
     idx = stratified_subset(test.y, args.images, params.base.seed)
