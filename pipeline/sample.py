@@ -44,7 +44,7 @@ pixels across a rounding boundary (bench/README.md has the files that differed);
 far below a grey level and do not reach a rounding boundary in practice. ``tests/test_sample.py``
 checks a golden hash, also under other OpenBLAS kernels and with numpy's AVX-512 code paths switched off.
 
-Measured with ``python bench/sample.py --measure --resnet --cnn`` at the default size; see ``bench/README.md``.
+Measured with ``python bench/sample.py --measure [--resnet]`` at the default size; see ``bench/README.md``.
 """
 from __future__ import annotations
 

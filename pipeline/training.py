@@ -90,10 +90,10 @@ class HeadTrainer:
 
     A head step on cached features is a millisecond of arithmetic, so Keras's ``fit`` (a data pipeline per call,
     dispatch per step) would cost more than the steps, and tracing a fresh loop per trial costs about as much as
-    an epoch at CIFAKE size (bench/head_fit.py, bench/README.md). Here the features stay resident as one tensor,
-    each epoch is one compiled loop over shuffled batches, and one head and optimizer are reset for each fit: fresh
-    seeded weights, zeroed optimizer slots, the learning rate and dropout rate held in variables the loop reads.
-    Validation runs once an epoch in :class:`ValidationScores` (ahead of the other callbacks, which see ``loss``,
+    an epoch at CIFAKE size (bench/README.md, "Tuning at arithmetic speed"). Here the features stay resident as one
+    tensor, each epoch is one compiled loop over shuffled batches, and one head and optimizer are reset for each fit:
+    fresh seeded weights, zeroed optimizer slots, the learning rate and dropout rate held in variables the loop
+    reads. Validation runs once an epoch in :class:`ValidationScores` (ahead of the other callbacks, which see ``loss``,
     ``accuracy``, ``val_loss`` and the validation scores as Keras's ``fit`` would give them)."""
 
     def __init__(self, data: Arrays, l2: float, batch_size: int):
