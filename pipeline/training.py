@@ -249,7 +249,9 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3), tf.float32), tf.TensorSpec((None, 1), tf.float32)])
     def step(x, y):
         n_adv = tf.cast(tf.math.round(cfg.adv_ratio * tf.cast(tf.shape(x)[0], tf.float32)), tf.int32)
-        x_adv = attacker.in_graph(x[:n_adv], y[:n_adv])
+        # Never an attack on an empty batch (adv_ratio 0, or a last batch too small for its share): the backbone's
+        # BatchNormalization fails on zero images under oneDNN.
+        x_adv = tf.cond(n_adv > 0, lambda: attacker.in_graph(x[:n_adv], y[:n_adv]), lambda: x[:0])
         x_mix = tf.concat([tf.stop_gradient(x_adv), x[n_adv:]], axis=0)
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x_mix, training=True))

@@ -136,16 +136,18 @@ def tiny_model() -> TinyModel:
     return TinyModel(full, head, cfg, x, y, feats)
 
 
-def cue_images(n_per_class: int, seed: int = 0, lines: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+def cue_images(n_per_class: int, seed: int = 0, lines: float = 4.0,
+               levels: tuple[tuple[float, float], tuple[float, float]] = ((40, 150), (106, 216)),
+               ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 32×32 RGB noise with two cues, like the built-in sample's: brightness, robust but only partly
-    predictive (REAL and FAKE overlap between 106 and 150), and the sample's line pattern with the class's sign,
-    fully predictive but flipped by any attack of 2 x ``lines``/255. A model trained on clean images leans on the
-    lines, so attacks flip it; P(FAKE) spreads over the brightness overlap."""
+    predictive (REAL and FAKE ``levels`` overlap between 106 and 150), and the sample's line pattern with the
+    class's sign, fully predictive but flipped by any attack of 2 x ``lines``/255. A model trained on clean images
+    leans on the lines, so attacks flip it; P(FAKE) spreads over the brightness overlap."""
     from pipeline.sample import LINES
 
     rng = np.random.default_rng(seed)
     y = np.repeat(np.array([0, 1], np.uint8), n_per_class)
-    level = np.concatenate([rng.uniform(40, 150, n_per_class), rng.uniform(106, 216, n_per_class)])
+    level = np.concatenate([rng.uniform(*levels[0], n_per_class), rng.uniform(*levels[1], n_per_class)])
     x = level[:, None, None, None] + rng.normal(0, 12, (2 * n_per_class, 32, 32, 3))
     x += np.where(y == 1, lines, -lines)[:, None, None, None] * LINES
     return np.clip(np.rint(x), 0, 255).astype(np.uint8), y

@@ -66,6 +66,16 @@ def test_keeps_the_best_epoch_and_its_scores(fresh) -> None:
 
 
 
+def test_a_batch_with_no_attacked_share_trains_on_its_clean_images(fresh) -> None:
+    # A last batch of one image whose share rounds to 0 (as with adv_ratio 0): no attack on an empty batch, which
+    # crashed the backbone's BatchNormalization
+    m, data = fresh
+    one_left = training.Arrays(data.x_train[:17], data.y_train[:17], data.x_val, data.y_val)  # batches of 16, 1
+    cfg, evaluate = advtrain_cfg(epochs=1, adv_ratio=0.5)
+    history, _, _ = training.adversarial_finetune(m, one_left, cfg, evaluate, 0, before={"val_robust_score": -1.0})
+    assert np.isfinite(history[1]["loss"])
+
+
 def attacked_balanced_accuracy(m, x: np.ndarray, y: np.ndarray, attack: config.Attack) -> float:
     from pipeline import metrics
     from pipeline.attacks import to_uint8
@@ -74,26 +84,34 @@ def attacked_balanced_accuracy(m, x: np.ndarray, y: np.ndarray, attack: config.A
     return metrics.measure(y, model.predict_proba(m, x_adv))
 
 
+# Brightness that separates the classes by more than 2 x 8/255 (conftest.cue_images overlaps them): here a model can
+# be robust at 8/255, so how far advtrain gets shows the training, not the data's ceiling.
+SEPARATED = ((40, 120), (136, 216))
+
+
 def test_adversarial_training_repairs_what_the_attack_breaks(graded_model_file) -> None:
     # The graded model leans on a cue that any attack above 4/255 flips (conftest.cue_images); brightness, which
-    # it also sees, survives 8/255 on most images. Trained on attacked images the head must move to it; trained on
-    # clean ones it has no reason to. Judged by a stronger attack than the one it trains on (PGD-10 against PGD-3),
-    # on images it never saw.
+    # it also sees, survives 8/255. Trained on attacked images the head must move to it; trained on clean ones,
+    # where the lines already answer everything, it has no reason to. Judged by a stronger attack than the one it
+    # trains on (PGD-10 against PGD-3), on images it never saw. With the overlapping brightness of the other tests
+    # the outcome spread 0.48-0.66 over seeds here and fell to 0.41 on another CPU: too near the data's ceiling
+    # (~0.73) to tell training from luck. Here (seeds 0, 1, 3, this CPU): 0.41 before, 0.84-0.87 after; trained on
+    # clean images instead: see the mutation note in the closing note of #18.
     from tests.conftest import cue_images
 
     m = model.load(graded_model_file)
-    x, y = cue_images(128, seed=0)
-    x_val, y_val = cue_images(32, seed=1)  # picks the epoch
-    x_test, y_test = cue_images(64, seed=2)  # judges
-    cfg, evaluate = advtrain_cfg(epochs=3, batch_size=32, adv_ratio=1.0)  # 0.5: 0.58 here, 1.0: 0.66
-    judge = evaluate.diagnostic.model_copy(update={"steps": 10})  # PGD-10 (evaluate's is PGD-20: 0.55 here)
+    x, y = cue_images(128, seed=0, levels=SEPARATED)
+    x_val, y_val = cue_images(32, seed=1, levels=SEPARATED)  # picks the epoch
+    x_test, y_test = cue_images(64, seed=2, levels=SEPARATED)  # judges
+    cfg, evaluate = advtrain_cfg(epochs=3, batch_size=32, adv_ratio=1.0)
+    judge = evaluate.diagnostic.model_copy(update={"steps": 10})  # PGD-10
     assert cfg.attack.name == "pgd" and judge.steps > cfg.attack.steps
     before = attacked_balanced_accuracy(m, x_test, y_test, judge)
-    assert before <= 0.3
+    assert before <= 0.45
     training.adversarial_finetune(m, training.Arrays(x, y, x_val, y_val), cfg, evaluate, 0,
                                   before={"val_robust_score": -1.0})
     after = attacked_balanced_accuracy(m, x_test, y_test, judge)
-    assert after >= 0.6, (before, after)
+    assert after >= 0.7 and after - before >= 0.3, (before, after)
 
 
 def test_the_threshold_is_chosen_under_evaluates_diagnostic(graded_model) -> None:
