@@ -2,14 +2,14 @@
 tune and train cache, evaluate's forward passes (clean and attacked images), predict and serving.
 
 ``inference.engine`` in params.yaml: ``openvino`` runs the Keras model converted in memory (traced once to a
-TensorFlow graph, ≈ 1 s) on OpenVINO's CPU runtime, 1.35x TensorFlow's compiled path in float32 with the same
-labels (bench/README.md, "Inference"); ``tensorflow`` runs the compiled TensorFlow function; ``auto`` takes TensorFlow
+TensorFlow graph) on OpenVINO's CPU runtime, faster than TensorFlow's compiled path in float32 with the same labels
+(bench/README.md, "Inference"); ``tensorflow`` runs the compiled TensorFlow function; ``auto`` takes TensorFlow
 when it sees a GPU and OpenVINO otherwise. Gradients (attacks, training) always run in TensorFlow.
-``inference.precision``: ``f32`` (the default), ``bf16`` (where the CPU computes it natively, AVX512-BF16 or AMX:
-about 2x float32), or ``auto``, OpenVINO's own pick for this CPU (bfloat16 where native). bfloat16 keeps every clean
-test label of the trained models, but attacked images sit near the boundary, where it moves P(FAKE) by up to 0.08
-and flipped 0.3 % of the undefended model's FGSM labels (bench/README.md, "bfloat16 on the trained models"):
-below the 99.9 % agreement a robustness score needs, so float32 stays the default.
+``inference.precision``: ``f32`` (the default), ``bf16`` (where the CPU computes it natively, AVX512-BF16 or AMX),
+or ``auto``, OpenVINO's own pick for this CPU (bfloat16 where native). bfloat16 keeps the clean labels of the
+trained models, but attacked images sit near the boundary, where it flips some of the undefended model's FGSM
+labels (bench/README.md, "bfloat16 on the trained models"): below the agreement a robustness score needs, so
+float32 stays the default.
 """
 from __future__ import annotations
 
