@@ -308,11 +308,12 @@ def probabilities_under_diagnostic(model: keras.Model, evaluate: config.Evaluate
 
 
 def validation_probabilities(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray,
-                             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """P(FAKE) on validation images, clean and attacked (8-bit rounded, as saved)."""
+                             batch_size: int, forward=None) -> tuple[np.ndarray, np.ndarray]:
+    """P(FAKE) on validation images, clean and attacked (8-bit rounded, as saved): the one place train, advtrain and
+    tune compute them. ``forward``: a compiled forward pass of ``model`` already built (default: its own)."""
     from pipeline.attacks import to_uint8
 
-    fn = forward_fn(model)
+    fn = forward or forward_fn(model)
     return (batched(fn, x, batch_size)[:, 0],
             batched(fn, to_uint8(attacker.perturb(x, y, batch_size)), batch_size)[:, 0])
 

@@ -21,11 +21,11 @@ import numpy as np
 
 import optuna
 from pipeline import config, metrics, provenance
-from pipeline.attacks import Attacker, to_uint8
+from pipeline.attacks import Attacker
 from pipeline.errors import TuneError
 from pipeline.model import assemble, batched, build_head, build_model, forward_fn, head_classifier
 from pipeline.tracking import process_alive
-from pipeline.training import Arrays, HeadTrainer, MlflowEpochLogger, fit_model
+from pipeline.training import Arrays, HeadTrainer, MlflowEpochLogger, fit_model, validation_probabilities
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -217,11 +217,10 @@ class Objective:
 
     def score_model(self, model: keras.Model, x_val: np.ndarray, forward, attacker: Attacker | None) -> dict:
         y, bs = self.data.y_val, self.params.model.batch_size
-        p_clean, p_adv = batched(forward, x_val, bs)[:, 0], None
         if self.params.tune.objective == "robust":
             attacker = attacker or Attacker(model, self.params.tune.attack, self.params.base.seed)
-            p_adv = batched(forward, to_uint8(attacker.perturb(x_val, y, bs)), bs)[:, 0]
-        return self._scores(p_clean, p_adv)
+            return self._scores(*validation_probabilities(model, attacker, x_val, y, bs, forward))
+        return self._scores(batched(forward, x_val, bs)[:, 0])
 
     def _scores(self, p_clean: np.ndarray, p_adv: np.ndarray | None = None) -> dict[str, float]:
         out = metrics.scores(self.data.y_val, p_clean, p_adv, self.params.evaluate)
