@@ -144,7 +144,7 @@ def test_the_diagnostic_runs_on_its_subset_and_robust_score_counts_those_images(
 
     monkeypatch.setattr(corruptions, "apply", spy)
     params = config.load(PARAMS_FILE, ["evaluate.diagnostic_images=32", "evaluate.curve_images=16",
-                                       "evaluate.epsilons=[0, 8]", "evaluate.bootstrap=50"])
+                                       "evaluate.epsilons=[0, 8]", "evaluate.bootstrap=50", "evaluate.attacks=[]"])
     cfg = params.evaluate
     x, y = tiny_model.x, tiny_model.y
     result = evaluation.evaluate(tiny_model.model, x, y, cfg, 0, 0.5, "tiny", config.Inference(engine="tensorflow"))

@@ -115,7 +115,9 @@ def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store
     from pipeline import serving
     from tests.conftest import cue_images, threshold_that_matters
 
-    cfg = config.load(ROOT_PARAMS, ["evaluate.diagnostic.steps=2", "evaluate.epsilons=[0, 8]"]).evaluate
+    # every kind of attack, at budgets that keep it seconds (the defaults' Square alone took minutes here)
+    cfg = config.load(ROOT_PARAMS, ["evaluate.diagnostic.steps=2", "evaluate.epsilons=[0, 8]",
+                                    "evaluate.attacks=[{name: apgd, steps: 2}, {name: square, queries: 5}]"]).evaluate
     x, y = cue_images(16, seed=4)
     rule = {"rule": "criterion", "fixed": 0.5}
     # The version is judged at its own stored threshold, one whose labels differ from 0.5's, and attacked.
