@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
@@ -29,24 +27,12 @@ EXPECTED = {
 }
 
 
-def _spark_missing() -> str | None:
-    from pipeline import spark
-
-    try:
-        spark.check_java()
-    except ConfigError as err:
-        return str(err)
-    try:
-        import pyspark  # noqa: F401
-    except ImportError:
-        return "pyspark is not installed (pip install -r requirements-dev.txt)"
-    return None
-
-
 def _needs(script: str) -> str | None:
     """Why ``script`` cannot run on this machine, or None."""
     if script == "spark":
-        return _spark_missing()
+        from tests.test_score_spark import SPARK_MISSING  # the Spark test's own check: one reason, one place
+
+        return SPARK_MISSING
     if script == "fullscale" and not Path("/usr/bin/time").exists():
         return "bench/fullscale.py times each stage with /usr/bin/time (Debian's `time` package), missing here"
     return None
