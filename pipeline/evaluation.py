@@ -230,7 +230,7 @@ def gradient_masking(y: np.ndarray, p_white: np.ndarray, p_free: np.ndarray, thr
     ba = {k: metrics.measure(y, p, "balanced_accuracy", threshold) for k, p in (("white", p_white), ("free", p_free))}
     rng = np.random.default_rng(seed)
     gaps = []
-    for _ in range(max(resamples, 1)):
+    for _ in range(resamples or 1000):  # the flag needs an interval even where evaluate.bootstrap is 0
         i = rng.integers(0, len(y), len(y))
         yi = y[i]
         if yi.all() or not yi.any():
