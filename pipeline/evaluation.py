@@ -66,7 +66,7 @@ class Result:
         """The headline figures had the model been judged at ``threshold`` instead of its own: beside the stored
         threshold's, they show what choosing it bought."""
         sub = np.arange(len(y)) if self.diagnosed is None else self.diagnosed
-        p_worst = self.worst(y)
+        p_worst = self.p_worst
         m = cfg.measure
         return {"threshold": threshold,
                 "weighted_f1": metrics.weighted_f1(metrics.f1(y, self.p_clean, threshold),
@@ -75,12 +75,6 @@ class Result:
                 **{f"{k}_{m}": metrics.measure(labels, p, m, threshold) for k, labels, p in
                    (("clean", y, self.p_clean), ("adversarial", y, self.p_adv),
                     ("diagnostic", y[sub], self.p_diagnostic), ("worst", y[sub], p_worst))}}
-
-    def worst(self, y: np.ndarray) -> np.ndarray:
-        if self.p_worst is not None:
-            return self.p_worst
-        sub = np.arange(len(y)) if self.diagnosed is None else self.diagnosed
-        return metrics.worst_case(y[sub], self.p_adv[sub], self.p_diagnostic)
 
     def summary(self, reference: dict[str, float]) -> dict:
         return {"weighted_f1": self.weighted_f1, "robust_score": self.robust_score,
@@ -265,7 +259,7 @@ def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, th
     if not cfg.bootstrap:
         return {}
     sub = np.arange(len(y)) if result.diagnosed is None else result.diagnosed
-    p_worst = result.worst(y)
+    p_worst = result.p_worst
     return metrics.bootstrap_ci(y, result.p_clean, result.p_adv, p_worst, cfg.weights, cfg.measure, threshold,
                                 cfg.bootstrap, seed, worst_index=sub)
 
