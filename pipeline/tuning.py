@@ -6,6 +6,7 @@ mixing in trials from another setting (a persisted study file outlives params ed
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 FAIL = optuna.trial.TrialState.FAIL
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # who runs a trial: its MLflow tag, and what dead-worker checks read
+# A live worker names itself on a trial within milliseconds of creating it; older and nameless, its worker died
+# (a minute leaves room for clocks of machines sharing a study to disagree).
+UNCLAIMED_S = 60.0
 
 
 def study_name(params: config.Params, data_key: str) -> str:
@@ -243,7 +247,7 @@ class _Surplus(Exception):
 
 
 def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: bool = True,
-             poll_s: float = 1.0) -> int:
+             poll_s: float = 1.0, unclaimed_s: float = UNCLAIMED_S) -> int:
     """Run trials in this process until the study holds exactly ``n_trials`` finished (complete or pruned) trials,
     with other processes doing the same on the same study (resuming counts earlier trials). Returns how many this
     process finished now.
@@ -251,9 +255,10 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
     Exactly: trial numbers are handed out by the storage in order, so a trial that finds ``n_trials`` live
     (finished, running or waiting) trials numbered before it is surplus and stops at once, marked failed and
     ``surplus``. A worker killed mid-trial leaves a RUNNING trial that heartbeats (RDB storages) turn into a
-    failure and a retry, which the next worker to look picks up. With ``wait``, this process (the coordinator)
-    stays until the last slot is finished, so what it writes afterwards covers all ``n_trials``; a joining worker
-    leaves as soon as every slot is taken."""
+    failure and a retry, which the next worker to look picks up; so does a trial whose worker died before it
+    started work (``fail_unclaimed_trials``). With ``wait``, this process (the coordinator) stays until the last
+    slot is finished, so what it writes afterwards covers all ``n_trials``; a joining worker leaves as soon as
+    every slot is taken."""
 
     ran = 0
 
@@ -283,6 +288,7 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
                     optuna.storages.fail_stale_trials(study)
             else:
                 fail_dead_local_trials(study)
+            fail_unclaimed_trials(study, unclaimed_s)
             continue
         # A trial on images builds a ResNet50, reference cycles worth freeing at once; a head trial leaves only a
         # small head behind, and a full collection costs a large share of a head trial once TensorFlow's objects are
@@ -291,21 +297,44 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
         study.optimize(guarded, n_trials=1, catch=(_Surplus,), gc_after_trial=not heads_only)
 
 
+def fail_unclaimed_trials(study: optuna.Study, older_than_s: float = UNCLAIMED_S) -> list[int]:
+    """Fail and retry the RUNNING trials that no worker claimed (``optimize`` names a trial's worker the moment it
+    starts) within ``older_than_s`` of their creation: their process died between creating the trial and starting
+    it. Neither check above sees them (Optuna's stale check skips a trial with no heartbeat on record, and a dead
+    local worker is found by the name the trial lacks), so one would hold its slot for ever and the coordinator
+    would wait for ever; a kill lands in that gap often, as a trial is created right after the previous one ends.
+    Returns the numbers of the trials failed."""
+    now = datetime.datetime.now()
+    return [trial.number for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if "worker" not in trial.system_attrs and trial.datetime_start is not None
+            and (now - trial.datetime_start).total_seconds() > older_than_s and _fail_and_retry(study, trial)]
+
+
+def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """What Optuna does to a stale trial: mark it failed and queue a retry with the same parameters. False when
+    another process finished or failed it first."""
+    try:
+        if not study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)(study, study._storage.get_trial(trial._trial_id))
+    return True
+
+
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     """What heartbeats do, for storages without them (a journal file, whose workers share one machine): a RUNNING
     trial whose worker process on this machine is gone is marked failed and retried with the same parameters.
     Returns the numbers of the trials failed."""
     host, failed = socket.gethostname(), []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         where, _, pid = str(trial.system_attrs.get("worker", "")).rpartition(":")
         if where != host or not pid.isdigit() or process_alive(int(pid)):
             continue
-        if study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+        if _fail_and_retry(study, trial):
             failed.append(trial.number)
-            retry(study, study._storage.get_trial(trial._trial_id))
     return failed
 
 

@@ -183,6 +183,43 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried(tmp_path: Path, kind: s
     assert ran == 3 and sum(t.state == optuna.trial.TrialState.COMPLETE for t in done) == 3
 
 
+@pytest.mark.parametrize("kind", URLS)
+def test_a_trial_whose_worker_died_before_starting_it_is_retried(tmp_path: Path, kind: str) -> None:
+    # A kill between creating a trial and starting it (where a kill right after a trial ends often lands) leaves a
+    # RUNNING trial with no heartbeat and no worker: Optuna's stale check skips it, and the coordinator waited for
+    # it for ever (a CI run of the killed-tune test below timed out so). Without fail_unclaimed_trials this hangs.
+    import threading
+
+    url = url_for(kind, tmp_path)
+    name = new_study(url)
+    orphan = optuna.load_study(study_name=name, storage=tuning.storage(url, FAST)).ask()  # created, never started
+    orphan.suggest_float("x", 0.0, 1.0)
+    study = optuna.load_study(study_name=name, storage=tuning.storage(url, FAST))
+    ran: list[int] = []
+    coordinator = threading.Thread(daemon=True, target=lambda: ran.append(tuning.optimize(
+        study, lambda trial: trial.suggest_float("x", 0.0, 1.0), 3, poll_s=0.2, unclaimed_s=2.0)))
+    coordinator.start()
+    coordinator.join(timeout=60)
+    assert not coordinator.is_alive(), "the coordinator still waits for the orphaned trial"
+    done = trials(url, name)
+    assert next(t for t in done if t.number == orphan.number).state == optuna.trial.TrialState.FAIL
+    retried = [t for t in done
+               if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == orphan.number]
+    assert len(retried) == 1 and retried[0].params == orphan.params
+    assert ran == [3] and sum(t.state == optuna.trial.TrialState.COMPLETE for t in done) == 3
+
+
+def test_a_live_trial_is_not_taken_for_an_unclaimed_one(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/study.db"
+    name = new_study(url)
+    study = optuna.load_study(study_name=name, storage=tuning.storage(url, FAST))
+    young, claimed = study.ask(), study.ask()
+    study._storage.set_trial_system_attr(claimed._trial_id, "worker", "elsewhere:1")
+    time.sleep(1.2)
+    assert tuning.fail_unclaimed_trials(study, older_than_s=60) == []  # nameless, but younger than the limit
+    assert tuning.fail_unclaimed_trials(study, older_than_s=1) == [young.number]  # a named one is its worker's
+
+
 def test_joining_a_study_that_does_not_exist_says_to_start_the_coordinator(tmp_path: Path, params) -> None:
     from pipeline.errors import TuneError
 
