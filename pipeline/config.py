@@ -35,6 +35,7 @@ class Paths(Section):
     processed: Path
     preprocess_report: Path
     features_cache: Path
+    evaluate_cache: Path
     study_dir: Path
     best_params: Path
     model: Path

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from PIL import Image
 
-from pipeline import config, corruptions, filetree, inference, metrics, registry
+from pipeline import config, corruptions, filetree, inference, memo, metrics, registry
 from pipeline.attacks import APGD, Attacker, SquareAttack, logit_forward, to_uint8
 from pipeline.data import stratified_subset
 
@@ -44,6 +44,7 @@ class Result:
     x_diagnostic: np.ndarray | None = None  # uint8, the diagnostic attack's images: a transfer attack's source
     masking: dict[str, dict] = field(default_factory=dict)  # gradient-free attack -> its test against white-box
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each pass: where evaluate's time goes
+    cached: list[str] = field(default_factory=list)  # the passes read back from the cache (pipeline/memo.py)
 
     @property
     def clean(self) -> dict[str, float]:
@@ -90,7 +91,7 @@ class Result:
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
              threshold: float = 0.5, name: str = "model", engine: config.Inference = inference.AUTO,
-             transfer_from: np.ndarray | None = None) -> Result:
+             transfer_from: np.ndarray | None = None, cache_dir: Path | None = None) -> Result:
     """Clean, mission-attacked and diagnostic-attacked metrics, the weighted F1, the robust score, and the curve
     along ``cfg.epsilons`` (the mission's attack kind). Attacks need TensorFlow's gradients; every forward pass
     runs on the inference ``engine``.
@@ -100,9 +101,11 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     and ``robust_score`` (both its terms, so that they count the same images). ``cfg.attacks`` run on nested
     subsets of it; ``transfer`` replays ``transfer_from`` (another model's diagnostic images, as
     ``Result.x_diagnostic``) and is skipped without it. ``worst`` is per image the worst of every attack that ran on
-    it."""
+    it. With ``cache_dir``, each pass is read back where the same pass ran before on the same weights and images
+    (:mod:`pipeline.memo`); the figures are computed afresh from its scores either way."""
     forward = inference.runner(model, engine)
     bs = cfg.batch_size
+    cache = memo.PassCache(cache_dir, memo.model_key(model, x, y, seed, engine, bs) if cache_dir else "")
 
     def bar(text: str) -> str | None:  # progress bars on a terminal only, not in logs
         return f"{name}: {text}" if sys.stderr.isatty() else None
@@ -111,37 +114,53 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         return forward(images, bs, bar(text) if text else None)[:, 0]
 
     laps = Laps()
-    p_clean = p_fake(x, "clean")
+    p_clean = cache("clean", {}, lambda: {"p": p_fake(x, "clean")})["p"]
     laps("clean")
     attacker = Attacker(model, cfg.attack, seed)
-    # The curve is on a seeded subset (all images when curve_images is null): it needs an attack pass per epsilon,
-    # but for FGSM, whose direction does not depend on epsilon, the mission's set and the curve share one pass.
-    idx = stratified_subset(y, cfg.curve_images, seed)
-    others = [e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)]
-    signs = attacker.signs(x, y, bs, bar(cfg.attack.describe())) if cfg.attack.name == "fgsm" else None
-    if signs is None:
-        x_adv = to_uint8(attacker.perturb(x, y, bs, progress=bar(cfg.attack.describe())))
-    else:
-        x_adv = attacker.sweep(x, y, [cfg.attack.epsilon], bs, signs=signs)[cfg.attack.epsilon]
-    p_adv = p_fake(x_adv)
+    # FGSM's direction does not depend on epsilon: the mission's set and the curve share one gradient pass.
+    signs = None
+
+    def mission() -> dict[str, np.ndarray]:
+        nonlocal signs
+        if cfg.attack.name != "fgsm":
+            adv = to_uint8(attacker.perturb(x, y, bs, progress=bar(cfg.attack.describe())))
+        else:
+            signs = attacker.signs(x, y, bs, bar(cfg.attack.describe()))
+            adv = attacker.sweep(x, y, [cfg.attack.epsilon], bs, signs=signs)[cfg.attack.epsilon]
+        return {"x": adv, "p": p_fake(adv)}
+
+    out = cache("attack", cfg.attack.model_dump(mode="json"), mission)
+    x_adv, p_adv = out["x"], out["p"]
     laps("attack")
     sub = stratified_subset(y, cfg.diagnostic_images, seed)
     diagnostic = Attacker(model, cfg.diagnostic, seed)
-    x_diag = to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe())))
-    p_diag = p_fake(x_diag)
+
+    def diagnose() -> dict[str, np.ndarray]:
+        adv = to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe())))
+        return {"x": adv, "p": p_fake(adv)}
+
+    out = cache("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images], diagnose)
+    x_diag, p_diag = out["x"], out["p"]
     laps("diagnostic")
     extra = {}  # attack name -> (positions in sub, P(FAKE) attacked)
     for a in cfg.attacks:
         part = stratified_subset(y[sub], a.images, seed)  # nested: the first of one seeded permutation per class
         if a.name == "transfer" and transfer_from is None:
             continue
-        extra[a.name] = part, p_fake(_attack(a, model, x[sub][part], y[sub][part], threshold, seed, bs,
-                                             bar(a.describe()), None if transfer_from is None else transfer_from[part]))
+        source = None if transfer_from is None else transfer_from[part]
+        # Square's loss is the margin at the model's threshold; a transfer attack replays its source images.
+        spec = [a.model_dump(mode="json"), cfg.diagnostic_images, threshold if a.name == "square" else None,
+                memo.digest(source) if a.name == "transfer" else None]
+        extra[a.name] = part, cache(a.name, spec, lambda a=a, part=part, source=source: {"p": p_fake(_attack(
+            a, model, x[sub][part], y[sub][part], threshold, seed, bs, bar(a.describe()), source))})["p"]
         laps(a.name)
     p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag, *(_on(p_adv[sub], part, p) for part, p in extra.values()))
     # No attacker: what a re-save, a resize, a blur or sensor noise on the way does (pipeline/corruptions.py).
-    corrupted = {c.describe(): metrics.classification(y[sub], p_fake(corruptions.apply(x[sub], c, seed)), threshold)
-                 for c in cfg.corruptions}
+    corrupted = {}
+    for c in cfg.corruptions:
+        p = cache("corruption", [c.model_dump(mode="json"), cfg.diagnostic_images],
+                 lambda c=c: {"p": p_fake(corruptions.apply(x[sub], c, seed))})["p"]
+        corrupted[c.describe()] = metrics.classification(y[sub], p, threshold)
     if corrupted:  # the same images uncorrupted, to read the others against
         corrupted = {"none": metrics.classification(y[sub], p_clean[sub], threshold), **corrupted}
     laps("corruptions")
@@ -159,21 +178,25 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     weighted = metrics.weighted_f1(sets["clean"]["f1"], sets["adversarial"]["f1"], cfg.weights)
     robust = metrics.robust_score(y[sub], p_clean[sub], p_worst, cfg.weights, cfg.measure, threshold)
     laps("scores")
-    attacked = attacker.sweep(x[idx], y[idx], others, bs, bar("robustness curve"),
-                              None if signs is None else signs[idx]) if others else {}
+    # The curve is on a seeded subset (all images when curve_images is null): an attack pass per epsilon.
+    idx = stratified_subset(y, cfg.curve_images, seed)
+    others = [e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)]
+
+    def sweep() -> dict[str, np.ndarray]:
+        s = signs[idx] if signs is not None else (
+            attacker.signs(x[idx], y[idx], bs) if cfg.attack.name == "fgsm" else None)
+        attacked = attacker.sweep(x[idx], y[idx], others, bs, bar("robustness curve"), s)
+        return {str(eps): p_fake(attacked.pop(eps)) for eps in others}
+
+    swept = cache("curve", [cfg.attack.model_dump(mode="json"), others, cfg.curve_images], sweep) if others else {}
     curve = []
     for eps in cfg.epsilons:
-        if eps == 0:
-            p = p_clean[idx]
-        elif eps == cfg.attack.epsilon:
-            p = p_adv[idx]
-        else:
-            p = p_fake(attacked.pop(eps))
+        p = p_clean[idx] if eps == 0 else p_adv[idx] if eps == cfg.attack.epsilon else swept[str(eps)]
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
     laps("curve")
     return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub, corrupted, p_worst, x_diag,
-                  masking, laps.seconds)
+                  masking, laps.seconds, cache.hits)
 
 
 class Laps:
@@ -240,7 +263,7 @@ def gradient_masking(y: np.ndarray, p_white: np.ndarray, p_free: np.ndarray, thr
 
 def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
             threshold_rule: Any, engine: config.Inference = inference.AUTO,
-            transfer_from: np.ndarray | None = None) -> registry.Standing:
+            transfer_from: np.ndarray | None = None, cache_dir: Path | None = None) -> registry.Standing:
     """A registered version's scores under this protocol, attacked white-box against itself (the transfer attack
     replaying ``transfer_from``, as for the candidate) and judged at its own stored threshold (0.5 for a version
     that stored none): what the champion rule needs when the champion's stored scores come from another protocol."""
@@ -248,7 +271,7 @@ def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.E
 
     model, stored = load_with_threshold(f"models:/{name}/{version}")
     threshold = resolve_threshold(None, stored, 0.5)
-    result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}", engine, transfer_from)
+    result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}", engine, transfer_from, cache_dir)
     return registry.Standing(str(version), result.robust_score, result.weighted_f1,
                              protocol_id(protocol(cfg, x, y, seed, threshold_rule)))
 

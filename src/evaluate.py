@@ -34,7 +34,7 @@ def main() -> None:
         model, stored = predicting.load_with_threshold(str(path))
         threshold = predicting.resolve_threshold(None, stored, params.threshold.fixed)
         result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name, params.inference,
-                                     transfer_from)
+                                     transfer_from, paths.evaluate_cache)
         calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
                                                                            ("adversarial", result.p_adv))}
         return model, threshold, result, {**result.summary(reference), "threshold": threshold, **calibration,
@@ -75,7 +75,9 @@ def main() -> None:
                          "protocol": protocol_id, "attack": cfg.attack.describe(),
                          "diagnostic": cfg.diagnostic.describe(),
                          **{f"attack_{a.name}": a.describe() for a in cfg.attacks},
-                         "gradient_masking": str(any(m["masked"] for m in final.masking.values()))})
+                         "gradient_masking": str(any(m["masked"] for m in final.masking.values())),
+                         **{f"cached_{name}": ", ".join(r.cached) or "none"
+                            for name, r in (("advtrained", final), ("baseline", base))}})
         # Each model's figures are linked to the logged model they score (MLflow 3 lineage: `model_id`).
         flat = dict(config.flatten_dict(summary, exclude=("protocol",)))
         mlflow.log_metrics({k: v for k, v in flat.items() if not k.startswith("baseline.")},
@@ -92,13 +94,15 @@ def main() -> None:
             holds, why = registry.update_champion(
                 info["registered_model"], candidate, reference,
                 lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed,
-                                             protocol["threshold"], params.inference, base.x_diagnostic))
+                                             protocol["threshold"], params.inference, base.x_diagnostic,
+                                             paths.evaluate_cache))
             mlflow.set_tags({"champion": str(holds), "champion_reason": why})
             champion = f"; v{info['version']} {'is' if holds else 'is not'} @champion ({why})"
 
     print(f"evaluate: {final.line(cfg)}\n  before advtrain: {base.line(cfg)}{champion}")
     for name, r in (("advtrained", final), ("baseline", base)):
-        print(f"  seconds ({name}): " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()))
+        print(f"  seconds ({name}): " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items())
+              + (f"; read back from {paths.evaluate_cache}: {', '.join(r.cached)}" if r.cached else ""))
 
 
 if __name__ == "__main__":

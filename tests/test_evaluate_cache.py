@@ -1,0 +1,102 @@
+"""evaluate's pass cache (pipeline/memo.py): a rerun on the same weights and images reads every pass back and
+computes no forward pass, gives the same figures, recomputes exactly the pass whose settings changed, and never
+reads another model's, other images' or a damaged entry."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import config, evaluation, inference, memo
+from pipeline.attacks import Attacker, to_uint8
+from tests.conftest import PARAMS_FILE, SEED, cue_images
+
+TF = config.Inference(engine="tensorflow")
+PASSES = ["clean", "attack", "diagnostic", "apgd", "square", "transfer", "corruption", "curve"]
+
+
+def protocol(**more: str) -> config.Evaluate:
+    overrides = {"evaluate.diagnostic_images": "null", "evaluate.curve_images": "16", "evaluate.epsilons": "[0, 4, 8]",
+                 "evaluate.bootstrap": "50", "evaluate.diagnostic.steps": "3",
+                 "evaluate.corruptions": "[{kind: jpeg, amount: 75}]",
+                 "evaluate.attacks": "[{name: apgd, steps: 3}, {name: square, queries: 10}, {name: transfer}]", **more}
+    return config.load(PARAMS_FILE, [f"{k}={v}" for k, v in overrides.items()]).evaluate
+
+
+@pytest.fixture(scope="module")
+def test_set() -> tuple[np.ndarray, np.ndarray]:
+    return cue_images(12, seed=5)
+
+
+@pytest.fixture(scope="module")
+def source(graded_model, test_set) -> np.ndarray:
+    """The transfer attack's images (in evaluate, the undefended model's diagnostic images)."""
+    return to_uint8(Attacker(graded_model.model, protocol().diagnostic, SEED).perturb(*test_set, 64))
+
+
+@pytest.fixture
+def forward_calls(monkeypatch) -> list[int]:
+    """How many images went through the model's forward passes (attacks' gradients aside)."""
+    calls, real = [], inference.runner
+
+    def counting(model, engine):
+        run = real(model, engine)
+        return lambda images, *a, **k: (calls.append(len(images)), run(images, *a, **k))[1]
+
+    monkeypatch.setattr(inference, "runner", counting)
+    return calls
+
+
+def run(model, test_set, cache_dir, cfg, source=None):
+    return evaluation.evaluate(model, *test_set, cfg, SEED, 0.5, "graded", TF, transfer_from=source,
+                               cache_dir=cache_dir)
+
+
+def test_a_rerun_reads_every_pass_back_and_recomputes_only_what_changed(graded_model, test_set, source, tmp_path,
+                                                                        forward_calls, caplog):
+    first = run(graded_model.model, test_set, tmp_path, protocol(), source)
+    assert first.cached == [] and sum(forward_calls) > 0
+    forward_calls.clear()
+    again = run(graded_model.model, test_set, tmp_path, protocol(), source)
+    assert sorted(again.cached) == sorted(PASSES) and forward_calls == []  # nothing computed
+    assert again.sets == first.sets and again.corrupted == first.corrupted and again.curve == first.curve
+    np.testing.assert_array_equal(again.x_adv, first.x_adv)
+    np.testing.assert_array_equal(again.x_diagnostic, first.x_diagnostic)
+    # A new Square budget: Square alone runs again.
+    changed = run(graded_model.model, test_set, tmp_path,
+                  protocol(**{"evaluate.attacks": "[{name: apgd, steps: 3}, {name: square, queries: 20}, "
+                                                  "{name: transfer}]"}), source)
+    assert sorted(changed.cached) == sorted(p for p in PASSES if p != "square")
+    assert changed.sets["apgd"] == first.sets["apgd"]
+    # A damaged entry (a half-written file from elsewhere, a full disk) is recomputed, never trusted.
+    (entry,) = tmp_path.glob("*/transfer-*.npz")
+    entry.write_bytes(b"half a file")
+    repaired = run(graded_model.model, test_set, tmp_path, protocol(), source)
+    assert "transfer" not in repaired.cached and "unreadable" in caplog.text
+    assert repaired.sets["transfer"] == first.sets["transfer"]
+    # Another transfer source: the transfer pass runs again.
+    other = to_uint8(np.clip(source / 255.0 + 0.02, 0, 1))
+    assert "transfer" not in run(graded_model.model, test_set, tmp_path, protocol(), other).cached
+
+
+def test_the_key_changes_with_the_weights_the_images_the_seed_and_the_engine(graded_model, test_set):
+    model, (x, y) = graded_model.model, test_set
+    key = memo.model_key(model, x, y, SEED, TF, 64)
+    assert memo.model_key(model, x, y, SEED, TF, 64) == key
+    assert memo.model_key(model, np.clip(x.astype(int) + 1, 0, 255).astype(np.uint8), y, SEED, TF, 64) != key
+    assert memo.model_key(model, x, 1 - y, SEED, TF, 64) != key
+    assert memo.model_key(model, x, y, SEED + 1, TF, 64) != key
+    assert memo.model_key(model, x, y, SEED, config.Inference(engine="openvino"), 64) != key
+    weight = model.trainable_weights[-1]  # the same model, one weight changed (a fine-tuned copy: same layers, names)
+    saved = weight.numpy()
+    try:
+        weight.assign(saved + 0.5)
+        assert memo.model_key(model, x, y, SEED, TF, 64) != key
+    finally:
+        weight.assign(saved)
+
+
+def test_only_the_newest_models_entries_are_kept(tmp_path):
+    for i in range(memo.KEEP + 2):
+        memo.PassCache(tmp_path, f"model{i}")("clean", {}, lambda: {"p": np.zeros(2)})
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert len(kept) == memo.KEEP and "model0" not in kept and f"model{memo.KEEP + 1}" in kept
