@@ -26,6 +26,7 @@ from PIL import Image
 from pipeline import config, corruptions, filetree, inference, memo, metrics, registry
 from pipeline.attacks import APGD, Attacker, SquareAttack, logit_forward, to_uint8
 from pipeline.data import stratified_subset
+from pipeline.model import logits_model
 
 
 @dataclass
@@ -152,7 +153,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         spec = [a.model_dump(mode="json"), cfg.diagnostic_images, threshold if a.name == "square" else None,
                 memo.digest(source) if a.name == "transfer" else None]
         extra[a.name] = part, cache(a.name, spec, lambda a=a, part=part, source=source: {"p": p_fake(_attack(
-            a, model, x[sub][part], y[sub][part], threshold, seed, bs, bar(a.describe()), source))})["p"]
+            a, model, x[sub][part], y[sub][part], threshold, seed, bs, bar(a.describe()), source, engine))})["p"]
         laps(a.name)
     p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag, *(_on(p_adv[sub], part, p) for part, p in extra.values()))
     # No attacker: what a re-save, a resize, a blur or sensor noise on the way does (pipeline/corruptions.py).
@@ -225,15 +226,25 @@ def _on(base: np.ndarray, part: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def _attack(a: config.ExtraAttack, model: keras.Model, x: np.ndarray, y: np.ndarray, threshold: float, seed: int,
-            batch_size: int, progress: str | None, transferred: np.ndarray | None) -> np.ndarray:
+            batch_size: int, progress: str | None, transferred: np.ndarray | None,
+            engine: config.Inference = inference.AUTO) -> np.ndarray:
     """One of ``evaluate.attacks`` on ``x``, as uint8 images (what a PNG would hold)."""
     if a.name == "transfer":
         return transferred
     if a.name == "apgd":
         attack = APGD(model, a.epsilon, a.steps, a.restarts, seed)
     else:  # square: its loss is the margin at the model's own threshold, so it stops once that label flips
-        attack = SquareAttack(logit_forward(model), a.epsilon, a.queries, a.p_init, threshold, seed)
+        attack = SquareAttack(square_forward(model, engine), a.epsilon, a.queries, a.p_init, threshold, seed)
     return to_uint8(attack.perturb(x, y, batch_size, progress=progress))
+
+
+def square_forward(model: keras.Model, engine: config.Inference = inference.AUTO):
+    """[0, 1] images -> logits, what Square queries: forward passes only, so on the inference engine (OpenVINO on
+    a CPU: bench/README.md, "evaluate's attacks"), each query's images split across the engine's requests."""
+    if inference.resolve(engine) != "openvino":
+        return logit_forward(model)
+    run = inference.runner(logits_model(model), engine)
+    return lambda x: run(x, max(1, -(-len(x) // run.requests)))[:, 0]
 
 
 def gradient_masking(y: np.ndarray, p_white: np.ndarray, p_free: np.ndarray, threshold: float, resamples: int,

@@ -100,3 +100,15 @@ def test_only_the_newest_models_entries_are_kept(tmp_path):
         memo.PassCache(tmp_path, f"model{i}")("clean", {}, lambda: {"p": np.zeros(2)})
     kept = sorted(p.name for p in tmp_path.iterdir())
     assert len(kept) == memo.KEEP and "model0" not in kept and f"model{memo.KEEP + 1}" in kept
+
+
+def test_square_queries_the_inference_engine_and_it_answers_as_tensorflow(graded_model, test_set):
+    # Square's queries are forward passes, so they run where every other forward pass runs (OpenVINO on a CPU);
+    # the logits it reads must be TensorFlow's, or its accept/reject steps would follow another model.
+    from pipeline.attacks import logit_forward
+
+    x = test_set[0].astype(np.float32) / 255.0
+    ov = evaluation.square_forward(graded_model.model, config.Inference(engine="openvino"))
+    tf_logits = logit_forward(graded_model.model)(x)
+    assert np.abs(ov(x) - tf_logits).max() < 1e-3 * max(1.0, np.abs(tf_logits).max())
+    assert ov(x[:3]).shape == (3,)
