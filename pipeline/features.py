@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from pipeline import config, inference, provenance
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, shared_cache
 from pipeline.model import feature_extractor
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,11 @@ def for_head(model: keras.Model, params: config.Params) -> "Arrays":  # noqa: F8
     from pipeline.data import load_split
     from pipeline.training import Arrays
 
-    out = {}
+    out, cache_dir = {}, shared_cache(params.paths.features_cache)
     for name in ("train", "val"):
         split = load_split(params.paths.processed, name)
         x_file = Path(params.paths.processed) / name / "x.npy"
-        feats = cached(model, split.x, x_file, params.model, params.base.seed, params.paths.features_cache, name,
-                       params.inference)
+        feats = cached(model, split.x, x_file, params.model, params.base.seed, cache_dir, name, params.inference)
         out[name] = (feats, split.y)
     return Arrays(out["train"][0], out["train"][1], out["val"][0], out["val"][1])
 

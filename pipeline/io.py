@@ -11,6 +11,20 @@ from pathlib import Path
 from typing import Any
 
 
+def workspace_root() -> Path:
+    """The DVC workspace a stage belongs to: ``DVC_ROOT``, which DVC sets for every stage and, for a queued or
+    ``--temp`` experiment, points at the workspace it was queued from, not the temporary copy it runs in."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
+def shared_cache(path: str | Path) -> Path:
+    """A content-keyed cache folder (``paths.features_cache``, ``paths.evaluate_cache``): a relative one is the
+    workspace's, so queued and ``--temp`` experiments read what the workspace and each other computed instead of
+    filling a copy DVC deletes afterwards. Entries are written atomically, so they can be shared."""
+    path = Path(path)
+    return path if path.is_absolute() else workspace_root() / path
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary file path in the target's folder; on success it replaces ``target``.

@@ -20,14 +20,9 @@ import yaml
 
 from pipeline import config
 from pipeline.errors import TrackingError
+from pipeline.io import workspace_root
 
 log = logging.getLogger(__name__)
-
-
-def workspace_root() -> Path:
-    """The DVC workspace a stage belongs to: ``DVC_ROOT``, which DVC sets for every stage and, for a queued or
-    ``--temp`` experiment, points at the workspace it was queued from, not the temporary copy it runs in."""
-    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
 def tracking_uri(cfg: config.Mlflow) -> str:

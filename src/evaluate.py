@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli, config, evaluation, explain, metrics, predicting, registry, reporting, sample, tracking
 from pipeline.data import load_split
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, shared_cache, write_json
 
 EXPLAINED = 4  # test images of each class in the explanations grid
 
@@ -24,6 +24,7 @@ def main() -> None:
     params = cli.load_params(args)
     cli.seed_everything(params.base.seed)
     cfg, paths, seed = params.evaluate, params.paths, params.base.seed
+    cache = shared_cache(paths.evaluate_cache)
     test = load_split(paths.processed, "test")
     info, base_info = read_json(paths.model_adv_info), read_json(paths.model_info)
     reference = metrics.reference(test.y, cfg.weights, cfg.measure)
@@ -34,7 +35,7 @@ def main() -> None:
         model, stored = predicting.load_with_threshold(str(path))
         threshold = predicting.resolve_threshold(None, stored, params.threshold.fixed)
         result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name, params.inference,
-                                     transfer_from, paths.evaluate_cache)
+                                     transfer_from, cache)
         calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
                                                                            ("adversarial", result.p_adv))}
         return model, threshold, result, {**result.summary(reference), "threshold": threshold, **calibration,
@@ -95,14 +96,14 @@ def main() -> None:
                 info["registered_model"], candidate, reference,
                 lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed,
                                              protocol["threshold"], params.inference, base.x_diagnostic,
-                                             paths.evaluate_cache))
+                                             cache))
             mlflow.set_tags({"champion": str(holds), "champion_reason": why})
             champion = f"; v{info['version']} {'is' if holds else 'is not'} @champion ({why})"
 
     print(f"evaluate: {final.line(cfg)}\n  before advtrain: {base.line(cfg)}{champion}")
     for name, r in (("advtrained", final), ("baseline", base)):
         print(f"  seconds ({name}): " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items())
-              + (f"; read back from {paths.evaluate_cache}: {', '.join(r.cached)}" if r.cached else ""))
+              + (f"; read back from {cache}: {', '.join(r.cached)}" if r.cached else ""))
 
 
 if __name__ == "__main__":

@@ -112,3 +112,14 @@ def test_square_queries_the_inference_engine_and_it_answers_as_tensorflow(graded
     tf_logits = logit_forward(graded_model.model)(x)
     assert np.abs(ov(x) - tf_logits).max() < 1e-3 * max(1.0, np.abs(tf_logits).max())
     assert ov(x[:3]).shape == (3,)
+
+
+def test_a_relative_cache_is_the_workspaces_in_a_queued_experiments_copy(tmp_path, monkeypatch):
+    from pipeline.io import shared_cache
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert shared_cache(".cache/evaluate") == tmp_path / ".cache/evaluate"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "workspace"))  # what DVC sets in a queued or --temp copy
+    assert shared_cache(".cache/evaluate") == tmp_path / "workspace" / ".cache/evaluate"
+    assert shared_cache(tmp_path / "elsewhere") == tmp_path / "elsewhere"

@@ -81,6 +81,10 @@ def test_queued_experiments_run_two_at_a_time_into_the_workspace_store(workspace
         assert run.info.status == "FINISHED"
         assert float(run.data.params["evaluate.attack.epsilon"]) == epsilon  # no redundant `params.` prefix
         assert run.data.tags["dvc_baseline_rev"] == head
+        # The copy read the workspace's evaluation passes (DVC_ROOT): only the epsilon's own passes ran again.
+        for model in ("baseline", "advtrained"):
+            cached = set(run.data.tags[f"cached_{model}"].split(", "))
+            assert {"clean", "diagnostic", "apgd", "square", "corruption"} <= cached and "attack" not in cached
     scores = {name: runs[name].data.metrics["adversarial.balanced_accuracy"] for name in EXPERIMENTS}
     aucs = {name: runs[name].data.metrics["adversarial.roc_auc"] for name in EXPERIMENTS}
     assert aucs["eps1"] > aucs["eps16"], (scores, aucs)  # the compare view has something to show
