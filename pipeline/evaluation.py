@@ -118,19 +118,22 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     p_clean = cache("clean", {}, lambda: {"p": p_fake(x, "clean")})["p"]
     laps("clean")
     attacker = Attacker(model, cfg.attack, seed)
-    # FGSM's direction does not depend on epsilon: the mission's set and the curve share one gradient pass.
-    signs = None
+    # FGSM's direction, the sign of each image's input gradient, does not depend on epsilon: one gradient pass
+    # serves the mission's set and every epsilon of the curve, and is kept apart from them, so an epsilon edit
+    # costs forward passes only.
+    fgsm = cfg.attack.name == "fgsm"
+    signs = cache("signs", [cfg.attack.name], lambda: {"s": attacker.signs(x, y, bs, bar(cfg.attack.describe()))}
+                  )["s"] if fgsm else None
 
-    def mission() -> dict[str, np.ndarray]:
-        nonlocal signs
-        if cfg.attack.name != "fgsm":
-            adv = to_uint8(attacker.perturb(x, y, bs, progress=bar(cfg.attack.describe())))
+    def attacked(eps: float, at: np.ndarray | slice = slice(None), text: str | None = None) -> dict[str, np.ndarray]:
+        if fgsm:
+            adv = attacker.sweep(x[at], y[at], [eps], bs, signs=signs[at])[eps]
         else:
-            signs = attacker.signs(x, y, bs, bar(cfg.attack.describe()))
-            adv = attacker.sweep(x, y, [cfg.attack.epsilon], bs, signs=signs)[cfg.attack.epsilon]
+            adv = to_uint8(attacker.perturb(x[at], y[at], bs, eps, progress=bar(text) if text else None))
         return {"x": adv, "p": p_fake(adv)}
 
-    out = cache("attack", cfg.attack.model_dump(mode="json"), mission)
+    out = cache("attack", cfg.attack.model_dump(mode="json"),
+                lambda: attacked(cfg.attack.epsilon, text=cfg.attack.describe()))
     x_adv, p_adv = out["x"], out["p"]
     laps("attack")
     sub = stratified_subset(y, cfg.diagnostic_images, seed)
@@ -179,20 +182,16 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     weighted = metrics.weighted_f1(sets["clean"]["f1"], sets["adversarial"]["f1"], cfg.weights)
     robust = metrics.robust_score(y[sub], p_clean[sub], p_worst, cfg.weights, cfg.measure, threshold)
     laps("scores")
-    # The curve is on a seeded subset (all images when curve_images is null): an attack pass per epsilon.
+    # The curve is on a seeded subset (all images when curve_images is null), one attack pass per epsilon, each kept
+    # on its own: an edit to the list or to the mission's epsilon reads back the epsilons seen before.
     idx = stratified_subset(y, cfg.curve_images, seed)
-    others = [e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)]
-
-    def sweep() -> dict[str, np.ndarray]:
-        s = signs[idx] if signs is not None else (
-            attacker.signs(x[idx], y[idx], bs) if cfg.attack.name == "fgsm" else None)
-        attacked = attacker.sweep(x[idx], y[idx], others, bs, bar("robustness curve"), s)
-        return {str(eps): p_fake(attacked.pop(eps)) for eps in others}
-
-    swept = cache("curve", [cfg.attack.model_dump(mode="json"), others, cfg.curve_images], sweep) if others else {}
+    swept = {}
+    for eps in (e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)):
+        spec = [{**cfg.attack.model_dump(mode="json"), "epsilon": eps}, cfg.curve_images]
+        swept[eps] = cache("curve", spec, lambda eps=eps: {"p": attacked(eps, idx, "robustness curve")["p"]})["p"]
     curve = []
     for eps in cfg.epsilons:
-        p = p_clean[idx] if eps == 0 else p_adv[idx] if eps == cfg.attack.epsilon else swept[str(eps)]
+        p = p_clean[idx] if eps == 0 else p_adv[idx] if eps == cfg.attack.epsilon else swept[eps]
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
     laps("curve")

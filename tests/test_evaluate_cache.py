@@ -11,11 +11,11 @@ from pipeline.attacks import Attacker, to_uint8
 from tests.conftest import PARAMS_FILE, SEED, cue_images
 
 TF = config.Inference(engine="tensorflow")
-PASSES = ["clean", "attack", "diagnostic", "apgd", "square", "transfer", "corruption", "curve"]
+PASSES = ["clean", "signs", "attack", "diagnostic", "apgd", "square", "transfer", "corruption", "curve", "curve"]
 
 
 def protocol(**more: str) -> config.Evaluate:
-    overrides = {"evaluate.diagnostic_images": "null", "evaluate.curve_images": "16", "evaluate.epsilons": "[0, 4, 8]",
+    overrides = {"evaluate.diagnostic_images": "null", "evaluate.curve_images": "16", "evaluate.epsilons": "[0, 2, 4, 8]",
                  "evaluate.bootstrap": "50", "evaluate.diagnostic.steps": "3",
                  "evaluate.corruptions": "[{kind: jpeg, amount: 75}]",
                  "evaluate.attacks": "[{name: apgd, steps: 3}, {name: square, queries: 10}, {name: transfer}]", **more}
@@ -52,7 +52,7 @@ def run(model, test_set, cache_dir, cfg, source=None):
 
 
 def test_a_rerun_reads_every_pass_back_and_recomputes_only_what_changed(graded_model, test_set, source, tmp_path,
-                                                                        forward_calls, caplog):
+                                                                        forward_calls, caplog, monkeypatch):
     first = run(graded_model.model, test_set, tmp_path, protocol(), source)
     assert first.cached == [] and sum(forward_calls) > 0
     forward_calls.clear()
@@ -67,6 +67,19 @@ def test_a_rerun_reads_every_pass_back_and_recomputes_only_what_changed(graded_m
                                                   "{name: transfer}]"}), source)
     assert sorted(changed.cached) == sorted(p for p in PASSES if p != "square")
     assert changed.sets["apgd"] == first.sets["apgd"]
+    # A new epsilon for the mission's FGSM: no gradient at all (its signs are kept), the epsilons seen before read
+    # back, forward passes for the new ones only.
+    def no_gradient(*args, **kwargs):
+        raise AssertionError("an input gradient was computed for an epsilon edit")
+
+    monkeypatch.setattr(Attacker, "signs", no_gradient)
+    forward_calls.clear()
+    edited = run(graded_model.model, test_set, tmp_path, protocol(**{"evaluate.attack.epsilon": "4"}), source)
+    assert "attack" not in edited.cached and {"signs", "curve", "diagnostic"} <= set(edited.cached)
+    assert edited.cached.count("curve") == 1  # 2/255 read back; 8/255 had been the mission's epsilon, not the curve's
+    assert sum(forward_calls) == len(test_set[1]) + 16  # the attacked set at 4/255, the curve at 8/255 (16 images)
+    assert [c["balanced_accuracy"] for c in edited.curve] == [c["balanced_accuracy"] for c in first.curve]
+    monkeypatch.undo()
     # A damaged entry (a half-written file from elsewhere, a full disk) is recomputed, never trusted.
     (entry,) = tmp_path.glob("*/transfer-*.npz")
     entry.write_bytes(b"half a file")
