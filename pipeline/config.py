@@ -319,7 +319,9 @@ class Threshold(Section):
 
 class Inference(Section):
     engine: Literal["auto", "openvino", "tensorflow"] = "auto"
-    precision: Literal["f32", "bf16", "auto"] = "f32"  # OpenVINO's inference precision (auto: its choice here)
+    precision: Literal["f32", "bf16", "auto", "checked"] = "f32"  # OpenVINO's (auto: its choice here)
+    check_images: PositiveInt = 1000  # checked: the seeded sample of each pass bf16 is compared with f32 on
+    agreement: Annotated[float, Field(gt=0.5, le=1.0)] = 0.999  # checked: the share of labels bf16 must keep
 
 
 class Predict(Section):

@@ -46,6 +46,7 @@ class Result:
     masking: dict[str, dict] = field(default_factory=dict)  # gradient-free attack -> its test against white-box
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each pass: where evaluate's time goes
     cached: list[str] = field(default_factory=list)  # the passes read back from the cache (pipeline/memo.py)
+    precisions: dict[str, str] = field(default_factory=dict)  # pass -> the precision its forward pass ran in, why
 
     @property
     def clean(self) -> dict[str, float]:
@@ -104,18 +105,29 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     ``Result.x_diagnostic``) and is skipped without it. ``worst`` is per image the worst of every attack that ran on
     it. With ``cache_dir``, each pass is read back where the same pass ran before on the same weights and images
     (:mod:`pipeline.memo`); the figures are computed afresh from its scores either way."""
-    forward = inference.runner(model, engine)
     bs = cfg.batch_size
-    cache = memo.PassCache(cache_dir, memo.model_key(model, x, y, seed, engine, bs) if cache_dir else "")
+    key = memo.model_key(model, x, y, seed, engine, bs, threshold) if cache_dir else ""
+    precisions: dict[str, str] = {}
+
+    def cache(name: str, spec: Any, compute, label: str | None = None) -> dict[str, np.ndarray]:
+        out = passes(name, spec, compute)
+        if "precision" in out:
+            precisions[label or name] = str(out["precision"])
+        return out
+
+    passes = memo.PassCache(cache_dir, key)
 
     def bar(text: str) -> str | None:  # progress bars on a terminal only, not in logs
         return f"{name}: {text}" if sys.stderr.isatty() else None
 
-    def p_fake(images: np.ndarray, text: str | None = None) -> np.ndarray:
-        return forward(images, bs, bar(text) if text else None)[:, 0]
+    def scores(images: np.ndarray, text: str | None = None) -> dict[str, np.ndarray]:
+        """P(FAKE) and the precision it was computed in (bf16 only where checked to keep the labels)."""
+        p, how = inference.checked_probabilities(model, images, engine, threshold, seed, bs,
+                                                 bar(text) if text else None)
+        return {"p": p, "precision": np.array(how)}
 
     laps = Laps()
-    p_clean = cache("clean", {}, lambda: {"p": p_fake(x, "clean")})["p"]
+    p_clean = cache("clean", {}, lambda: scores(x, "clean"))["p"]
     laps("clean")
     attacker = Attacker(model, cfg.attack, seed)
     # FGSM's direction, the sign of each image's input gradient, does not depend on epsilon: one gradient pass
@@ -130,7 +142,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
             adv = attacker.sweep(x[at], y[at], [eps], bs, signs=signs[at])[eps]
         else:
             adv = to_uint8(attacker.perturb(x[at], y[at], bs, eps, progress=bar(text) if text else None))
-        return {"x": adv, "p": p_fake(adv)}
+        return {"x": adv, **scores(adv)}
 
     out = cache("attack", cfg.attack.model_dump(mode="json"),
                 lambda: attacked(cfg.attack.epsilon, text=cfg.attack.describe()))
@@ -141,7 +153,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
 
     def diagnose() -> dict[str, np.ndarray]:
         adv = to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe())))
-        return {"x": adv, "p": p_fake(adv)}
+        return {"x": adv, **scores(adv)}
 
     out = cache("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images], diagnose)
     x_diag, p_diag = out["x"], out["p"]
@@ -155,15 +167,15 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         # Square's loss is the margin at the model's threshold; a transfer attack replays its source images.
         spec = [a.model_dump(mode="json"), cfg.diagnostic_images, threshold if a.name == "square" else None,
                 memo.digest(source) if a.name == "transfer" else None]
-        extra[a.name] = part, cache(a.name, spec, lambda a=a, part=part, source=source: {"p": p_fake(_attack(
-            a, model, x[sub][part], y[sub][part], threshold, seed, bs, bar(a.describe()), source, engine))})["p"]
+        extra[a.name] = part, cache(a.name, spec, lambda a=a, part=part, source=source: scores(_attack(
+            a, model, x[sub][part], y[sub][part], threshold, seed, bs, bar(a.describe()), source, engine)))["p"]
         laps(a.name)
     p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag, *(_on(p_adv[sub], part, p) for part, p in extra.values()))
     # No attacker: what a re-save, a resize, a blur or sensor noise on the way does (pipeline/corruptions.py).
     corrupted = {}
     for c in cfg.corruptions:
         p = cache("corruption", [c.model_dump(mode="json"), cfg.diagnostic_images],
-                 lambda c=c: {"p": p_fake(corruptions.apply(x[sub], c, seed))})["p"]
+                  lambda c=c: scores(corruptions.apply(x[sub], c, seed)), f"corruption {c.describe()}")["p"]
         corrupted[c.describe()] = metrics.classification(y[sub], p, threshold)
     if corrupted:  # the same images uncorrupted, to read the others against
         corrupted = {"none": metrics.classification(y[sub], p_clean[sub], threshold), **corrupted}
@@ -188,7 +200,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     swept = {}
     for eps in (e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)):
         spec = [{**cfg.attack.model_dump(mode="json"), "epsilon": eps}, cfg.curve_images]
-        swept[eps] = cache("curve", spec, lambda eps=eps: {"p": attacked(eps, idx, "robustness curve")["p"]})["p"]
+        swept[eps] = cache("curve", spec, lambda eps=eps: {k: v for k, v in attacked(eps, idx, "robustness curve")
+                                                           .items() if k != "x"}, f"curve {eps:g}")["p"]
     curve = []
     for eps in cfg.epsilons:
         p = p_clean[idx] if eps == 0 else p_adv[idx] if eps == cfg.attack.epsilon else swept[eps]
@@ -196,7 +209,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
     laps("curve")
     return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub, corrupted, p_worst, x_diag,
-                  masking, laps.seconds, cache.hits)
+                  masking, laps.seconds, passes.hits, precisions)
 
 
 class Laps:

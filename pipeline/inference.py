@@ -6,10 +6,13 @@ TensorFlow graph) on OpenVINO's CPU runtime, faster than TensorFlow's compiled p
 (bench/README.md, "Inference"); ``tensorflow`` runs the compiled TensorFlow function; ``auto`` takes TensorFlow
 when it sees a GPU and OpenVINO otherwise. Gradients (attacks, training) always run in TensorFlow.
 ``inference.precision``: ``f32`` (the default), ``bf16`` (where the CPU computes it natively, AVX512-BF16 or AMX),
-or ``auto``, OpenVINO's own pick for this CPU (bfloat16 where native). bfloat16 keeps the clean labels of the
-trained models, but attacked images sit near the boundary, where it flips some of the undefended model's FGSM
-labels (bench/README.md, "bfloat16 on the trained models"): below the agreement a robustness score needs, so
-float32 stays the default.
+``auto``, OpenVINO's own pick for this CPU (bfloat16 where native), or ``checked``: bfloat16 for a labelled pass
+(evaluate's, predict's) only where its labels agree with float32 on ``inference.agreement`` of a seeded sample of
+``inference.check_images`` images of that very pass, float32 otherwise, and the decision said
+(:func:`checked_probabilities`). bfloat16 keeps the clean labels of the trained models, but attacked images sit
+near the boundary, where it can flip labels (bench/README.md, "bfloat16 on the trained models"), which is why it
+is checked pass by pass rather than trusted. Unlabelled passes (backbone features, Square's queries) stay float32
+under ``checked``.
 """
 from __future__ import annotations
 
@@ -40,8 +43,15 @@ def resolve(cfg: config.Inference) -> str:
 
 def precision(cfg: config.Inference) -> str:
     """OpenVINO's inference precision under ``cfg``: ``auto`` decided by asking OpenVINO what it picks on this CPU
-    (``bf16`` where the CPU has native bfloat16, ``f32`` otherwise)."""
-    return cfg.precision if cfg.precision != "auto" else _cpu_precision()
+    (``bf16`` where the CPU has native bfloat16, ``f32`` otherwise); ``checked`` runs a pass it does not check in
+    ``f32``."""
+    return {"auto": _cpu_precision(), "checked": "f32"}.get(cfg.precision, cfg.precision)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (OpenVINO's own pick here is bf16): elsewhere a bf16 setting
+    computes in float32 and saves nothing."""
+    return _cpu_precision() == "bf16"
 
 
 @functools.cache
@@ -167,3 +177,34 @@ def probabilities(model: keras.Model, x: np.ndarray, cfg: config.Inference, batc
                   progress: str | None = None) -> np.ndarray:
     """P(FAKE) for uint8 or [0, 1] float images."""
     return runner(model, cfg)(x, batch_size, progress)[:, 0]
+
+
+def checked_probabilities(model: keras.Model, x: np.ndarray, cfg: config.Inference, threshold: float, seed: int,
+                          batch_size: int = 256, progress: str | None = None) -> tuple[np.ndarray, str]:
+    """P(FAKE) of a labelled pass, and the precision it ran in with the reason. Under ``precision: checked`` on a
+    CPU with native bfloat16 and more images than ``cfg.check_images``: bf16, where its labels at ``threshold``
+    agree with float32's on at least ``cfg.agreement`` of a seeded sample of the pass's own images; float32 where
+    they do not (with a warning) and wherever the check cannot pay. Any other precision runs as it says."""
+    if cfg.precision != "checked":
+        return probabilities(model, x, cfg, batch_size, progress), describe(cfg)
+    f32 = cfg.model_copy(update={"precision": "f32"})
+
+    def in_f32(why: str) -> tuple[np.ndarray, str]:
+        return probabilities(model, x, f32, batch_size, progress), f"f32: {why}"
+
+    if resolve(cfg) != "openvino":
+        return in_f32("the tensorflow engine runs float32 only")
+    if not native_bf16():
+        return in_f32("this CPU has no native bfloat16")
+    n = cfg.check_images
+    if len(x) <= n:  # checking would cost the whole pass in float32 anyway
+        return in_f32(f"{len(x)} images, no more than the {n} of the check")
+    sample = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
+    p_f32 = probabilities(model, x[sample], f32, batch_size)
+    p_bf16 = probabilities(model, x, cfg.model_copy(update={"precision": "bf16"}), batch_size, progress)
+    agree = float(((p_bf16[sample] >= threshold) == (p_f32 >= threshold)).mean())
+    if agree >= cfg.agreement:
+        return p_bf16, f"bf16: labels agree with f32 on {agree:.2%} of {n} images"
+    log.warning("inference: bf16 labels agreed with f32 on %.2f%% of %d images, below inference.agreement "
+                "%.2f%%: this pass runs in f32", 100 * agree, n, 100 * cfg.agreement)
+    return in_f32(f"bf16 labels agreed on {agree:.2%} of {n} images, below {cfg.agreement:.2%}")

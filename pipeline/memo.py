@@ -29,8 +29,9 @@ KEEP = 6  # models: a candidate, its baseline and a champion, for this setting a
 
 
 def model_key(model: keras.Model, x: np.ndarray, y: np.ndarray, seed: int, engine: config.Inference,
-              batch_size: int) -> str:
-    """What every pass on ``model`` and these test images depends on."""
+              batch_size: int, threshold: float = 0.5) -> str:
+    """What every pass on ``model`` and these test images depends on (under ``inference.precision: checked``,
+    the threshold too: whether bf16 keeps the labels is judged there)."""
     import tensorflow as tf
 
     h = hashlib.sha256(model.to_json().encode())
@@ -39,6 +40,8 @@ def model_key(model: keras.Model, x: np.ndarray, y: np.ndarray, seed: int, engin
     h.update(np.ascontiguousarray(x).tobytes())
     h.update(np.asarray(y, np.uint8).tobytes())
     h.update(f"|{seed}|{batch_size}|{inference.describe(engine)}|{inference.engine_version(engine)}|".encode())
+    if engine.precision == "checked":
+        h.update(f"|{engine.model_dump_json()}|{threshold}|".encode())
     h.update(f"|{keras.__version__}|{tf.__version__}|{provenance.code_digest('pipeline.evaluation')}|".encode())
     return h.hexdigest()[:20]
 

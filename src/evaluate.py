@@ -78,7 +78,10 @@ def main() -> None:
                          **{f"attack_{a.name}": a.describe() for a in cfg.attacks},
                          "gradient_masking": str(any(m["masked"] for m in final.masking.values())),
                          **{f"cached_{name}": ", ".join(r.cached) or "none"
-                            for name, r in (("advtrained", final), ("baseline", base))}})
+                            for name, r in (("advtrained", final), ("baseline", base))},
+                         # inference.precision: checked decides pass by pass; the decision and its reason
+                         **{f"precision.{name}.{k}": how for name, r in (("advtrained", final), ("baseline", base))
+                            for k, how in r.precisions.items()}})
         # Each model's figures are linked to the logged model they score (MLflow 3 lineage: `model_id`).
         flat = dict(config.flatten_dict(summary, exclude=("protocol",)))
         mlflow.log_metrics({k: v for k, v in flat.items() if not k.startswith("baseline.")},
@@ -104,6 +107,8 @@ def main() -> None:
     for name, r in (("advtrained", final), ("baseline", base)):
         print(f"  seconds ({name}): " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items())
               + (f"; read back from {cache}: {', '.join(r.cached)}" if r.cached else ""))
+        if params.inference.precision == "checked":
+            print(f"  precision ({name}): " + "; ".join(f"{k} {how}" for k, how in r.precisions.items()))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli, predicting, tracking
 from pipeline.errors import ConfigError
-from pipeline.inference import probabilities
+from pipeline.inference import checked_probabilities
 
 
 def main() -> None:
@@ -44,7 +44,11 @@ def main() -> None:
     model, stored = predicting.load_with_threshold(args.model or str(params.paths.model_adv))
     threshold = predicting.resolve_threshold(args.threshold, stored, params.threshold.fixed)
     def p_fake(x):
-        return probabilities(model, x, params.inference, params.predict.batch_size)
+        p, how = checked_probabilities(model, x, params.inference, threshold, params.base.seed,
+                                       params.predict.batch_size)
+        if params.inference.precision == "checked":
+            print(f"predict: {len(x)} images in {how}")
+        return p
 
     for listing, (_, _, output) in zip(listings, jobs):
         done = predicting.predict_to_csv(p_fake, listing, params.preprocess.resize, params.preprocess.max_pixels,

@@ -241,7 +241,7 @@ def test_stages_read_no_params_key_that_dvc_yaml_does_not_declare(repo):
 # Which stages `dvc status` must name after an edit of each params key (the most specific entry wins). This is the
 # table users read in the README; every key of params.yaml must match an entry.
 KEY_STAGES = {
-    "base.seed": {"fetch", "preprocess", "tune", "train", "advtrain", "evaluate"},
+    "base.seed": {"fetch", "preprocess", "tune", "train", "advtrain", "evaluate", "predict"},
     "data": {"fetch"},
     "data.source": {"fetch", "evaluate"},  # evaluate reports the built-in sample's proven bounds
     "sample": {"fetch"},
@@ -263,6 +263,8 @@ KEY_STAGES = {
     "threshold.fixed": {"train", "advtrain", "evaluate", "predict"},  # predict: for a model that stored none
     "predict.batch_size": {"predict"},
     "inference": {"tune", "train", "evaluate", "predict"},  # features (tune, train) and every forward pass
+    "inference.check_images": {"evaluate", "predict"},  # the bf16 check of labelled passes only
+    "inference.agreement": {"evaluate", "predict"},
     "mlflow": set(),
 }
 

@@ -15,8 +15,8 @@ PASSES = ["clean", "signs", "attack", "diagnostic", "apgd", "square", "transfer"
 
 
 def protocol(**more: str) -> config.Evaluate:
-    overrides = {"evaluate.diagnostic_images": "null", "evaluate.curve_images": "16", "evaluate.epsilons": "[0, 2, 4, 8]",
-                 "evaluate.bootstrap": "50", "evaluate.diagnostic.steps": "3",
+    overrides = {"evaluate.diagnostic_images": "null", "evaluate.curve_images": "16",
+                 "evaluate.epsilons": "[0, 2, 4, 8]", "evaluate.bootstrap": "50", "evaluate.diagnostic.steps": "3",
                  "evaluate.corruptions": "[{kind: jpeg, amount: 75}]",
                  "evaluate.attacks": "[{name: apgd, steps: 3}, {name: square, queries: 10}, {name: transfer}]", **more}
     return config.load(PARAMS_FILE, [f"{k}={v}" for k, v in overrides.items()]).evaluate
@@ -136,3 +136,27 @@ def test_a_relative_cache_is_the_workspaces_in_a_queued_experiments_copy(tmp_pat
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "workspace"))  # what DVC sets in a queued or --temp copy
     assert shared_cache(".cache/evaluate") == tmp_path / "workspace" / ".cache/evaluate"
     assert shared_cache(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+
+
+def test_each_pass_says_the_precision_it_ran_in_and_a_rerun_reads_that_back(graded_model, test_set, source,
+                                                                             tmp_path, monkeypatch):
+    from tests.test_inference import _with_bf16
+
+    checked = config.Inference(engine="openvino", precision="checked", check_images=8)
+    _with_bf16(monkeypatch, graded_model.model, 0.0)  # a "bf16" that keeps every label: the check takes it
+
+    def run_checked():
+        return evaluation.evaluate(graded_model.model, *test_set, protocol(), SEED, 0.5, "graded", checked,
+                                   transfer_from=source, cache_dir=tmp_path)
+
+    first = run_checked()
+    labelled = {"clean", "attack", "diagnostic", "apgd", "square", "transfer", "corruption jpeg75", "curve 2",
+                "curve 4"}
+    assert set(first.precisions) == labelled
+    assert set(first.precisions.values()) == {"bf16: labels agree with f32 on 100.00% of 8 images"}
+    again = run_checked()
+    assert len(again.cached) == len(PASSES) and again.precisions == first.precisions
+    # Under another threshold the check could decide otherwise: its passes are kept apart (a float32 run's are not).
+    key = [graded_model.model, *test_set, SEED]
+    assert memo.model_key(*key, checked, 64, 0.5) != memo.model_key(*key, checked, 64, 0.6)
+    assert memo.model_key(*key, TF, 64, 0.5) == memo.model_key(*key, TF, 64, 0.6)

@@ -117,3 +117,74 @@ def test_a_process_that_ran_openvino_exits_cleanly(tiny_model_file) -> None:
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO)
         assert proc.returncode == 0 and "ok (300,)" in proc.stdout, proc.stderr[-2000:]
         assert "terminate called" not in proc.stderr
+
+
+CHECKED = config.Inference(engine="openvino", precision="checked", check_images=64, agreement=0.999)
+
+
+class _Shifted(inference.Runner):
+    """Stands in for the bf16 runner: float32's answers moved by ``shift``, so labels near the threshold flip."""
+
+    def __init__(self, model, shift: float):
+        self.f32, self.shift = inference.runner(model, OPENVINO), shift
+
+    def __call__(self, x, batch_size, progress=None):
+        return np.clip(self.f32(x, batch_size) + self.shift, 0.0, 1.0)
+
+
+def _with_bf16(monkeypatch, model, shift: float) -> None:
+    monkeypatch.setattr(inference, "native_bf16", lambda: True)
+    runners = getattr(model, "_cifake_runners", None) or {}
+    object.__setattr__(model, "_cifake_runners", runners)
+    monkeypatch.setitem(runners, "openvino-bf16", _Shifted(model, shift))
+
+
+def test_checked_falls_back_to_float32_and_warns_where_bf16_moves_labels(graded_model, monkeypatch, caplog) -> None:
+    x, m = graded_model.x, graded_model.model
+    p_f32 = inference.probabilities(m, x, OPENVINO)
+    threshold = float(np.median(p_f32))
+    _with_bf16(monkeypatch, m, threshold - float(np.quantile(p_f32, 0.45)) + 1e-6)  # flips 5 % of the labels
+    with caplog.at_level("WARNING", logger="pipeline.inference"):
+        p, how = inference.checked_probabilities(m, x, CHECKED, threshold, seed=0)
+    assert how.startswith("f32: bf16 labels agreed on") and "below 99.90%" in how
+    assert np.array_equal(p, p_f32)  # exactly the float32 pass, not a mix
+    assert any("runs in f32" in r.getMessage() for r in caplog.records)
+
+
+def test_checked_takes_bf16_where_its_labels_agree(graded_model, monkeypatch, caplog) -> None:
+    x, m = graded_model.x, graded_model.model
+    p_f32 = inference.probabilities(m, x, OPENVINO)
+    _with_bf16(monkeypatch, m, 1e-7)  # moves scores, keeps every label at this threshold
+    threshold = float(np.median(p_f32)) + 1e-3
+    with caplog.at_level("WARNING", logger="pipeline.inference"):
+        p, how = inference.checked_probabilities(m, x, CHECKED, threshold, seed=0)
+    assert how == "bf16: labels agree with f32 on 100.00% of 64 images"
+    assert not np.array_equal(p, p_f32) and np.array_equal(p >= threshold, p_f32 >= threshold)
+    assert not caplog.records
+
+
+def test_checked_stays_float32_where_the_check_cannot_pay(graded_model, monkeypatch) -> None:
+    x, m = graded_model.x, graded_model.model
+    p_f32 = inference.probabilities(m, x, OPENVINO)
+    monkeypatch.setattr(inference, "native_bf16", lambda: False)
+    p, how = inference.checked_probabilities(m, x, CHECKED, 0.5, seed=0)
+    assert how == "f32: this CPU has no native bfloat16" and np.array_equal(p, p_f32)
+    _with_bf16(monkeypatch, m, 0.05)
+    few = x[:64]
+    p, how = inference.checked_probabilities(m, few, CHECKED, 0.5, seed=0)
+    assert how == "f32: 64 images, no more than the 64 of the check" and np.array_equal(p, p_f32[:64])
+    tf_checked = CHECKED.model_copy(update={"engine": "tensorflow"})
+    assert inference.checked_probabilities(m, few, tf_checked, 0.5, 0)[1] == "f32: the tensorflow engine runs " \
+                                                                            "float32 only"
+
+
+def test_checked_on_this_cpus_own_bf16(graded_model) -> None:
+    if not inference.native_bf16():
+        pytest.skip("this CPU has no native bfloat16: `checked` runs every pass in f32 here (tested above)")
+    x, m = graded_model.x, graded_model.model
+    p, how = inference.checked_probabilities(m, x, CHECKED, 0.5, seed=0)
+    p_bf16 = inference.probabilities(m, x, config.Inference(engine="openvino", precision="bf16"))
+    p_f32 = inference.probabilities(m, x, OPENVINO)
+    # Whichever way the check went, the pass is wholly one precision, and the reason says which.
+    assert np.array_equal(p, p_bf16 if how.startswith("bf16") else p_f32)
+    assert how.startswith(("bf16: labels agree with f32 on", "f32: bf16 labels agreed on"))
