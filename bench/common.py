@@ -100,6 +100,21 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+GFLOP_PER_IMAGE_32 = 0.158  # ResNet50 + head forward at 32x32: its Conv2D and Dense multiply-adds x2
+
+
+def matmul_gflops(n: int = 4096) -> float:
+    """float32 ``tf.linalg.matmul`` n x n GFLOP/s, median of 5: the ceiling figures are read against."""
+    import statistics
+
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n), seed=0)
+    fn = tf.function(lambda a: tf.linalg.matmul(a, a))
+    fn(a).numpy()
+    return 2 * n**3 / statistics.median(timed(lambda: fn(a).numpy())[0] for _ in range(5)) / 1e9
+
+
 def run_logged(cmd: list[str], cwd: Path, env: dict | None = None, log: Path | None = None,
                timeout: float | None = None) -> tuple[float, subprocess.CompletedProcess]:
     """Run ``cmd``; return (wall seconds, completed process). Output is captured and, with ``log``, saved."""

@@ -33,19 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.common import emit, loadavg, timed, tiny_model  # noqa: E402
+from bench.common import GFLOP_PER_IMAGE_32, emit, loadavg, matmul_gflops, timed, tiny_model  # noqa: E402
 
 PARTS = ("features", "attacks", "head")
-GFLOP_PER_IMAGE_32 = 0.158
-
-
-def matmul_gflops(n: int) -> float:
-    import tensorflow as tf
-
-    a = tf.random.normal((n, n), seed=0)
-    fn = tf.function(lambda a: tf.linalg.matmul(a, a))
-    fn(a).numpy()
-    return 2 * n**3 / statistics.median(timed(lambda: fn(a).numpy())[0] for _ in range(5)) / 1e9
 
 
 def features(params, built, x: np.ndarray, gflops: float) -> None:

@@ -19,9 +19,9 @@ BENCH = ROOT / "bench"
 # For each benchmark script: the figures (or attacks) its smoke run must print, one JSON line each.
 EXPECTED = {
     "duplicates": {"duplicates"},
-    "fullscale": {"fullscale_stage", "fullscale_total", "fullscale_noop_repro"},
+    "fullscale": {"fullscale_stage", "fullscale_floors", "fullscale_total", "fullscale_noop_repro"},
     "robustness": {"attack", "fgsm", "transfer", "square-3", "mark", "worst"},
-    "sample": {"generate", "bounds", "classifier"},
+    "sample": {"generate"},
     "spark": {"predict_full", "spark_full"},
     "throughput": {"matmul", "features", "attack", "head_fit"},
 }
@@ -77,3 +77,22 @@ def test_nothing_in_bench_takes_a_module_name() -> None:
         if found is not None or name in sys.stdlib_module_names or name in sys.builtin_module_names:
             hidden[path.name] = found and (found.origin or list(found.submodule_search_locations or []))
     assert not hidden, f"in bench/, these hide the modules of the same name: {hidden}"
+
+
+def test_the_floor_counts_each_stages_passes() -> None:
+    from bench.fullscale import STAGES, floor_gflop
+    from pipeline import config
+
+    p = config.load(ROOT / "params.yaml")
+    n = {"train": 8000, "val": 2000, "test": 2000}
+    floors = {s: floor_gflop(s, p, n, {"train": 20}) for s in STAGES}
+    f = 0.158
+    assert floors["fetch"] == floors["preprocess"] == 0
+    assert floors["predict"] == pytest.approx(2 * 2000 * f)  # Test_1 and Test_2, a forward pass each
+    assert floors["tune"] >= 10_000 * f  # every train and validation image through the backbone once
+    # evaluate: per model at least the clean pass, FGSM's gradient and PGD-20 on the diagnostic images
+    ev = p.evaluate
+    assert floors["evaluate"] > 2 * (2000 * 3 * f + ev.diagnostic_images * ev.diagnostic.steps * 2 * f)
+    assert floors["advtrain"] > p.advtrain.epochs * 8000 * 3 * f  # a training step per image and epoch
+    more = config.load(ROOT / "params.yaml", ["evaluate.diagnostic.steps=40"])
+    assert floor_gflop("evaluate", more, n, {}) > floors["evaluate"]  # more steps, more arithmetic
