@@ -107,15 +107,15 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     (:mod:`pipeline.memo`); the figures are computed afresh from its scores either way."""
     bs = cfg.batch_size
     key = memo.model_key(model, x, y, seed, engine, bs, threshold) if cache_dir else ""
+    passes = memo.PassCache(cache_dir, key)
     precisions: dict[str, str] = {}
 
     def cache(name: str, spec: Any, compute, label: str | None = None) -> dict[str, np.ndarray]:
+        """A pass through the cache, its precision noted under ``label`` (default: its name)."""
         out = passes(name, spec, compute)
         if "precision" in out:
             precisions[label or name] = str(out["precision"])
         return out
-
-    passes = memo.PassCache(cache_dir, key)
 
     def bar(text: str) -> str | None:  # progress bars on a terminal only, not in logs
         return f"{name}: {text}" if sys.stderr.isatty() else None
