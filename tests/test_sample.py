@@ -211,3 +211,14 @@ def test_mark_tiers_give_each_class_its_shares() -> None:
     for label, weak in ((0, 10), (1, 30)):
         a = sample.mark_amplitudes(rng, 100, tiers, label)
         assert ((a >= 2) & (a <= 6)).sum() == weak and (a == 12).sum() == 100 - weak
+
+
+def test_conflicting_pairs_are_found_block_by_block_as_in_the_whole_table() -> None:
+    # At CIFAKE size the whole fake x real table is gigabytes: the blocks must find exactly its pairs.
+    rng = np.random.default_rng(0)
+    fake, real = rng.normal(0, 6, (37, 2)), rng.normal(3, 6, (29, 2))
+    whole = np.nonzero(np.abs(fake[:, None] - real[None]).sum(-1) <= 2 * 4.0)
+    for block in (1, 29, 100, 1 << 22):  # a row at a time, one row exactly, several rows, everything at once
+        f, r = sample._conflicts(fake, real, 4.0, block)
+        assert np.array_equal(f, whole[0]) and np.array_equal(r, whole[1]), block
+    assert len(whole[0]) > 0
