@@ -282,7 +282,12 @@ def robustness_bounds(x: np.ndarray, y: np.ndarray, epsilon: float) -> dict[str,
       that kept part of the faint texture fingerprint under attack could pass it; an attack scrubs that too
       (the undefended model's PGD figure says how well).
     """
-    return _bounds(np.stack([mark_score(x), lines_score(x)], 1), np.asarray(y).astype(bool), epsilon)
+    return _bounds(_cues(x), np.asarray(y).astype(bool), epsilon)
+
+
+def _cues(x: np.ndarray) -> np.ndarray:
+    """Each image's two periodic cue scores (the mark, the lines): what the bounds are proven on."""
+    return np.stack([mark_score(x), lines_score(x)], 1)
 
 
 def _conflicts(fake: np.ndarray, real: np.ndarray, epsilon: float, block: int = 1 << 22) -> tuple[np.ndarray, ...]:
@@ -318,7 +323,7 @@ def _bounds(cues: np.ndarray, y: np.ndarray, epsilon: float) -> dict[str, float]
 
 def bounds_by_epsilon(x: np.ndarray, y: np.ndarray, epsilons: list[float]) -> dict[str, dict[str, float]]:
     """:func:`robustness_bounds` at each distinct epsilon, keyed ``eps8`` (metrics files and MLflow keys)."""
-    cues, y = np.stack([mark_score(x), lines_score(x)], 1), np.asarray(y).astype(bool)  # once for all epsilons
+    cues, y = _cues(x), np.asarray(y).astype(bool)  # once for all epsilons
     return {f"eps{e:g}": _bounds(cues, y, e) for e in sorted(set(epsilons))}
 
 
