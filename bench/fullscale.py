@@ -91,9 +91,9 @@ def floor_gflop(stage: str, p, n: dict[str, int], epochs_run: dict[str, int]) ->
                + sum(curve * f if ev.attack.name == "fgsm" else attacked(ev.attack, curve)
                      for e in ev.epsilons if e not in (0, ev.attack.epsilon)))
         # Square at its whole query budget (an image stops once flipped); transfer on the defended model only
-        per_image = {"apgd": lambda a: (a.steps * a.restarts * 2 + 1) * f, "square": lambda a: (a.queries + 1) * f,
-                     "transfer": lambda a: f / 2}
-        return 2 * one + 2 * sum(min(a.images or sub, sub) * per_image[a.name](a) for a in ev.attacks)
+        per_image = {"apgd": lambda a: 2 * (a.steps * a.restarts * 2 + 1) * f,
+                     "square": lambda a: 2 * (a.queries + 1) * f, "transfer": lambda a: f}
+        return 2 * one + sum(min(a.images or sub, sub) * per_image[a.name](a) for a in ev.attacks)
     if stage == "predict":
         return 2 * n["test"] * f
     return 0.0
@@ -170,7 +170,7 @@ def main() -> None:
         t, script = read_times(whole), read_times(own)
         n = {k: len(np.load(repo / "data" / "processed" / k / "y.npy")) for k in ("train", "val", "test")
              } if stage not in ("fetch", "preprocess") else {}
-        runs = epochs_run(repo, p)
+        runs = epochs_run(repo, p) if stage in ("tune", "train") else {}  # the only floors that read them
         floor = floor_gflop(stage, p, n, runs) / rate if n else 0.0
         row = {"stage": stage, **t, "floor_s": round(floor, 1),
                "x_floor": round(t["wall_s"] / floor, 2) if floor > 1 else None, "script_wall_s": script.get("wall_s"),
