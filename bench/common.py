@@ -100,7 +100,33 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-GFLOP_PER_IMAGE_32 = 0.158  # ResNet50 + head forward at 32x32: its Conv2D and Dense multiply-adds x2
+# ResNet50 + head forward at 32x32 as the pipeline computes it (forward_gflop of pipeline.model.compute_twin): the
+# multiply-adds x2 of its matrix products. The plain graph's convolutions also multiply the zero padding of the
+# 2x2 and 1x1 maps: 0.158.
+GFLOP_PER_IMAGE_32 = 0.130
+
+
+def forward_gflop(model) -> float:
+    """GFLOP of one image's forward pass through ``model``'s compute twin: each convolution's taps x channels x
+    filters per output pixel (a small-map one as the twin's matrix product), each Dense layer's weights, x2."""
+    import keras
+    import numpy as np
+
+    from pipeline.model import SmallMapConv, compute_twin
+
+    def walk(m):
+        for layer in m.layers:
+            if isinstance(layer, keras.Model):
+                yield from walk(layer)
+            elif isinstance(layer, SmallMapConv):
+                (_, h, w, c), k = layer.input.shape, layer.conv.kernel.shape
+                yield 2 * layer.output.shape[1] * layer.output.shape[2] * c * k[-1] * (1 if k[0] == 1 else h * w)
+            elif isinstance(layer, keras.layers.Conv2D):
+                _, h, w, f = layer.output.shape
+                yield 2 * h * w * int(np.prod(layer.kernel.shape))
+            elif isinstance(layer, keras.layers.Dense):
+                yield 2 * int(np.prod(layer.kernel.shape))
+    return sum(walk(compute_twin(model))) / 1e9
 
 
 def matmul_gflops(n: int = 4096) -> float:

@@ -139,9 +139,85 @@ def feature_extractor(model: keras.Model) -> keras.Model:
 
 
 def logits_model(model: keras.Model) -> keras.Model:
-    """Pixels -> logit, for attacks and losses that must not pass through a saturating sigmoid."""
-    # The sigmoid's input, not the head's output: the head may also have been called on cached features.
-    return keras.Model(model.input, model.get_layer("prob").input, name="logits")
+    """Pixels -> logit, for attacks and losses that must not pass through a saturating sigmoid: the
+    :func:`compute_twin` of that part of ``model``, built once per model."""
+    twin = getattr(model, "_cifake_logits", None)
+    if twin is None:
+        # The sigmoid's input, not the head's output: the head may also have been called on cached features.
+        twin = compute_twin(keras.Model(model.input, model.get_layer("prob").input, name="logits"))
+        object.__setattr__(model, "_cifake_logits", twin)  # past Keras's tracking: it lives and dies with the model
+    return twin
+
+
+# oneDNN's convolutions crawl on ResNet50's last maps at 32x32 (1x1 and 2x2 pixels: 31-111 GFLOP/s where a matrix
+# product runs at 215+); as matrix products the same sums run about twice as fast a pass (bench/README.md, "The
+# convolutions on small maps"). A 4x4 map as a matrix product was slower than the convolution.
+SMALL_MAP_PIXELS = 4
+
+
+class SmallMapConv(layers.Layer):
+    """A ``Conv2D`` on a map of at most SMALL_MAP_PIXELS pixels as one matrix product, with the convolution's own
+    variables (shared, not copied): the same sums, in another order. A 1x1 kernel (any stride) multiplies each
+    pixel's channels; a larger one (stride 1, 'same') becomes the matrix that maps the whole small map to the whole
+    output map, its entries the kernel's taps that meet a real pixel (the zero padding drops out)."""
+
+    def __init__(self, conv: layers.Conv2D, **kwargs):
+        super().__init__(name=f"{conv.name}_as_matmul", dtype=conv.dtype_policy, **kwargs)
+        self.conv = conv
+
+    def call(self, x):
+        conv, kernel = self.conv, self.conv.kernel
+        kh, kw, channels, filters = kernel.shape
+        if (kh, kw) == (1, 1):
+            sh, sw = conv.strides
+            x = x[:, ::sh, ::sw, :]
+            _, h, w, _ = x.shape
+            y = ops.matmul(ops.reshape(x, (-1, channels)), ops.cast(kernel[0, 0], x.dtype))
+        else:
+            _, h, w, _ = x.shape
+            taps = np.full((h * w, h * w), kh * kw)  # input pixel x output pixel -> kernel tap (kh*kw: none)
+            for p, q, i, j in np.ndindex(h, w, h, w):
+                a, b = p - i + (kh - 1) // 2, q - j + (kw - 1) // 2
+                if 0 <= a < kh and 0 <= b < kw:
+                    taps[p * w + q, i * w + j] = a * kw + b
+            flat = ops.concatenate([ops.reshape(kernel, (kh * kw, channels, filters)),
+                                    ops.zeros((1, channels, filters), kernel.dtype)], axis=0)
+            matrix = ops.reshape(ops.transpose(ops.take(flat, taps, axis=0), (0, 2, 1, 3)),
+                                 (h * w * channels, h * w * filters))
+            y = ops.matmul(ops.reshape(x, (-1, h * w * channels)), ops.cast(matrix, x.dtype))
+        y = ops.reshape(y, (-1, h, w, filters))
+        if conv.use_bias:
+            y = y + ops.cast(conv.bias, y.dtype)
+        return conv.activation(y) if conv.activation is not None else y
+
+
+def _small_map_conv(layer, x) -> bool:
+    if type(layer) is not layers.Conv2D or layer.data_format != "channels_last" or layer.groups != 1 \
+            or tuple(layer.dilation_rate) != (1, 1) or x.shape[1] is None or x.shape[2] is None:
+        return False
+    small = x.shape[1] * x.shape[2] <= SMALL_MAP_PIXELS
+    return small and (tuple(layer.kernel_size) == (1, 1) or (layer.padding == "same" and tuple(layer.strides) == (1, 1)))
+
+
+def compute_twin(model: keras.Model) -> keras.Model:
+    """``model`` for computing (attacks, training, TensorFlow inference): the same layers and variables, so it
+    trains ``model`` and follows its weights, with each convolution on a small map run as :class:`SmallMapConv`.
+    Equal to ``model`` up to float rounding (the sums run in another order). ``model`` itself when nothing changes
+    (no small maps, or a Sequential or subclassed model). What is saved is always ``model``; OpenVINO converts
+    the twin (:func:`forward_fn`), which it also runs faster."""
+    swapped = []
+
+    def call(layer, *args, **kwargs):
+        if args and _small_map_conv(layer, args[0]):
+            swapped.append(layer.name)
+            return SmallMapConv(layer)(args[0])
+        return layer(*args, **kwargs)
+
+    try:
+        twin = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call, recursive=True)
+    except ValueError:  # a Sequential or subclassed model: no graph to rewrite
+        return model
+    return twin if swapped else model
 
 
 def head_classifier(head: keras.Model) -> keras.Model:
@@ -198,7 +274,8 @@ def forward_fn(model: keras.Model):
         import tensorflow as tf
 
         spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        twin = compute_twin(model)
+        fn = tf.function(lambda x: twin(x, training=False), input_signature=[spec])
         fn.output_tail = tuple(model.output_shape[1:])  # oneDNN rejects empty batches, so those never reach fn
         # On the model itself (past Keras's attribute tracking): it lives and dies with the model.
         object.__setattr__(model, "_cifake_forward", fn)

@@ -79,14 +79,23 @@ def test_nothing_in_bench_takes_a_module_name() -> None:
     assert not hidden, f"in bench/, these hide the modules of the same name: {hidden}"
 
 
+def test_the_floor_counts_the_arithmetic_the_pipeline_runs() -> None:
+    from bench import common
+    from pipeline import config, model
+
+    cfg = config.load(ROOT / "params.yaml").model
+    assert common.forward_gflop(model.build_model(cfg, 0.0, 0)) == pytest.approx(common.GFLOP_PER_IMAGE_32, abs=5e-4)
+
+
 def test_the_floor_counts_each_stages_passes() -> None:
+    from bench import common
     from bench.fullscale import STAGES, floor_gflop
     from pipeline import config
 
     p = config.load(ROOT / "params.yaml")
     n = {"train": 8000, "val": 2000, "test": 2000}
     floors = {s: floor_gflop(s, p, n, {"train": 20}) for s in STAGES}
-    f = 0.158
+    f = common.GFLOP_PER_IMAGE_32
     assert floors["fetch"] == floors["preprocess"] == 0
     assert floors["predict"] == pytest.approx(2 * 2000 * f)  # Test_1 and Test_2, a forward pass each
     assert floors["tune"] >= 10_000 * f  # every train and validation image through the backbone once

@@ -268,3 +268,92 @@ def test_hdf5_export_loads_back_with_identical_predictions(tiny_model, tmp_path:
     assert h5py.is_hdf5(target)
     again = model.load(target)
     assert np.array_equal(model.predict_proba(again, tiny_model.x), model.predict_proba(tiny_model.model, tiny_model.x))
+
+
+# ------------------------------------------------------------------------------------------ the compute twin
+
+
+def small_map_net(seed: int = 0) -> keras.Model:
+    """Every kind of convolution compute_twin rewrites, on 2x2 and 1x1 maps, and two it must keep."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    pixels = keras.Input((4, 4, 3))
+    x = layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="kept_4x4")(pixels)  # 16 pixels
+    a = layers.Conv2D(6, 3, padding="same", activation="relu", name="k3_on_2x2")(x)
+    b = layers.Conv2D(6, 2, padding="same", name="k2_on_2x2")(x)  # an even kernel: TF pads after, not before
+    c = layers.Conv2D(6, 2, padding="valid", name="kept_valid")(x)  # 2x2 -> 1x1, not 'same': kept
+    x = layers.Conv2D(5, 1, strides=2, name="k1_stride2")(layers.Add()([a, b]))  # 2x2 -> 1x1
+    x = layers.Concatenate()([x, c])
+    x = layers.Conv2D(4, 3, padding="same", activation="tanh", name="k3_on_1x1")(x)
+    x = layers.Conv2D(3, 1, use_bias=False, name="k1_on_1x1")(x)
+    logit = layers.Dense(1)(layers.Flatten()(x))
+    return keras.Model(pixels, layers.Activation("sigmoid", dtype="float32", name="prob")(logit))
+
+
+def swapped(twin: keras.Model) -> list[str]:
+    def walk(m):
+        for layer in m.layers:
+            if isinstance(layer, model.SmallMapConv):
+                yield layer.conv.name
+            elif isinstance(layer, keras.Model):
+                yield from walk(layer)
+    return sorted(walk(twin))
+
+
+def input_gradient(m: keras.Model, x: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = tf.reduce_sum(m(x, training=False) ** 2)
+    return tape.gradient(out, x).numpy()
+
+
+def test_compute_twin_computes_the_same_function_with_small_map_convolutions_as_matrix_products() -> None:
+    net = small_map_net()
+    twin = model.compute_twin(net)
+    assert swapped(twin) == ["k1_on_1x1", "k1_stride2", "k2_on_2x2", "k3_on_1x1", "k3_on_2x2"]
+    x = pixels(16, size=4)
+    np.testing.assert_allclose(np.asarray(twin(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(input_gradient(twin, x), input_gradient(net, x), rtol=1e-4, atol=1e-6)
+
+
+def test_compute_twin_trains_the_models_own_variables() -> None:
+    import tensorflow as tf
+
+    net = small_map_net(seed=1)
+    twin = model.compute_twin(net)
+    x = pixels(16, size=4)
+    before = np.asarray(net(x))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(twin(x, training=True))
+    grads = tape.gradient(loss, net.trainable_variables)
+    assert all(g is not None for g in grads), "a variable of the model gets no gradient through its twin"
+    keras.optimizers.SGD(1.0).apply_gradients(zip(grads, net.trainable_variables))
+    after = np.asarray(net(x))
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(twin(x)), after, rtol=1e-5, atol=1e-6)
+
+
+def test_resnet50_twin_rewrites_the_last_stages_and_keeps_the_function(cfg) -> None:
+    built = model.build_model(cfg, dropout=0.0, seed=SEED)
+    twin = model.compute_twin(built)
+    names = swapped(twin)
+    # at 32x32, conv4 runs on 2x2 maps and conv5 on 1x1 (and its first 1x1 convolutions read conv4's 2x2)
+    assert names and all(n.startswith(("conv4_", "conv5_")) for n in names), names
+    assert "conv5_block3_2_conv" in names and "conv3_block4_2_conv" not in names
+    x = pixels(8, seed=3)
+    logits, twin = model.logits_model(built), model.compute_twin(built)
+    assert model.logits_model(built) is logits  # built once per model
+    np.testing.assert_allclose(np.asarray(twin(x)), np.asarray(built(x)), rtol=1e-4, atol=1e-6)
+    assert swapped(logits) == names
+
+
+def test_compute_twin_leaves_models_without_small_maps_alone() -> None:
+    seq = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
+                            keras.layers.Dense(1)])
+    assert model.compute_twin(seq) is seq
+    pixels_in = keras.Input((32, 32, 3))
+    big = keras.Model(pixels_in, keras.layers.Conv2D(2, 3, padding="same")(pixels_in))
+    assert model.compute_twin(big) is big
