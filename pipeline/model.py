@@ -195,8 +195,9 @@ def _small_map_conv(layer, x) -> bool:
     if type(layer) is not layers.Conv2D or layer.data_format != "channels_last" or layer.groups != 1 \
             or tuple(layer.dilation_rate) != (1, 1) or x.shape[1] is None or x.shape[2] is None:
         return False
-    small = x.shape[1] * x.shape[2] <= SMALL_MAP_PIXELS
-    return small and (tuple(layer.kernel_size) == (1, 1) or (layer.padding == "same" and tuple(layer.strides) == (1, 1)))
+    one_by_one = tuple(layer.kernel_size) == (1, 1)
+    same = layer.padding == "same" and tuple(layer.strides) == (1, 1)
+    return x.shape[1] * x.shape[2] <= SMALL_MAP_PIXELS and (one_by_one or same)
 
 
 def compute_twin(model: keras.Model) -> keras.Model:
