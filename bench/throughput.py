@@ -11,7 +11,8 @@ One JSON line per figure, the pipeline's own code with params.yaml's settings:
 * ``matmul``: ``tf.linalg.matmul`` 4096² float32 GFLOP/s (median of 5), the ceiling the parts below are read against.
 * ``features``: the runner ``pipeline.features.extract`` uses (params.yaml's ``inference`` engine) on 4,096 random
   images after a first batch (conversion or tracing, given apart): images/s against matmul GFLOP/s ÷ ResNet50's
-  ``common.GFLOP_PER_IMAGE_32`` an image at 32×32 (the compute twin's multiply-adds ×2; they scale with the image's area).
+  ``common.GFLOP_PER_IMAGE_32`` an image at 32×32 (the compute twin's multiply-adds ×2; they scale with the
+  image's area).
 * ``attacks``: ``pipeline.attacks.Attacker.perturb`` with ``evaluate.attack`` and ``evaluate.diagnostic`` on 2,048
   images after one untimed batch (tracing): images/s and input-gradient passes/s.
 * ``head``: one ``pipeline.training.HeadTrainer`` (as tune shares one among its trials) on 80,000 × 2,048 random
