@@ -15,6 +15,9 @@ One JSON line per figure, the pipeline's own code with params.yaml's settings:
   image's area).
 * ``attacks``: ``pipeline.attacks.Attacker.perturb`` with ``evaluate.attack`` and ``evaluate.diagnostic`` on 2,048
   images after one untimed batch (tracing): images/s and input-gradient passes/s.
+* ``twin``: the plain graph against ``pipeline.model.compute_twin`` (the convolutions on 2x2 and 1x1 maps as matrix
+  products), 2,048 images at ``evaluate.batch_size`` after an untimed pass: TensorFlow's forward pass and input
+  gradient, OpenVINO's forward pass (float32); images/s, the twin's speed-up and the largest difference in logit.
 * ``head``: one ``pipeline.training.HeadTrainer`` (as tune shares one among its trials) on 80,000 × 2,048 random
   features (20,000 validation), 2 fits of 4 epochs at ``tune.batch_size``: seconds an epoch after the first, against
   the floor, the epoch's matrix FLOPs (forward 2·(2048·256 + 256·64 + 64) a row, backward twice that, the validation
@@ -36,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from bench.common import GFLOP_PER_IMAGE_32, emit, loadavg, matmul_gflops, timed, tiny_model  # noqa: E402
 
-PARTS = ("features", "attacks", "head")
+PARTS = ("features", "attacks", "head", "twin")
 
 
 def features(params, built, x: np.ndarray, gflops: float) -> None:
@@ -68,6 +71,44 @@ def attacks(params, built, x: np.ndarray, y: np.ndarray) -> None:
              seconds=round(seconds, 2), images_per_s=round(len(x) / seconds, 1),
              gradient_passes_per_s=round(passes * len(x) / seconds, 1),
              max_change_255=round(float(np.abs(adv - x / 255.0).max() * 255), 3))
+
+
+def twin(params, built, x: np.ndarray, y: np.ndarray) -> None:
+    import keras
+    import tensorflow as tf
+
+    from pipeline import inference, model
+    from pipeline.attacks import input_gradient_sign
+
+    bs, yb = params.evaluate.batch_size, tf.constant(y[:, None].astype(np.float32))
+    # A Sequential around a model hides its graph from compute_twin: the plain convolutions, for TF and OpenVINO.
+    plain = keras.Model(built.input, built.get_layer("prob").input)
+    logits = {"twin": model.logits_model(built), "plain": keras.Sequential([keras.Input((32, 32, 3)), plain])}
+    spec = [tf.TensorSpec((None, 32, 32, 3), tf.float32), tf.TensorSpec((None, 1), tf.float32)]
+    out: dict[tuple[str, str], np.ndarray] = {}
+
+    def batches(fn) -> np.ndarray:
+        return np.concatenate([fn(tf.constant(model.to_unit(x[i:i + bs])), yb[i:i + bs]).numpy()
+                               for i in range(0, len(x), bs)])
+
+    for graph, net in logits.items():
+        forward = tf.function(lambda b, labels, net=net: net(b, training=False), input_signature=spec)
+        gradient = tf.function(lambda b, t, net=net: input_gradient_sign(net, b, t), input_signature=spec)
+        ov = inference.OpenVinoRunner(net, "f32")
+        passes = {"tensorflow forward": lambda f=forward: batches(f),
+                  "tensorflow input gradient": lambda g=gradient: batches(g),
+                  "openvino forward": lambda r=ov: r(x, bs)}
+        for name, run in passes.items():
+            run()  # traces or warms up
+            load = loadavg()
+            seconds, out[graph, name] = timed(run)
+            emit("twin", load, graph=graph, part=name, images=len(x), batch_size=bs,
+                 images_per_s=round(len(x) / seconds, 1), seconds=round(seconds, 2))
+    for name in ("tensorflow forward", "openvino forward"):
+        emit("twin_difference", None, part=name,
+             max_abs_logit_difference=float(np.abs(out["twin", name] - out["plain", name]).max()))
+    signs = out["twin", "tensorflow input gradient"] == out["plain", "tensorflow input gradient"]
+    emit("twin_difference", None, part="tensorflow input gradient", sign_agreement=round(float(signs.mean()), 6))
 
 
 def head(params, n: int, epochs: int, gflops: float) -> None:
@@ -114,7 +155,7 @@ def main() -> None:
     load = loadavg()
     gflops = matmul_gflops(512 if args.smoke else 4096)
     emit("matmul", load, n=512 if args.smoke else 4096, dtype="float32", gflops=round(gflops, 1))
-    if "features" in parts or "attacks" in parts:
+    if {"features", "attacks", "twin"} & set(parts):
         built = tiny_model() if args.smoke else model.build_model(params.model, 0.0, params.base.seed)
         x = np.random.default_rng(0).integers(0, 256, (16 if args.smoke else 4096, 32, 32, 3), dtype=np.uint8)
         if "features" in parts:
@@ -122,6 +163,9 @@ def main() -> None:
         if "attacks" in parts:
             n = 16 if args.smoke else 2048
             attacks(params, built, x[:n], np.arange(n) % 2)
+        if "twin" in parts:
+            n = 16 if args.smoke else 2048
+            twin(params, built, x[:n], np.arange(n) % 2)
     if "head" in parts:
         head(params, 512 if args.smoke else 80_000, 2 if args.smoke else 4, gflops)
 
