@@ -264,7 +264,8 @@ def to_unit(x: np.ndarray) -> np.ndarray:
 
 
 def forward_fn(model: keras.Model):
-    """``model`` as a compiled inference function with a fixed signature, so no batch size re-traces it.
+    """``model`` (its :func:`compute_twin`) as a compiled inference function with a fixed signature, so no batch
+    size re-traces it.
 
     A compiled tf.function is much faster than ``model.predict`` on CPU (bench/README.md, "Feature extraction
     against the matmul ceiling"). Built once per model and reused: tracing takes a while, and advtrain scores
