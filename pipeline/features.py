@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from pipeline import config, inference, provenance
-from pipeline.io import atomic_path, shared_cache
+from pipeline.io import atomic_path, keep_newest, shared_cache
 from pipeline.model import feature_extractor
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,7 @@ def cached(model: keras.Model, x: np.ndarray, x_file: Path, cfg: config.Model, s
 
 def prune(cache_dir: Path, name: str, keep: int = KEEP) -> list[Path]:
     """Delete all but the ``keep`` newest cached feature files of split ``name``; returns what was deleted."""
-    entries = sorted(cache_dir.glob(f"{name}-*.npy"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[keep:]:
-        old.unlink(missing_ok=True)
-        log.info("features: removed stale cache entry %s", old)
-    return entries[keep:]
+    return keep_newest(cache_dir.glob(f"{name}-*.npy"), keep, "features cache")
 
 
 def for_head(model: keras.Model, params: config.Params) -> "Arrays":  # noqa: F821, UP037  (imported below)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def workspace_root() -> Path:
@@ -23,6 +26,19 @@ def shared_cache(path: str | Path) -> Path:
     filling a copy DVC deletes afterwards. Entries are written atomically, so they can be shared."""
     path = Path(path)
     return path if path.is_absolute() else workspace_root() / path
+
+
+def keep_newest(entries: Iterable[Path], keep: int, what: str) -> list[Path]:
+    """Delete all but the ``keep`` most recently written of ``entries`` (files or folders): the bound on a
+    content-keyed cache's disk use. Returns what was deleted."""
+    ordered = sorted(entries, key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in ordered[keep:]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+        log.info("%s: removed %s", what, old)
+    return ordered[keep:]
 
 
 @contextlib.contextmanager

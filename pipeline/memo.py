@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import keras
 import numpy as np
 
 from pipeline import config, inference, provenance
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, keep_newest
 
 log = logging.getLogger(__name__)
 KEEP = 6  # models: a candidate, its baseline and a champion, for this setting and one other
@@ -85,8 +84,4 @@ class PassCache:
 
 def prune(root: Path, keep: int = KEEP) -> list[Path]:
     """Delete all but the ``keep`` most recently used models' entries under ``root``; returns what was deleted."""
-    entries = sorted((p for p in root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-        log.info("evaluate cache: removed %s", old)
-    return entries[keep:]
+    return keep_newest((p for p in root.glob("*") if p.is_dir()), keep, "evaluate cache")
