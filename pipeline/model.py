@@ -205,7 +205,16 @@ def compute_twin(model: keras.Model) -> keras.Model:
     trains ``model`` and follows its weights, with each convolution on a small map run as :class:`SmallMapConv`.
     Equal to ``model`` up to float rounding (the sums run in another order). ``model`` itself when nothing changes
     (no small maps, or a Sequential or subclassed model). What is saved is always ``model``; OpenVINO converts
-    the twin (:func:`forward_fn`), which it also runs faster."""
+    the twin (:func:`forward_fn`), which it also runs faster. Built once per model: forward passes and training
+    share it."""
+    twin = getattr(model, "_cifake_twin", None)
+    if twin is None:
+        twin = _rewrite_small_maps(model)
+        object.__setattr__(model, "_cifake_twin", twin)  # past Keras's tracking, as forward_fn's
+    return twin
+
+
+def _rewrite_small_maps(model: keras.Model) -> keras.Model:
     swapped = []
 
     def call(layer, *args, **kwargs):

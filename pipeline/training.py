@@ -245,7 +245,7 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     loss_fn = keras.losses.BinaryCrossentropy()
     trainable = model.trainable_variables
     optimizer.build(trainable)
-    twin = compute_twin(model)  # the same variables, faster (pipeline.model.compute_twin)
+    twin = compute_twin(model)  # the same variables, faster; the one forward_fn runs
 
     @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3), tf.float32), tf.TensorSpec((None, 1), tf.float32)])
     def step(x, y):

@@ -357,3 +357,8 @@ def test_compute_twin_leaves_models_without_small_maps_alone() -> None:
     pixels_in = keras.Input((32, 32, 3))
     big = keras.Model(pixels_in, keras.layers.Conv2D(2, 3, padding="same")(pixels_in))
     assert model.compute_twin(big) is big
+
+
+def test_compute_twin_is_built_once_per_model() -> None:
+    net = small_map_net(seed=2)
+    assert model.compute_twin(net) is model.compute_twin(net)
