@@ -160,11 +160,10 @@ def main() -> None:
         x = np.random.default_rng(0).integers(0, 256, (16 if args.smoke else 4096, 32, 32, 3), dtype=np.uint8)
         if "features" in parts:
             features(params, built, x, gflops)
+        n = 16 if args.smoke else 2048  # attacked and compared images
         if "attacks" in parts:
-            n = 16 if args.smoke else 2048
             attacks(params, built, x[:n], np.arange(n) % 2)
         if "twin" in parts:
-            n = 16 if args.smoke else 2048
             twin(params, built, x[:n], np.arange(n) % 2)
     if "head" in parts:
         head(params, 512 if args.smoke else 80_000, 2 if args.smoke else 4, gflops)
