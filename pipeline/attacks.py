@@ -2,9 +2,9 @@
 evaluation APGD-CE (``APGD``, white-box) and the score-based black-box Square attack (``SquareAttack``), below.
 
 Epsilon and step size are in 8-bit pixel units (``epsilon: 8`` is 8/255). The steps follow binary cross-entropy's
-gradient sign, taken through the model's logit (see ``_loss``): differentiating the sigmoid output instead gives
-zero gradients once it saturates, and the attack silently does nothing. Each step is one compiled ``tf.function``
-over a whole batch; epsilon is a tensor argument, so sweeping a list of epsilons never re-traces. PGD with
+gradient sign, taken through the model's logit (see ``margin_and_gradient``): differentiating the sigmoid output
+instead gives zero gradients once it saturates, and the attack silently does nothing. Each step is one call of the
+model's one compiled gradient over a whole batch, whatever the attack, epsilon or batch size: it is traced once. PGD with
 ``restarts`` > 1 runs from several random starts and keeps, per image, the one that did the most damage.
 """
 from __future__ import annotations
@@ -21,24 +21,31 @@ from pipeline import config
 from pipeline.model import INPUT_SHAPE, logits_model, to_unit
 
 
-def _loss(logits_fn, x, y):
-    logits = tf.cast(logits_fn(x, training=False), tf.float32)
-    # Not BCE itself: its gradient (sigmoid(z) - y) underflows to exactly 0 in float32 once |z| > ~88, and the
-    # most confident images would silently go unattacked. Only the sign of the input gradient is used and each
-    # image's logit depends on that image alone, so the margin -(2y - 1)·z gives the same steps as BCE wherever
-    # BCE's gradient is non-zero, and never vanishes.
-    return tf.reduce_sum((1.0 - 2.0 * y) * logits)
+def margin_and_gradient(model: keras.Model):
+    """Per image, the attack's loss, the margin -(2y - 1)·z through the logit z, and its input gradient: one compiled
+    function per model (``x`` [0, 1] float32 batches, ``y`` 0/1 labels of shape (n,)), shared by every attack on it
+    (FGSM, PGD, APGD, advtrain's step). A trace of ResNet50's gradient costs about 2 s, and an attack loop compiled
+    around it several traces more (bench/README.md, "Tracing once"); the loops around this one run in Python,
+    a few microseconds a step.
 
+    Not BCE itself: its gradient (sigmoid(z) - y) underflows to exactly 0 in float32 once |z| > ~88, and the most
+    confident images would silently go unattacked. Each image's logit depends on that image alone, so the margin
+    gives the same steps (signs) as BCE wherever BCE's gradient is non-zero, and never vanishes."""
+    fn = getattr(model, "_cifake_margin_gradient", None)
+    if fn is None:
+        logits = logits_model(model)
 
-def _per_image_loss(logits_fn, x, y):
-    return (1.0 - 2.0 * y[:, 0]) * tf.cast(logits_fn(x, training=False), tf.float32)[:, 0]
+        @tf.function(input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32),
+                                      tf.TensorSpec((None,), tf.float32)])
+        def fn(x, y):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                margin = (1.0 - 2.0 * y) * tf.cast(logits(x, training=False), tf.float32)[:, 0]
+                total = tf.reduce_sum(margin)  # inside the tape, or the gradient is None
+            return margin, tape.gradient(total, x)
 
-
-def input_gradient_sign(logits_fn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        loss = _loss(logits_fn, x, y)
-    return tf.sign(tape.gradient(loss, x))
+        object.__setattr__(model, "_cifake_margin_gradient", fn)  # past Keras's tracking, as logits_model's
+    return fn
 
 
 class Attacker:
@@ -46,58 +53,39 @@ class Attacker:
 
     def __init__(self, model: keras.Model, attack: config.Attack, seed: int = 0):
         self.attack = attack
-        self.logits = logits_model(model)
+        self.gradient = margin_and_gradient(model)
         self.rng = tf.random.Generator.from_seed(seed)
-        x_spec = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
-        y_spec = tf.TensorSpec((None, 1), tf.float32)
-        scalar = tf.TensorSpec((), tf.float32)
-        self._fgsm = tf.function(self._fgsm_step, input_signature=[x_spec, y_spec, scalar])
-        self._pgd = tf.function(self._pgd_restarts, input_signature=[x_spec, y_spec] + [scalar] * 5)
-        self._sign = tf.function(lambda x, y: input_gradient_sign(self.logits, x, y), input_signature=[x_spec, y_spec])
 
-    def _fgsm_step(self, x, y, eps):
-        return tf.clip_by_value(x + eps * input_gradient_sign(self.logits, x, y), 0.0, 1.0)
+    def _sign(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        return tf.sign(self.gradient(x, y)[1])
 
-    def _pgd_attack(self, x, y, eps, step, steps, random_start):
-        start = x + random_start * self.rng.uniform(tf.shape(x), -eps, eps)
-        x_adv = tf.clip_by_value(start, 0.0, 1.0)
-        for _ in tf.range(tf.cast(steps, tf.int32)):
-            x_adv = x_adv + step * input_gradient_sign(self.logits, x_adv, y)
+    def _pgd(self, x: tf.Tensor, y: tf.Tensor, eps: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        x_adv = x
+        if self.attack.random_start:
+            x_adv = tf.clip_by_value(x + self.rng.uniform(tf.shape(x), -eps, eps), 0.0, 1.0)
+        for _ in range(self.attack.steps):
+            x_adv = x_adv + step * self._sign(x_adv, y)
             x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), 0.0, 1.0)
         return x_adv
-
-    def _pgd_restarts(self, x, y, eps, step, steps, random_start, restarts):
-        best = self._pgd_attack(x, y, eps, step, steps, random_start)
-        best_loss = _per_image_loss(self.logits, best, y)
-        for _ in tf.range(tf.cast(restarts, tf.int32) - 1):
-            x_adv = self._pgd_attack(x, y, eps, step, steps, random_start)
-            loss = _per_image_loss(self.logits, x_adv, y)
-            better = loss > best_loss
-            best = tf.where(better[:, None, None, None], x_adv, best)
-            best_loss = tf.maximum(loss, best_loss)
-        return best
-
-    def in_graph(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """The configured attack on one batch, for use inside another compiled function (a training step)."""
-        a = self.attack
-        eps = tf.constant(a.epsilon / 255.0)
-        if a.name == "fgsm":
-            return self._fgsm_step(x, y, eps)
-        return self._pgd_restarts(x, y, eps, tf.constant(a.step_size / 255.0), tf.constant(float(a.steps)),
-                                  tf.constant(float(a.random_start)), tf.constant(float(a.restarts)))
 
     def perturb_batch(self, x: np.ndarray | tf.Tensor, y: np.ndarray | tf.Tensor, epsilon: float | None = None):
         """One batch: ``x`` in [0, 1] float32, ``y`` 0/1 labels; returns a float32 tensor in [0, 1]."""
         a = self.attack
         eps = tf.constant((a.epsilon if epsilon is None else epsilon) / 255.0, tf.float32)
         x = tf.convert_to_tensor(x, tf.float32)
-        y = tf.reshape(tf.cast(y, tf.float32), (-1, 1))
+        y = tf.reshape(tf.cast(y, tf.float32), (-1,))
         if a.name == "fgsm":
-            return self._fgsm(x, y, eps)
-        return self._pgd(
-            x, y, eps, tf.constant(a.step_size / 255.0), tf.constant(float(a.steps)),
-            tf.constant(float(a.random_start)), tf.constant(float(a.restarts)),
-        )
+            return tf.clip_by_value(x + eps * self._sign(x, y), 0.0, 1.0)
+        step = tf.constant(a.step_size / 255.0, tf.float32)
+        best = self._pgd(x, y, eps, step)
+        if a.restarts > 1:  # per image, the start that did the most damage
+            best_loss = self.gradient(best, y)[0]
+            for _ in range(a.restarts - 1):
+                x_adv = self._pgd(x, y, eps, step)
+                loss = self.gradient(x_adv, y)[0]
+                best = tf.where((loss > best_loss)[:, None, None, None], x_adv, best)
+                best_loss = tf.maximum(loss, best_loss)
+        return best
 
     def perturb(self, x: np.ndarray, y: np.ndarray, batch_size: int, epsilon: float | None = None,
                 progress: str | None = None) -> np.ndarray:
@@ -117,7 +105,7 @@ class Attacker:
         signs = np.empty((len(x), *INPUT_SHAPE), np.int8)
         starts = range(0, len(x), batch_size)
         for i in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
-            yb = tf.reshape(tf.cast(y[i : i + batch_size], tf.float32), (-1, 1))
+            yb = tf.reshape(tf.cast(y[i : i + batch_size], tf.float32), (-1,))
             signs[i : i + batch_size] = self._sign(tf.constant(to_unit(x[i : i + batch_size])), yb).numpy()
         return signs
 
@@ -254,7 +242,7 @@ class APGD:
     margin -(2y - 1)·z and its gradient instead: CE is a strictly increasing function of it, so every comparison APGD
     makes (improved? best point?) and the sign of every step are the same, while CE's own gradient,
     sigmoid(z) - y, underflows to 0 in float32 beyond |z| ~ 88 and would leave the most confident images unattacked
-    (see ``_loss``). The CE reported is computed from the margin in float64 (``np.logaddexp``).
+    (see ``margin_and_gradient``). The CE reported is computed from the margin in float64 (``np.logaddexp``).
 
     ``epsilon`` in 8-bit units; ``restarts`` random starts (uniform in the ball, scaled to touch it, as the authors'
     code), keeping per image the one with the highest loss; ``seed`` makes a run reproducible (each ``run`` call
@@ -267,17 +255,7 @@ class APGD:
             raise ValueError(f"APGD needs steps >= 1 and restarts >= 1 (got steps={steps}, restarts={restarts})")
         self.epsilon, self.steps, self.restarts, self.seed = epsilon, steps, restarts, seed
         self.rho, self.momentum = rho, momentum
-        self.logits = logits_model(model)
-        x_spec = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
-        y_spec = tf.TensorSpec((None,), tf.float32)
-        self._pass = tf.function(self._margin_and_gradient, input_signature=[x_spec, y_spec])
-
-    def _margin_and_gradient(self, x, y):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            margin = (1.0 - 2.0 * y) * tf.cast(self.logits(x, training=False), tf.float32)[:, 0]
-            total = tf.reduce_sum(margin)  # inside the tape, or the gradient is None
-        return margin, tape.gradient(total, x)
+        self._pass = margin_and_gradient(model)
 
     def run_batch(self, x: np.ndarray, y, epsilon: float | None = None, rng: np.random.Generator | None = None,
                   trace: ApgdTrace | None = None) -> AttackResult:

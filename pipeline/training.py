@@ -228,8 +228,8 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
                          seed: int, on_epoch_end=None, before: dict[str, float] | None = None,
                          attacker: Attacker | None = None) -> FineTuned:
     """Adversarial training (Madry et al. 2018 with PGD, the default; FGSM also offered): a share ``adv_ratio`` of
-    each batch is replaced by its adversarial version, made on the fly against the current weights. One compiled
-    step per batch: attack, then update. Each epoch trains on ``cfg.images_per_epoch`` images (a fresh seeded
+    each batch is replaced by its adversarial version, made on the fly against the current weights. Each batch: the
+    attack, then one compiled update. Each epoch trains on ``cfg.images_per_epoch`` images (a fresh seeded
     draw; all of them when null).
 
     The model keeps the weights of the epoch with the best validation :func:`metrics.robust_score` (clean and
@@ -248,18 +248,21 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     twin = compute_twin(model)  # the same variables, faster; the one forward_fn runs
 
     @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3), tf.float32), tf.TensorSpec((None, 1), tf.float32)])
-    def step(x, y):
-        n_adv = tf.cast(tf.math.round(cfg.adv_ratio * tf.cast(tf.shape(x)[0], tf.float32)), tf.int32)
-        # Never an attack on an empty batch (adv_ratio 0, or a last batch too small for its share): the backbone's
-        # BatchNormalization fails on zero images under oneDNN.
-        x_adv = tf.cond(n_adv > 0, lambda: attacker.in_graph(x[:n_adv], y[:n_adv]), lambda: x[:0])
-        x_mix = tf.concat([tf.stop_gradient(x_adv), x[n_adv:]], axis=0)
+    def update(x, y):
         with tf.GradientTape() as tape:
-            loss = loss_fn(y, twin(x_mix, training=True))
+            loss = loss_fn(y, twin(x, training=True))
             if model.losses:
                 loss += tf.add_n(model.losses)  # the head's L2 penalty
         optimizer.apply_gradients(zip(tape.gradient(loss, trainable), trainable))
         return loss
+
+    def step(x, y):
+        # The attack runs on the model's one compiled gradient, shared with validation's and evaluate's attacks:
+        # compiled into the step it was traced again, with its loop (bench/README.md, "Tracing once").
+        n_adv = int(np.round(np.float32(cfg.adv_ratio) * np.float32(len(x))))
+        if n_adv == 0:  # never an attack on an empty batch: BatchNormalization fails on zero images under oneDNN
+            return update(x, y)
+        return update(tf.concat([attacker.perturb_batch(x[:n_adv], y[:n_adv]), x[n_adv:]], axis=0), y)
 
     from tqdm import tqdm
 

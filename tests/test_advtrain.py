@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import config, model, training
-from pipeline.attacks import Attacker
+from pipeline.attacks import Attacker, margin_and_gradient
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -112,6 +112,8 @@ def test_adversarial_training_repairs_what_the_attack_breaks(graded_model_file) 
                                   before={"val_robust_score": -1.0})
     after = attacked_balanced_accuracy(m, x_test, y_test, judge)
     assert after >= 0.7 and after - before >= 0.3, (before, after)
+    # The training step's attack, validation's and the judge's ran on one compiled gradient, traced once.
+    assert margin_and_gradient(m).experimental_get_tracing_count() == 1
 
 
 def test_the_threshold_is_chosen_under_evaluates_diagnostic(graded_model) -> None:

@@ -169,8 +169,7 @@ def test_sweeping_epsilons_and_batch_sizes_does_not_retrace(attackers, batch, na
     for eps, bs in ((1, 24), (2, 10), (4.5, 7), (16, 24)):
         x_adv = attacker.perturb(x, y, batch_size=bs, epsilon=eps)
         assert np.abs(x_adv - x).max() <= eps / 255 + 1e-6
-    fn = attacker._fgsm if name == "fgsm" else attacker._pgd
-    assert fn.experimental_get_tracing_count() == 1
+    assert attacker.gradient.experimental_get_tracing_count() == 1
 
 
 def test_uint8_input_is_attacked_in_unit_pixel_space(attackers, batch) -> None:
@@ -189,7 +188,7 @@ def test_fgsm_sweep_matches_one_attack_per_epsilon_from_one_gradient_pass(attack
     for eps, got in swept.items():
         assert got.dtype == np.uint8
         np.testing.assert_array_equal(got, to_uint8(attacker.perturb(x8, y, 10, epsilon=eps)))
-    assert attacker._sign.experimental_get_tracing_count() == 1
+    assert attacker.gradient.experimental_get_tracing_count() == 1
 
 
 def test_pgd_sweep_runs_the_attack_at_each_epsilon(attackers, batch) -> None:
