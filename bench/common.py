@@ -112,18 +112,18 @@ def forward_gflop(model) -> float:
     import keras
     import numpy as np
 
-    from pipeline.model import SmallMapConv, compute_twin
+    from pipeline.model import TwinConv, compute_twin
 
     def walk(m):
         for layer in m.layers:
             if isinstance(layer, keras.Model):
                 yield from walk(layer)
-            elif isinstance(layer, SmallMapConv):
+            elif isinstance(layer, TwinConv) and layer.matmul:
                 (_, h, w, c), k = layer.input.shape, layer.conv.kernel.shape
                 yield 2 * layer.output.shape[1] * layer.output.shape[2] * c * k[-1] * (1 if k[0] == 1 else h * w)
-            elif isinstance(layer, keras.layers.Conv2D):
+            elif isinstance(layer, (keras.layers.Conv2D, TwinConv)):
                 _, h, w, f = layer.output.shape
-                yield 2 * h * w * int(np.prod(layer.kernel.shape))
+                yield 2 * h * w * int(np.prod((layer.conv if isinstance(layer, TwinConv) else layer).kernel.shape))
             elif isinstance(layer, keras.layers.Dense):
                 yield 2 * int(np.prod(layer.kernel.shape))
     return sum(walk(compute_twin(model))) / 1e9

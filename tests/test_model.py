@@ -293,7 +293,7 @@ def small_map_net(seed: int = 0) -> keras.Model:
 def swapped(twin: keras.Model) -> list[str]:
     def walk(m):
         for layer in m.layers:
-            if isinstance(layer, model.SmallMapConv):
+            if isinstance(layer, model.TwinConv) and layer.matmul:
                 yield layer.conv.name
             elif isinstance(layer, keras.Model):
                 yield from walk(layer)
@@ -334,6 +334,67 @@ def test_compute_twin_trains_the_models_own_variables() -> None:
     after = np.asarray(net(x))
     assert np.abs(after - before).max() > 1e-3
     np.testing.assert_allclose(np.asarray(twin(x)), after, rtol=1e-5, atol=1e-6)
+
+
+def norm_net(seed: int = 0) -> keras.Model:
+    """Convolutions followed by batch normalisation: the pairs compute_twin folds, and three it must not."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    pixels = keras.Input((8, 8, 3))
+    x = layers.Conv2D(6, 3, padding="same", name="folded_8x8")(pixels)
+    x = layers.BatchNormalization(name="bn_8x8")(x)
+    shared = layers.Conv2D(6, 1, strides=4, name="k1_read_twice")(layers.ReLU()(x))  # 2x2 map: a matrix product
+    a = layers.BatchNormalization(name="bn_of_shared")(shared)
+    x = layers.Add()([a, shared])  # its output has a second reader: no fold
+    x = layers.Conv2D(5, 3, padding="same", use_bias=False, name="folded_matmul_2x2")(x)
+    x = layers.BatchNormalization(center=False, name="bn_2x2")(x)
+    x = layers.Conv2D(4, 1, activation="relu", name="own_activation")(x)  # activation first: no fold
+    x = layers.BatchNormalization(name="bn_after_relu")(x)
+    logit = layers.Dense(1)(layers.Flatten()(x))
+    net = keras.Model(pixels, layers.Activation("sigmoid", dtype="float32", name="prob")(logit))
+    rng = np.random.default_rng(seed)
+    for layer in net.layers:  # statistics far from (0, 1), as a trained network's are
+        if isinstance(layer, layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, layer.moving_variance.shape))
+            if layer.gamma is not None:
+                layer.gamma.assign(rng.uniform(0.5, 2.0, layer.gamma.shape))
+            layer.trainable = False
+    return net
+
+
+def folded(twin: keras.Model) -> list[str]:
+    return sorted(layer.bn.name for layer in twin.layers if isinstance(layer, model.TwinConv) and layer.bn is not None)
+
+
+def test_compute_twin_folds_each_frozen_batch_norm_into_the_convolution_it_reads() -> None:
+    net = norm_net()
+    twin = model.compute_twin(net)
+    assert folded(twin) == ["bn_2x2", "bn_8x8"]
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) and layer.name in ("bn_2x2", "bn_8x8")
+                   for layer in twin.layers)
+    x = pixels(16, size=8)
+    np.testing.assert_allclose(np.asarray(twin(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(input_gradient(twin, x), input_gradient(net, x), rtol=1e-4, atol=1e-6)
+
+
+def test_a_trainable_batch_norm_in_training_is_not_folded() -> None:
+    import tensorflow as tf
+
+    net = norm_net(seed=1)
+    twin = model.compute_twin(net)
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = True
+    x = pixels(16, size=8)
+    # In training, batch statistics: the twin must run the normalisation itself, as the model does.
+    np.testing.assert_allclose(np.asarray(twin(x, training=True)), np.asarray(net(x, training=True)), rtol=1e-5,
+                               atol=1e-6)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(twin(x, training=True))
+    grads = tape.gradient(loss, net.trainable_variables)
+    assert all(g is not None for g in grads)
+    np.testing.assert_allclose(np.asarray(twin(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-6)  # inference: folded
 
 
 def test_resnet50_twin_rewrites_the_last_stages_and_keeps_the_function(cfg) -> None:
