@@ -3,9 +3,9 @@ evaluation APGD-CE (``APGD``, white-box) and the score-based black-box Square at
 
 Epsilon and step size are in 8-bit pixel units (``epsilon: 8`` is 8/255). The steps follow binary cross-entropy's
 gradient sign, taken through the model's logit (see ``margin_and_gradient``): differentiating the sigmoid output
-instead gives zero gradients once it saturates, and the attack silently does nothing. Each step is one call of the
-model's one compiled gradient over a whole batch, whatever the attack, epsilon or batch size: it is traced once. PGD with
-``restarts`` > 1 runs from several random starts and keeps, per image, the one that did the most damage.
+instead gives zero gradients once it saturates, and the attack silently does nothing. Each step is one call of
+the model's one compiled gradient over a whole batch, whatever the attack, epsilon or batch size: it is traced once.
+PGD with ``restarts`` > 1 runs from several random starts and keeps, per image, the one that did the most damage.
 """
 from __future__ import annotations
 
