@@ -310,13 +310,18 @@ def input_gradient(m: keras.Model, x: np.ndarray) -> np.ndarray:
     return tape.gradient(out, x).numpy()
 
 
+def assert_same_function(twin: keras.Model, net: keras.Model, x: np.ndarray) -> None:
+    """Outputs and input gradients equal up to float rounding (the twin sums in another order)."""
+    np.testing.assert_allclose(np.asarray(twin(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(input_gradient(twin, x), input_gradient(net, x), rtol=1e-4, atol=1e-6)
+
+
 def test_compute_twin_computes_the_same_function_with_small_map_convolutions_as_matrix_products() -> None:
     net = small_map_net()
     twin = model.compute_twin(net)
     assert swapped(twin) == ["k1_on_1x1", "k1_stride2", "k2_on_2x2", "k3_on_1x1", "k3_on_2x2"]
     x = pixels(16, size=4)
-    np.testing.assert_allclose(np.asarray(twin(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(input_gradient(twin, x), input_gradient(net, x), rtol=1e-4, atol=1e-6)
+    assert_same_function(twin, net, x)
 
 
 def test_compute_twin_trains_the_models_own_variables() -> None:
@@ -374,8 +379,7 @@ def test_compute_twin_folds_each_frozen_batch_norm_into_the_convolution_it_reads
     assert not any(isinstance(layer, keras.layers.BatchNormalization) and layer.name in ("bn_2x2", "bn_8x8")
                    for layer in twin.layers)
     x = pixels(16, size=8)
-    np.testing.assert_allclose(np.asarray(twin(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(input_gradient(twin, x), input_gradient(net, x), rtol=1e-4, atol=1e-6)
+    assert_same_function(twin, net, x)
 
 
 def test_a_trainable_batch_norm_in_training_is_not_folded() -> None:
