@@ -175,7 +175,7 @@ class ExtraAttack(Section):
     """An attack evaluate adds beside the mission's and the diagnostic (pipeline/attacks.py), on a seeded, stratified
     subset of ``images`` of the diagnostic images (null: all of them): ``apgd`` (APGD-CE, white-box: ``steps``,
     ``restarts``), ``square`` (black-box, scores only: ``queries``, ``p_init``) or ``transfer`` (the undefended
-    model's diagnostic-attack images replayed on the defended one: no budget of its own, the diagnostic's epsilon)."""
+    model's images under the mission's attack replayed on the defended one: no budget of its own)."""
 
     name: Literal["apgd", "square", "transfer"]
     epsilon: Epsilon255 = 8.0
@@ -188,7 +188,7 @@ class ExtraAttack(Section):
     def describe(self) -> str:
         """``apgd-ce-20 eps 8/255``, ``square-300 eps 8/255``, ``transfer``: tags and logs."""
         if self.name == "transfer":
-            return "transfer from the undefended model's diagnostic"
+            return "transfer from the undefended model's attacked set"
         budget = (f"apgd-ce-{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
                   if self.name == "apgd" else f"square-{self.queries}")
         return f"{budget} eps {self.epsilon:g}/255" + (f" on {self.images}" if self.images else "")

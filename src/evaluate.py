@@ -45,9 +45,9 @@ def main() -> None:
     with tracking.stage_run("evaluate", params):
         import mlflow
 
-        # The undefended model first: its diagnostic images are the transfer attack on the defended one.
+        # The undefended model first: its attacked set (its Test_dataset_2) is the transfer attack on the defended one.
         _, _, base, base_summary = evaluate(paths.model, "baseline")
-        model, threshold, final, final_summary = evaluate(paths.model_adv, "advtrained", base.x_diagnostic)
+        model, threshold, final, final_summary = evaluate(paths.model_adv, "advtrained", base.x_adv)
         evaluation.write_png_set(final.x_adv, test.names, paths.adversarial)
         tracking.log_splits(paths.processed, "test")
         tracking.log_dataset(paths.adversarial, "testing-attacked", name="Test_dataset_2")
@@ -100,7 +100,7 @@ def main() -> None:
             holds, why = registry.update_champion(
                 info["registered_model"], candidate, reference,
                 lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed,
-                                             protocol["threshold"], params.inference, base.x_diagnostic,
+                                             protocol["threshold"], params.inference, base.x_adv,
                                              cache))
             mlflow.set_tags({"champion": str(holds), "champion_reason": why})
             champion = f"; v{info['version']} {'is' if holds else 'is not'} @champion ({why})"
