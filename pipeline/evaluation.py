@@ -102,9 +102,10 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     ``cfg.diagnostic_images`` (all images when null), and so do the figures built on it: ``diagnostic``, ``worst``
     and ``robust_score`` (both its terms, so that they count the same images). ``cfg.attacks`` run on nested
     subsets of it; ``transfer`` replays ``transfer_from`` (another model's attacked images of ``x``, in evaluate
-    the undefended model's mission set, its ``Result.x_adv``) and is skipped without it. ``worst`` is per image the worst of every attack that ran on
-    it. With ``cache_dir``, each pass is read back where the same pass ran before on the same weights and images
-    (:mod:`pipeline.memo`); the figures are computed afresh from its scores either way."""
+    the undefended model's mission set, its ``Result.x_adv``) and is skipped without it. ``worst`` is per image the
+    worst of every attack that ran on it. With ``cache_dir``, each pass is read back where the same pass ran before
+    on the same weights and images (:mod:`pipeline.memo`); the figures are computed afresh from its scores either
+    way."""
     bs = cfg.batch_size
     key = memo.model_key(model, x, y, seed, engine, bs, threshold) if cache_dir else ""
     passes = memo.PassCache(cache_dir, key)
