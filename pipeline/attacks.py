@@ -48,21 +48,35 @@ def margin_and_gradient(model: keras.Model):
     return fn
 
 
-SETTLE = 3  # iterates in a row an image stays fooled before PGD with ``stop_at`` lets it go
+SETTLE = 3  # iterates in a row an image stays fooled before PGD or APGD with ``stop_at`` lets it go
+
+
+def logits_of(thresholds: tuple[float, ...]) -> np.ndarray:
+    """The logit at each P(FAKE) threshold: the label there is FAKE where the logit is at least this."""
+    t = np.asarray(thresholds, np.float64).reshape(-1)
+    return np.log(t / (1.0 - t))
+
+
+def fooled_beyond(y: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """Per image, the margin -(2y - 1)·z above which its label is wrong at every one of the logit ``cuts``."""
+    sign = 1.0 - 2.0 * np.asarray(y, np.float64)
+    return np.max(sign[:, None] * cuts[None, :], axis=1)
 
 
 class Attacker:
     """Perturbs batches against ``model`` (a pixels -> P(FAKE) classifier from :mod:`pipeline.model`)."""
 
-    def __init__(self, model: keras.Model, attack: config.Attack, seed: int = 0, stop_at: float | None = None):
+    def __init__(self, model: keras.Model, attack: config.Attack, seed: int = 0,
+                 stop_at: tuple[float, ...] | None = None):
         self.attack = attack
         self.gradient = margin_and_gradient(model)
         self.rng = tf.random.Generator.from_seed(seed)
-        # PGD in evaluation: an image leaves the attack once its label at the threshold ``stop_at`` has stayed wrong
-        # for SETTLE iterates in a row (AutoAttack's rule, an image fooled is counted fooled): the undefended model's
-        # images go after a few steps instead of all of them. The iterates past the flip move it clear of the
-        # threshold, so the 8-bit rounding and the inference engine's own float errors do not flip it back.
-        self.cut = None if stop_at is None else math.log(stop_at / (1.0 - stop_at))
+        # PGD in evaluation: an image leaves the attack once its label has stayed wrong at every threshold of
+        # ``stop_at`` (those its attacked scores are read at) for SETTLE iterates in a row (AutoAttack's rule: an
+        # image fooled is counted fooled), so the undefended model's images go after a few steps instead of all of
+        # them. The iterates past the flip move it clear of the thresholds, so the 8-bit rounding and the inference
+        # engine's own float errors do not flip it back.
+        self.cuts = None if stop_at is None else logits_of(stop_at)
 
     def _sign(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         return tf.sign(self.gradient(x, y)[1])
@@ -71,7 +85,7 @@ class Attacker:
         x_adv = x
         if self.attack.random_start:
             x_adv = tf.clip_by_value(x + self.rng.uniform(tf.shape(x), -eps, eps), 0.0, 1.0)
-        if self.cut is not None:
+        if self.cuts is not None:
             return self._pgd_until_fooled(x, y, x_adv, eps, step)
         for _ in range(self.attack.steps):
             x_adv = x_adv + step * self._sign(x_adv, y)
@@ -83,7 +97,7 @@ class Attacker:
         """PGD's steps on the images still standing: each leaves with the iterate at which it had been fooled
         SETTLE times in a row (the margin the gradient pass returns comes free with each step)."""
         x, y, out = x.numpy(), y.numpy(), x_adv.numpy()
-        boundary = (1.0 - 2.0 * y) * self.cut  # the margin above which the label at the threshold is wrong
+        boundary = fooled_beyond(y, self.cuts)
         fooled_for = np.zeros(len(x), np.int64)
         active = np.arange(len(x))
         for _ in range(self.attack.steps):
@@ -279,15 +293,15 @@ class APGD:
     """
 
     def __init__(self, model: keras.Model, epsilon: float = 8.0, steps: int = 20, restarts: int = 1, seed: int = 0,
-                 rho: float = 0.75, momentum: float = 0.75, stop_at: float | None = None):
+                 rho: float = 0.75, momentum: float = 0.75, stop_at: tuple[float, ...] | None = None):
         if steps < 1 or restarts < 1:
             raise ValueError(f"APGD needs steps >= 1 and restarts >= 1 (got steps={steps}, restarts={restarts})")
         self.epsilon, self.steps, self.restarts, self.seed = epsilon, steps, restarts, seed
         self.rho, self.momentum = rho, momentum
         self._pass = margin_and_gradient(model)
-        # As Attacker's: an image fooled at the threshold for SETTLE iterates in a row costs no more gradient passes
+        # As Attacker's: an image fooled at the thresholds for SETTLE iterates in a row costs no more gradient passes
         # (APGD then sees its loss stand still; its best point, the highest margin seen, is a fooled one).
-        self.cut = None if stop_at is None else math.log(stop_at / (1.0 - stop_at))
+        self.cuts = None if stop_at is None else logits_of(stop_at)
 
     def run_batch(self, x: np.ndarray, y, epsilon: float | None = None, rng: np.random.Generator | None = None,
                   trace: ApgdTrace | None = None) -> AttackResult:
@@ -297,7 +311,7 @@ class APGD:
         eps = np.float32((self.epsilon if epsilon is None else epsilon) / 255.0)
         rng = np.random.default_rng(self.seed) if rng is None else rng
 
-        boundary = None if self.cut is None else (1.0 - 2.0 * _labels(y)) * self.cut
+        boundary = None if self.cuts is None else fooled_beyond(_labels(y), self.cuts)
         margin_at, grad_at, fooled_for = np.zeros(len(x)), np.zeros_like(x), np.zeros(len(x), np.int64)
 
         def objective_and_gradient(xb):

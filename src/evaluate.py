@@ -39,7 +39,7 @@ def main() -> None:
         calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
                                                                            ("adversarial", result.p_adv))}
         return model, threshold, result, {**result.summary(reference), "threshold": threshold, **calibration,
-                                          "at_0.5": result.at_threshold(test.y, cfg, 0.5),
+                                          "at_0.5": result.at_threshold(test.y, cfg, evaluation.REFERENCE_THRESHOLD),
                                           "ci95": evaluation.intervals(result, test.y, cfg, seed, threshold)}
 
     with tracking.stage_run("evaluate", params):

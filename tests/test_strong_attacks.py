@@ -157,11 +157,12 @@ def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_steps(graded_model, gra
 @pytest.mark.parametrize("kind", ["pgd", "apgd"])
 @pytest.mark.parametrize("threshold", [0.02, 0.98])
 def test_an_attack_lets_an_image_go_once_fooled_at_the_threshold(graded_model, graded_forward, kind, threshold):
-    """evaluate's PGD and APGD (``stop_at``: the model's threshold) stop spending gradient passes on an image SETTLE
-    iterates after its label there flips: each must fool every image its full run fools, leave the others exactly
-    as the full run does, and spend fewer passes. Both thresholds lie far from 0.5 (logits ±3.9), on either side,
-    and the steps are small against that, so an attack that stopped at the wrong cut or on the wrong side would let
-    images go too soon and fool fewer than the full run."""
+    """evaluate's PGD and APGD (``stop_at``: the model's threshold and 0.5, where its attacked scores are read) stop
+    spending gradient passes on an image once its label has been wrong at both for SETTLE iterates: each must fool,
+    at both thresholds, every image its full run fools there, leave the others exactly as the full run does, and
+    spend fewer passes. Each threshold lies far from 0.5 (logits ±3.9), so for one class it is the harder cut and
+    for the other 0.5 is, and the steps are small against the gap: an attack that stopped at one cut only, or on
+    the wrong side, would let images go too soon and fool fewer than the full run."""
     idx = np.r_[0:16, 128:144]
     x, y = graded_model.x[idx].astype(np.float32) / 255.0, graded_model.y[idx].astype(np.int64)
     eps, steps = 2, 12
@@ -172,18 +173,18 @@ def test_an_attack_lets_an_image_go_once_fooled_at_the_threshold(graded_model, g
                             seed=3, stop_at=stop_at)
         return APGD(graded_model.model, epsilon=eps, steps=steps, seed=3, stop_at=stop_at)
 
-    full, early = make(None).perturb(x, y, batch_size=32), make(threshold)
+    full, early = make(None).perturb(x, y, batch_size=32), make((threshold, 0.5))
     passes = []
     name = "gradient" if kind == "pgd" else "_pass"
     gradient = getattr(early, name)
     setattr(early, name, lambda xb, yb: (passes.append(len(xb)), gradient(xb, yb))[1])
     x_early = early.perturb(x, y, batch_size=32)
     within_budget(x_early, x, eps)
-    cut = math.log(threshold / (1 - threshold))
-    fooled_full, fooled_early = ((graded_forward(a) >= cut) != (y == 1) for a in (full, x_early))
-    assert 0 < fooled_full.sum() < len(y) - 2, "the test needs images the attack fools and images it does not"
-    assert np.all(fooled_early[fooled_full])
-    np.testing.assert_allclose(x_early[~fooled_early], full[~fooled_early], atol=1e-6)
+    for cut in (math.log(threshold / (1 - threshold)), 0.0):
+        fooled_full, fooled_early = ((graded_forward(a) >= cut) != (y == 1) for a in (full, x_early))
+        assert 0 < fooled_full.sum() < len(y) - 2, "the test needs images the attack fools and images it does not"
+        assert np.all(fooled_early[fooled_full])
+        np.testing.assert_allclose(x_early[~fooled_early], full[~fooled_early], atol=1e-6)
     assert sum(passes) < 0.9 * steps * len(y)
 
 
