@@ -313,33 +313,34 @@ class APGD:
 
         boundary = None if self.cuts is None else fooled_beyond(_labels(y), self.cuts)
         margin_at, grad_at, fooled_for = np.zeros(len(x)), np.zeros_like(x), np.zeros(len(x), np.int64)
+        spent = np.zeros(len(x), np.int64)  # gradient passes per image
 
         def objective_and_gradient(xb):
             if boundary is None:
+                spent[:] += 1
                 margin, grad = self._pass(tf.constant(xb), yt)
                 return margin.numpy(), grad.numpy()
             active = np.flatnonzero(fooled_for < SETTLE)
+            spent[active] += 1
             if len(active):
                 margin, grad = self._pass(tf.constant(xb[active]), tf.gather(yt, active))
                 margin_at[active], grad_at[active] = margin.numpy(), grad.numpy()
                 fooled_for[active] = np.where(margin_at[active] > boundary[active], fooled_for[active] + 1, 0)
             return margin_at.copy(), grad_at.copy()
 
-        best, best_margin, calls = None, None, 0
+        best, best_margin = None, None
         for _ in range(self.restarts):
             t = rng.uniform(-1.0, 1.0, x.shape).astype(np.float32)
             t /= np.maximum(np.abs(t).reshape(len(x), -1).max(axis=1), 1e-12).reshape(-1, 1, 1, 1)
             start = np.clip(x + eps * t, 0.0, 1.0)
-            found, margin, used = apgd(objective_and_gradient, x, start, eps, self.steps, self.rho, self.momentum,
-                                       trace if best is None else None)
-            calls += used
+            found, margin, _ = apgd(objective_and_gradient, x, start, eps, self.steps, self.rho, self.momentum,
+                                    trace if best is None else None)
             if best is None:
                 best, best_margin = found, margin
             else:
                 better = margin > best_margin
                 best[better], best_margin[better] = found[better], margin[better]
-        return AttackResult(best.astype(np.float32, copy=False), np.logaddexp(0.0, best_margin),
-                            np.full(len(x), calls, np.int64))
+        return AttackResult(best.astype(np.float32, copy=False), np.logaddexp(0.0, best_margin), spent)
 
     def run(self, x: np.ndarray, y, batch_size: int, epsilon: float | None = None,
             progress: str | None = None) -> AttackResult:

@@ -178,7 +178,8 @@ def test_an_attack_lets_an_image_go_once_fooled_at_the_threshold(graded_model, g
     name = "gradient" if kind == "pgd" else "_pass"
     gradient = getattr(early, name)
     setattr(early, name, lambda xb, yb: (passes.append(len(xb)), gradient(xb, yb))[1])
-    x_early = early.perturb(x, y, batch_size=32)
+    result = early.perturb(x, y, batch_size=32) if kind == "pgd" else early.run(x, y, batch_size=32)
+    x_early = result if kind == "pgd" else result.x_adv
     within_budget(x_early, x, eps)
     for cut in (math.log(threshold / (1 - threshold)), 0.0):
         fooled_full, fooled_early = ((graded_forward(a) >= cut) != (y == 1) for a in (full, x_early))
@@ -186,6 +187,8 @@ def test_an_attack_lets_an_image_go_once_fooled_at_the_threshold(graded_model, g
         assert np.all(fooled_early[fooled_full])
         np.testing.assert_allclose(x_early[~fooled_early], full[~fooled_early], atol=1e-6)
     assert sum(passes) < 0.9 * steps * len(y)
+    if kind == "apgd":  # each image's own count, as AttackResult.queries says
+        assert result.queries.sum() == sum(passes) and result.queries.max() == steps + 1
 
 
 def test_apgd_is_reproducible_and_does_not_retrace(apgd_attack, graded_batch) -> None:
