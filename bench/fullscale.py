@@ -61,7 +61,10 @@ def scaled_params(s: float) -> dict[tuple[str, ...], object]:
 def floor_gflop(stage: str, p, n: dict[str, int], epochs_run: dict[str, int]) -> float:
     """GFLOP of the passes ``stage`` runs under params ``p`` (``config.Params``) on splits of ``n`` images: a forward
     pass F (ResNet50 and head at model.image_size), an input gradient 2F (forward, then backward to the pixels), a
-    training step 3F; the head on cached features H. Grad-CAM and all that is not a matrix product are left out."""
+    training step 3F; the head on cached features H. Grad-CAM and all that is not a matrix product are left out.
+    ``epochs_run``: what the stage did where its params only bound it: head epochs (tune, train), and evaluate's
+    ``gradients`` and ``queries`` (:func:`evaluate_work`: its attacks let fooled images go); without these, the
+    bounds."""
     f = common.GFLOP_PER_IMAGE_32 * (p.model.image_size / 32) ** 2
     h = 2 * (2048 * 256 + 256 * 64 + 64) / 1e9
     ev, adv = p.evaluate, p.advtrain
@@ -93,7 +96,14 @@ def floor_gflop(stage: str, p, n: dict[str, int], epochs_run: dict[str, int]) ->
         # Square at its whole query budget (an image stops once flipped); transfer on the defended model only
         per_image = {"apgd": lambda a: 2 * (a.steps * a.restarts * 2 + 1) * f,
                      "square": lambda a: 2 * (a.queries + 1) * f, "transfer": lambda a: f}
-        return 2 * one + sum(min(a.images or sub, sub) * per_image[a.name](a) for a in ev.attacks)
+        budget = 2 * one + sum(min(a.images or sub, sub) * per_image[a.name](a) for a in ev.attacks)
+        if "gradients" not in epochs_run:
+            return budget
+        # As run: every forward pass above, and only the gradients and queries the attacks spent
+        forward = {"apgd": lambda a: 2 * f, "square": lambda a: 2 * 2 * f, "transfer": lambda a: f}
+        return (2 * (one - attacked(ev.attack, test) - attacked(ev.diagnostic, sub) + test * f + sub * f)
+                + sum(min(a.images or sub, sub) * forward[a.name](a) for a in ev.attacks)
+                + 2 * f * epochs_run["gradients"] + f * epochs_run["queries"])
     if stage == "predict":
         return 2 * n["test"] * f
     return 0.0
@@ -112,6 +122,18 @@ def epochs_run(repo: Path, p) -> dict[str, int]:
                                   storage=tuning.storage(p.tune.storage.replace(":///", f":///{repo}/", 1)))
         runs["tune"] = sum(len(t.intermediate_values) for t in study.trials)
     return runs
+
+
+def evaluate_work(tracking_uri: str, experiment: str) -> dict[str, int]:
+    """Images through an input gradient, and Square's forward queries, over the passes the last evaluate computed
+    (both models; read back from its cache: nothing): its MLflow run's ``gradients.*`` and ``queries.*``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "tags.stage = 'evaluate'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return {kind: int(sum(v for k, v in run.data.metrics.items() if k.startswith(f"{kind}.")))
+            for kind in ("gradients", "queries")}
 
 
 def python_shim(folder: Path, times: Path, repo: Path) -> dict:
@@ -170,7 +192,8 @@ def main() -> None:
         t, script = read_times(whole), read_times(own)
         n = {k: len(np.load(repo / "data" / "processed" / k / "y.npy")) for k in ("train", "val", "test")
              } if stage not in ("fetch", "preprocess") else {}
-        runs = epochs_run(repo, p) if stage in ("tune", "train") else {}  # the only floors that read them
+        runs = (epochs_run(repo, p) if stage in ("tune", "train") else {} if stage != "evaluate" else
+                evaluate_work(p.mlflow.tracking_uri.replace(":///", f":///{repo}/", 1), p.mlflow.experiment))
         floor = floor_gflop(stage, p, n, runs) / rate if n else 0.0
         row = {"stage": stage, **t, "floor_s": round(floor, 1),
                "x_floor": round(t["wall_s"] / floor, 2) if floor > 1 else None, "script_wall_s": script.get("wall_s"),

@@ -77,9 +77,14 @@ class Attacker:
         # them. The iterates past the flip move it clear of the thresholds, so the 8-bit rounding and the inference
         # engine's own float errors do not flip it back.
         self.cuts = None if stop_at is None else logits_of(stop_at)
+        self.spent = 0  # images through the input gradient so far: what the attacks cost (bench/fullscale.py)
+
+    def _gradient(self, x, y):
+        self.spent += int(x.shape[0])
+        return self.gradient(x, y)
 
     def _sign(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        return tf.sign(self.gradient(x, y)[1])
+        return tf.sign(self._gradient(x, y)[1])
 
     def _pgd(self, x: tf.Tensor, y: tf.Tensor, eps: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         x_adv = x
@@ -101,7 +106,7 @@ class Attacker:
         fooled_for = np.zeros(len(x), np.int64)
         active = np.arange(len(x))
         for _ in range(self.attack.steps):
-            margin, grad = self.gradient(tf.constant(out[active]), tf.constant(y[active]))
+            margin, grad = self._gradient(tf.constant(out[active]), tf.constant(y[active]))
             fooled_for[active] = np.where(margin.numpy() > boundary[active], fooled_for[active] + 1, 0)
             stay = fooled_for[active] < SETTLE
             active, grad = active[stay], grad.numpy()[stay]
@@ -122,10 +127,10 @@ class Attacker:
         step = tf.constant(a.step_size / 255.0, tf.float32)
         best = self._pgd(x, y, eps, step)
         if a.restarts > 1:  # per image, the start that did the most damage
-            best_loss = self.gradient(best, y)[0]
+            best_loss = self._gradient(best, y)[0]
             for _ in range(a.restarts - 1):
                 x_adv = self._pgd(x, y, eps, step)
-                loss = self.gradient(x_adv, y)[0]
+                loss = self._gradient(x_adv, y)[0]
                 best = tf.where((loss > best_loss)[:, None, None, None], x_adv, best)
                 best_loss = tf.maximum(loss, best_loss)
         return best

@@ -47,6 +47,11 @@ class Result:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each pass: where evaluate's time goes
     cached: list[str] = field(default_factory=list)  # the passes read back from the cache (pipeline/memo.py)
     precisions: dict[str, str] = field(default_factory=dict)  # pass -> the precision its forward pass ran in, why
+    # What this run's attack passes cost (those read back from the cache: nothing): images through the input
+    # gradient, and Square's forward queries. The attacks let fooled images go, so these, not the budgets, are the
+    # work (bench/fullscale.py's floor).
+    gradients: dict[str, int] = field(default_factory=dict)
+    queries: dict[str, int] = field(default_factory=dict)
 
     @property
     def clean(self) -> dict[str, float]:
@@ -110,13 +115,25 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     key = memo.model_key(model, x, y, seed, engine, bs, threshold) if cache_dir else ""
     passes = memo.PassCache(cache_dir, key)
     precisions: dict[str, str] = {}
+    cost: dict[str, dict[str, int]] = {"gradients": {}, "queries": {}}
 
     def cache(name: str, spec: Any, compute, label: str | None = None) -> dict[str, np.ndarray]:
-        """A pass through the cache, its precision noted under ``label`` (default: its name)."""
+        """A pass through the cache, its precision and, if computed now, its cost noted under ``label`` (default:
+        its name)."""
+        hits = len(passes.hits)
         out = passes(name, spec, compute)
         if "precision" in out:
             precisions[label or name] = str(out["precision"])
+        for kind, counts in cost.items():
+            if len(passes.hits) == hits and int(out.get(kind, 0)):
+                counts[label or name] = int(out[kind])
         return out
+
+    def costed(attack: Attacker, compute) -> dict[str, np.ndarray]:
+        """``compute()``'s pass with the input gradients ``attack`` spent on it."""
+        before = attack.spent
+        out = compute()
+        return {**out, "gradients": np.array(attack.spent - before)}
 
     def bar(text: str) -> str | None:  # progress bars on a terminal only, not in logs
         return f"{name}: {text}" if sys.stderr.isatty() else None
@@ -135,8 +152,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     # serves the mission's set and every epsilon of the curve, and is kept apart from them, so an epsilon edit
     # costs forward passes only.
     fgsm = cfg.attack.name == "fgsm"
-    signs = cache("signs", [cfg.attack.name], lambda: {"s": attacker.signs(x, y, bs, bar(cfg.attack.describe()))}
-                  )["s"] if fgsm else None
+    signs = cache("signs", [cfg.attack.name], lambda: costed(attacker, lambda: {
+        "s": attacker.signs(x, y, bs, bar(cfg.attack.describe()))}))["s"] if fgsm else None
 
     def attacked(eps: float, at: np.ndarray | slice = slice(None), text: str | None = None) -> dict[str, np.ndarray]:
         if fgsm:
@@ -146,7 +163,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         return {"x": adv, **scores(adv)}
 
     out = cache("attack", cfg.attack.model_dump(mode="json"),
-                lambda: attacked(cfg.attack.epsilon, text=cfg.attack.describe()))
+                lambda: costed(attacker, lambda: attacked(cfg.attack.epsilon, text=cfg.attack.describe())))
     x_adv, p_adv = out["x"], out["p"]
     laps("attack")
     sub = stratified_subset(y, cfg.diagnostic_images, seed)
@@ -160,7 +177,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         adv = to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe())))
         return {"x": adv, **scores(adv)}
 
-    out = cache("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images], diagnose)
+    out = cache("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images],
+                lambda: costed(diagnostic, diagnose))
     x_diag, p_diag = out["x"], out["p"]
     laps("diagnostic")
     extra = {}  # attack name -> (positions in sub, P(FAKE) attacked)
@@ -172,7 +190,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         # Square's loss is the margin at the model's threshold; a transfer attack replays its source images.
         spec = [a.model_dump(mode="json"), cfg.diagnostic_images, threshold if a.name == "square" else None,
                 memo.digest(source) if a.name == "transfer" else None]
-        extra[a.name] = part, cache(a.name, spec, lambda a=a, part=part, source=source: scores(_attack(
+        extra[a.name] = part, cache(a.name, spec, lambda a=a, part=part, source=source: _scored(scores, _attack(
             a, model, x[sub][part], y[sub][part], threshold, seed, bs, bar(a.describe()), source, engine)))["p"]
         laps(a.name)
     p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag, *(_on(p_adv[sub], part, p) for part, p in extra.values()))
@@ -205,8 +223,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     swept = {}
     for eps in (e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)):
         spec = [{**cfg.attack.model_dump(mode="json"), "epsilon": eps}, cfg.curve_images]
-        swept[eps] = cache("curve", spec, lambda eps=eps: {k: v for k, v in attacked(eps, idx, "robustness curve")
-                                                           .items() if k != "x"}, f"curve {eps:g}")["p"]
+        swept[eps] = cache("curve", spec, lambda eps=eps: {k: v for k, v in costed(
+            attacker, lambda: attacked(eps, idx, "robustness curve")).items() if k != "x"}, f"curve {eps:g}")["p"]
     curve = []
     for eps in cfg.epsilons:
         p = p_clean[idx] if eps == 0 else p_adv[idx] if eps == cfg.attack.epsilon else swept[eps]
@@ -214,7 +232,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
     laps("curve")
     return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub, corrupted, p_worst, x_diag,
-                  masking, laps.seconds, passes.hits, precisions)
+                  masking, laps.seconds, passes.hits, precisions, cost["gradients"], cost["queries"])
 
 
 class Laps:
@@ -247,15 +265,24 @@ def _on(base: np.ndarray, part: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 def _attack(a: config.ExtraAttack, model: keras.Model, x: np.ndarray, y: np.ndarray, threshold: float, seed: int,
             batch_size: int, progress: str | None, transferred: np.ndarray | None,
-            engine: config.Inference = inference.AUTO) -> np.ndarray:
-    """One of ``evaluate.attacks`` on ``x``, as uint8 images (what a PNG would hold)."""
+            engine: config.Inference = inference.AUTO) -> dict[str, np.ndarray]:
+    """One of ``evaluate.attacks`` on ``x``: ``x`` the uint8 images (what a PNG would hold), and what they cost
+    (``gradients``: images through the input gradient, APGD; ``queries``: forward queries, Square)."""
     if a.name == "transfer":
-        return transferred
+        return {"x": transferred}
     if a.name == "apgd":
-        attack = APGD(model, a.epsilon, a.steps, a.restarts, seed, stop_at=(threshold, REFERENCE_THRESHOLD))
-    else:  # square: its loss is the margin at the model's own threshold, so it stops once that label flips
-        attack = SquareAttack(square_forward(model, engine), a.epsilon, a.queries, a.p_init, threshold, seed)
-    return to_uint8(attack.perturb(x, y, batch_size, progress=progress))
+        result = APGD(model, a.epsilon, a.steps, a.restarts, seed, stop_at=(threshold, REFERENCE_THRESHOLD)
+                      ).run(x, y, batch_size, progress=progress)
+        return {"x": to_uint8(result.x_adv), "gradients": np.array(result.queries.sum())}
+    # square: its loss is the margin at the model's own threshold, so it stops once that label flips
+    result = SquareAttack(square_forward(model, engine), a.epsilon, a.queries, a.p_init, threshold, seed
+                          ).run(x, y, batch_size, progress=progress)
+    return {"x": to_uint8(result.x_adv), "queries": np.array(result.queries.sum())}
+
+
+def _scored(scores, attacked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An attack's pass as the cache keeps it: the scores of its images and its cost, not the images."""
+    return {**scores(attacked["x"]), **{k: v for k, v in attacked.items() if k != "x"}}
 
 
 def square_forward(model: keras.Model, engine: config.Inference = inference.AUTO):

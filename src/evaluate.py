@@ -90,8 +90,9 @@ def main() -> None:
                            model_id=info.get("model_id"))
         mlflow.log_metrics({k: v for k, v in flat.items() if k.startswith("baseline.")},
                            model_id=base_info.get("model_id"))
-        mlflow.log_metrics({f"seconds.{name}.{k}": v for name, r in (("advtrained", final), ("baseline", base))
-                            for k, v in r.seconds.items()})
+        mlflow.log_metrics({f"{kind}.{name}.{k}": v for name, r in (("advtrained", final), ("baseline", base))
+                            for kind, values in (("seconds", r.seconds), ("gradients", r.gradients),
+                                                 ("queries", r.queries)) for k, v in values.items()})
         for name, fig in figures.items():
             mlflow.log_figure(fig, name)
         champion = ""

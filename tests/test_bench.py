@@ -105,3 +105,10 @@ def test_the_floor_counts_each_stages_passes() -> None:
     assert floors["advtrain"] > p.advtrain.epochs * 8000 * 3 * f  # a training step per image and epoch
     more = config.load(ROOT / "params.yaml", ["evaluate.diagnostic.steps=40"])
     assert floor_gflop("evaluate", more, n, {}) > floors["evaluate"]  # more steps, more arithmetic
+    # As run (the attacks let fooled images go): the budgets' gradients and queries replaced by those spent
+    full = {"gradients": 2 * (2000 + 2000 * ev.diagnostic.steps + 500 * 20 + 500),
+            "queries": 2 * 200 * ev.attacks[1].queries}
+    assert floor_gflop("evaluate", p, n, full) == pytest.approx(floors["evaluate"], rel=0.02)
+    half = {"gradients": full["gradients"] // 2, "queries": full["queries"]}
+    assert floor_gflop("evaluate", p, n, half) == pytest.approx(
+        floor_gflop("evaluate", p, n, full) - full["gradients"] * f)  # half the gradients, 2F each

@@ -354,6 +354,15 @@ def test_editing_evaluate_epsilon_reruns_only_evaluate_and_predict(repo, mlflow_
             for r in runs]
     assert [float(d[0]["evaluate.attack.epsilon"]) for d in data] == [1.0, 8.0]
     assert data[0][1]["adversarial.roc_auc"] > data[1][1]["adversarial.roc_auc"] + 0.05, data
+    # what each run's attacks cost, as bench/fullscale.py's floor reads it: the first run paid for every attack, the
+    # rerun for none (FGSM's signs and every other pass came back from the cache)
+    from bench.fullscale import evaluate_work
+
+    first, n = data[1][1], 2 * TINY[("sample", "test_per_class")]
+    assert first["gradients.baseline.signs"] == first["gradients.advtrained.signs"] == n
+    assert first["gradients.advtrained.diagnostic"] > 0 and first["queries.advtrained.square"] > 0
+    assert not any(k.startswith(("gradients.", "queries.")) for k in data[0][1])
+    assert evaluate_work(mlflow_server, "cifake") == {"gradients": 0, "queries": 0}
 
 
 def test_editing_train_epochs_reruns_train_onward_but_not_tune(repo):

@@ -55,6 +55,12 @@ def test_each_attack_lowers_an_undefended_models_balanced_accuracy_and_the_worst
     result = evaluation.evaluate(graded_model.model, x, y, cfg, SEED, 0.5, "graded", TF, transfer_from=source)
     ba = {k: v["balanced_accuracy"] for k, v in result.sets.items()}
     assert ba["clean"] >= 0.85
+    # What each pass cost: FGSM one gradient an image; PGD-5 and APGD-10 less than their budgets, as the images
+    # they fool leave; Square's forward queries; the curve (FGSM's signs) and transfer no gradient of their own.
+    n = len(y)
+    assert result.gradients["signs"] == n and set(result.gradients) == {"signs", "diagnostic", "apgd"}
+    assert 0 < result.gradients["diagnostic"] < 5 * n and 0 < result.gradients["apgd"] < 11 * n, result.gradients
+    assert set(result.queries) == {"square"} and 0 < result.queries["square"] <= 150 * n
     for name in ("apgd", "square", "transfer"):
         assert ba[name] <= ba["clean"] - 0.05, (name, ba)
         assert result.sets[name]["images"] == len(y)
