@@ -192,8 +192,11 @@ def main() -> None:
         t, script = read_times(whole), read_times(own)
         n = {k: len(np.load(repo / "data" / "processed" / k / "y.npy")) for k in ("train", "val", "test")
              } if stage not in ("fetch", "preprocess") else {}
-        runs = (epochs_run(repo, p) if stage in ("tune", "train") else {} if stage != "evaluate" else
-                evaluate_work(p.mlflow.tracking_uri.replace(":///", f":///{repo}/", 1), p.mlflow.experiment))
+        runs = {}  # what the stage did where its params only bound it
+        if stage in ("tune", "train"):
+            runs = epochs_run(repo, p)
+        elif stage == "evaluate":
+            runs = evaluate_work(p.mlflow.tracking_uri.replace(":///", f":///{repo}/", 1), p.mlflow.experiment)
         floor = floor_gflop(stage, p, n, runs) / rate if n else 0.0
         row = {"stage": stage, **t, "floor_s": round(floor, 1),
                "x_floor": round(t["wall_s"] / floor, 2) if floor > 1 else None, "script_wall_s": script.get("wall_s"),

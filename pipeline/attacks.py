@@ -57,10 +57,22 @@ def logits_of(thresholds: tuple[float, ...]) -> np.ndarray:
     return np.log(t / (1.0 - t))
 
 
-def fooled_beyond(y: np.ndarray, cuts: np.ndarray) -> np.ndarray:
-    """Per image, the margin -(2y - 1)·z above which its label is wrong at every one of the logit ``cuts``."""
-    sign = 1.0 - 2.0 * np.asarray(y, np.float64)
-    return np.max(sign[:, None] * cuts[None, :], axis=1)
+class Standing:
+    """Which images an attack with ``stop_at`` still works on: each leaves once its margin -(2y - 1)·z has been beyond
+    every one of the logit ``cuts`` (its label wrong at each threshold) for SETTLE iterates in a row."""
+
+    def __init__(self, y: np.ndarray, cuts: np.ndarray):
+        sign = 1.0 - 2.0 * np.asarray(y, np.float64).reshape(-1)
+        self.boundary = np.max(sign[:, None] * cuts[None, :], axis=1)
+        self.fooled_for = np.zeros(len(sign), np.int64)
+
+    def indices(self) -> np.ndarray:
+        return np.flatnonzero(self.fooled_for < SETTLE)
+
+    def update(self, at: np.ndarray, margin: np.ndarray) -> np.ndarray:
+        """The margins of the images ``at`` at their current iterate; returns which of them still stand."""
+        self.fooled_for[at] = np.where(margin > self.boundary[at], self.fooled_for[at] + 1, 0)
+        return self.fooled_for[at] < SETTLE
 
 
 class Attacker:
@@ -102,13 +114,11 @@ class Attacker:
         """PGD's steps on the images still standing: each leaves with the iterate at which it had been fooled
         SETTLE times in a row (the margin the gradient pass returns comes free with each step)."""
         x, y, out = x.numpy(), y.numpy(), x_adv.numpy()
-        boundary = fooled_beyond(y, self.cuts)
-        fooled_for = np.zeros(len(x), np.int64)
-        active = np.arange(len(x))
+        standing = Standing(y, self.cuts)
+        active = standing.indices()
         for _ in range(self.attack.steps):
             margin, grad = self._gradient(tf.constant(out[active]), tf.constant(y[active]))
-            fooled_for[active] = np.where(margin.numpy() > boundary[active], fooled_for[active] + 1, 0)
-            stay = fooled_for[active] < SETTLE
+            stay = standing.update(active, margin.numpy())
             active, grad = active[stay], grad.numpy()[stay]
             if not len(active):
                 break
@@ -316,21 +326,21 @@ class APGD:
         eps = np.float32((self.epsilon if epsilon is None else epsilon) / 255.0)
         rng = np.random.default_rng(self.seed) if rng is None else rng
 
-        boundary = None if self.cuts is None else fooled_beyond(_labels(y), self.cuts)
-        margin_at, grad_at, fooled_for = np.zeros(len(x)), np.zeros_like(x), np.zeros(len(x), np.int64)
+        standing = None if self.cuts is None else Standing(_labels(y), self.cuts)
+        margin_at, grad_at = np.zeros(len(x)), np.zeros_like(x)
         spent = np.zeros(len(x), np.int64)  # gradient passes per image
 
         def objective_and_gradient(xb):
-            if boundary is None:
+            if standing is None:
                 spent[:] += 1
                 margin, grad = self._pass(tf.constant(xb), yt)
                 return margin.numpy(), grad.numpy()
-            active = np.flatnonzero(fooled_for < SETTLE)
+            active = standing.indices()
             spent[active] += 1
             if len(active):
                 margin, grad = self._pass(tf.constant(xb[active]), tf.gather(yt, active))
                 margin_at[active], grad_at[active] = margin.numpy(), grad.numpy()
-                fooled_for[active] = np.where(margin_at[active] > boundary[active], fooled_for[active] + 1, 0)
+                standing.update(active, margin_at[active])
             return margin_at.copy(), grad_at.copy()
 
         best, best_margin = None, None
