@@ -73,21 +73,11 @@ def attacks(params, built, x: np.ndarray, y: np.ndarray) -> None:
              max_change_255=round(float(np.abs(adv - x / 255.0).max() * 255), 3))
 
 
-def gradient_sign(net, x, y):
-    """The sign of the attacks' input gradient (pipeline.attacks.margin_and_gradient's) through a logits net."""
-    import tensorflow as tf
-
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        loss = tf.reduce_sum((1.0 - 2.0 * y) * net(x, training=False))
-    return tf.sign(tape.gradient(loss, x))
-
-
 def twin(params, built, x: np.ndarray, y: np.ndarray) -> None:
     import keras
     import tensorflow as tf
 
-    from pipeline import inference, model
+    from pipeline import attacks, inference, model
 
     bs, yb = params.evaluate.batch_size, tf.constant(y[:, None].astype(np.float32))
     # A Sequential around a model hides its graph from compute_twin: the plain convolutions, for TF and OpenVINO.
@@ -102,7 +92,11 @@ def twin(params, built, x: np.ndarray, y: np.ndarray) -> None:
 
     for graph, net in logits.items():
         forward = tf.function(lambda b, labels, net=net: net(b, training=False), input_signature=spec)
-        gradient = tf.function(lambda b, t, net=net: gradient_sign(net, b, t), input_signature=spec)
+        margin_gradient = attacks.margin_gradient_of(net)  # the attacks' own, through this graph
+
+        def gradient(b, labels, g=margin_gradient):
+            return tf.sign(g(b, tf.reshape(labels, (-1,)))[1])
+
         ov = inference.OpenVinoRunner(net, "f32")
         passes = {"tensorflow forward": lambda f=forward: batches(f),
                   "tensorflow input gradient": lambda g=gradient: batches(g),

@@ -33,18 +33,22 @@ def margin_and_gradient(model: keras.Model):
     gives the same steps (signs) as BCE wherever BCE's gradient is non-zero, and never vanishes."""
     fn = getattr(model, "_cifake_margin_gradient", None)
     if fn is None:
-        logits = logits_model(model)
-
-        @tf.function(input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32),
-                                      tf.TensorSpec((None,), tf.float32)])
-        def fn(x, y):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                margin = (1.0 - 2.0 * y) * tf.cast(logits(x, training=False), tf.float32)[:, 0]
-                total = tf.reduce_sum(margin)  # inside the tape, or the gradient is None
-            return margin, tape.gradient(total, x)
-
+        fn = margin_gradient_of(logits_model(model))
         object.__setattr__(model, "_cifake_margin_gradient", fn)  # past Keras's tracking, as logits_model's
+    return fn
+
+
+def margin_gradient_of(logits: keras.Model):
+    """:func:`margin_and_gradient`'s compiled function through any pixels -> logit network (a fresh trace)."""
+
+    @tf.function(input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32), tf.TensorSpec((None,), tf.float32)])
+    def fn(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            margin = (1.0 - 2.0 * y) * tf.cast(logits(x, training=False), tf.float32)[:, 0]
+            total = tf.reduce_sum(margin)  # inside the tape, or the gradient is None
+        return margin, tape.gradient(total, x)
+
     return fn
 
 

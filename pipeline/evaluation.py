@@ -42,7 +42,6 @@ class Result:
     diagnosed: np.ndarray | None = None  # indices of the images the diagnostic attack ran on (p_diagnostic's order)
     corrupted: dict[str, dict[str, float]] = field(default_factory=dict)  # corruption -> metrics, same subset
     p_worst: np.ndarray | None = None  # per diagnosed image, the worst of every attack (p_diagnostic's order)
-    x_diagnostic: np.ndarray | None = None  # uint8, the diagnostic attack's images (p_diagnostic's order)
     masking: dict[str, dict] = field(default_factory=dict)  # gradient-free attack -> its test against white-box
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each pass: where evaluate's time goes
     cached: list[str] = field(default_factory=list)  # the passes read back from the cache (pipeline/memo.py)
@@ -174,12 +173,11 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     diagnostic = Attacker(model, cfg.diagnostic, seed, stop_at=(threshold, REFERENCE_THRESHOLD))
 
     def diagnose() -> dict[str, np.ndarray]:
-        adv = to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe())))
-        return {"x": adv, **scores(adv)}
+        return scores(to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe()))))
 
     out = cache("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images],
                 lambda: costed(diagnostic, diagnose))
-    x_diag, p_diag = out["x"], out["p"]
+    p_diag = out["p"]
     laps("diagnostic")
     extra = {}  # attack name -> (positions in sub, P(FAKE) attacked)
     for a in cfg.attacks:
@@ -231,8 +229,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
                       "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
     laps("curve")
-    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub, corrupted, p_worst, x_diag,
-                  masking, laps.seconds, passes.hits, precisions, cost["gradients"], cost["queries"])
+    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub, corrupted, p_worst, masking,
+                  laps.seconds, passes.hits, precisions, cost["gradients"], cost["queries"])
 
 
 class Laps:
