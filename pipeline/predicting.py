@@ -105,11 +105,6 @@ def labels(p_fake: np.ndarray, threshold: float) -> list[str]:
     return [LABELS[int(p >= threshold)] for p in p_fake]
 
 
-def load_any_model(ref: str):
-    """A model file path, or an MLflow models URI such as ``models:/cifake-resnet50@champion``."""
-    return load_with_threshold(ref)[0]
-
-
 def load_with_threshold(ref: str):
     """A model and the decision threshold stored with it: a logged version's settings (``models:/…``,
     ``runs:/…``), or the JSON beside a model file (``models/model_adv.keras`` → ``models/model_adv.json``, as
