@@ -44,7 +44,8 @@ pixels across a rounding boundary (bench/README.md has the files that differed);
 far below a grey level and do not reach a rounding boundary in practice. ``tests/test_sample.py``
 checks a golden hash, also under other OpenBLAS kernels and with numpy's AVX-512 code paths switched off.
 
-Measured with ``python bench/sample.py --measure [--resnet]`` at the default size; see ``bench/README.md``.
+Generation timed with ``python bench/sample.py``; the bounds an attacker of each size leaves are
+:func:`robustness_bounds` (evaluate's ``sample_bounds``).
 """
 from __future__ import annotations
 
