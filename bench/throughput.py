@@ -17,7 +17,8 @@ One JSON line per figure, the pipeline's own code with params.yaml's settings:
   images after one untimed batch (tracing): images/s and input-gradient passes/s.
 * ``twin``: the plain graph against ``pipeline.model.compute_twin`` (the convolutions on 2x2 and 1x1 maps as matrix
   products), 2,048 images at ``evaluate.batch_size`` after an untimed pass: TensorFlow's forward pass and input
-  gradient, OpenVINO's forward pass (float32); images/s of each graph, the largest difference in logit and the gradient signs' agreement.
+  gradient, OpenVINO's forward pass (float32); images/s of each graph, the largest difference in logit and the
+  gradient signs' agreement.
 * ``head``: one ``pipeline.training.HeadTrainer`` (as tune shares one among its trials) on 80,000 × 2,048 random
   features (20,000 validation), 2 fits of 4 epochs at ``tune.batch_size``: seconds an epoch after the first, against
   the floor, the epoch's matrix FLOPs (forward 2·(2048·256 + 256·64 + 64) a row, backward twice that, the validation
