@@ -141,15 +141,13 @@ class Attacker:
         step = tf.constant(a.step_size / 255.0, tf.float32)
         best = self._pgd(x, y, eps, step)
         if a.restarts > 1:  # per image, the start that did the most damage: its margin, a forward pass
-            from pipeline.model import forward_fn
-
-            logits = forward_fn(logits_model(self.model))
-            best_loss = (1.0 - 2.0 * y) * logits(best)[:, 0]
+            logits, sign = logit_forward(self.model), 1.0 - 2.0 * y.numpy()
+            best_loss = sign * logits(best)
             for _ in range(a.restarts - 1):
                 x_adv = self._pgd(x, y, eps, step)
-                loss = (1.0 - 2.0 * y) * logits(x_adv)[:, 0]
+                loss = sign * logits(x_adv)
                 best = tf.where((loss > best_loss)[:, None, None, None], x_adv, best)
-                best_loss = tf.maximum(loss, best_loss)
+                best_loss = np.maximum(loss, best_loss)
         return best
 
     def perturb(self, x: np.ndarray, y: np.ndarray, batch_size: int, epsilon: float | None = None,
