@@ -19,8 +19,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
-
 import optuna
+
 from pipeline import config, metrics, provenance
 from pipeline.attacks import Attacker
 from pipeline.errors import TuneError

@@ -12,9 +12,9 @@ import h5py
 import keras
 import mlflow
 import numpy as np
+import optuna
 import pytest
 
-import optuna
 from pipeline import config, data, model, sample, tracking, training, tuning
 from tests.conftest import PARAMS_FILE, separable_images, tmp_overrides
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
 
-import optuna
 from pipeline import config, tracking, tuning
 from pipeline.model import backbone_of, build_model
 from pipeline.training import Arrays

@@ -12,9 +12,9 @@ import time
 import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 
-import optuna
 from pipeline import config, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
