@@ -134,8 +134,13 @@ def build_model(cfg: config.Model, dropout: float, seed: int, head: keras.Model 
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:
-    """Pixels -> pooled backbone features: the part of ``model`` a frozen backbone makes constant."""
-    return keras.Model(model.input, model.get_layer("gap").output, name="features")
+    """Pixels -> pooled backbone features: the part of ``model`` a frozen backbone makes constant. Built once per
+    model, so the inference engine converts it once for all the splits it extracts."""
+    extractor = getattr(model, "_cifake_features", None)
+    if extractor is None:
+        extractor = keras.Model(model.input, model.get_layer("gap").output, name="features")
+        object.__setattr__(model, "_cifake_features", extractor)  # past Keras's tracking, as logits_model
+    return extractor
 
 
 def logits_model(model: keras.Model) -> keras.Model:

@@ -9,6 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -217,17 +218,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server on loopback (SQLite backend, artifacts served by the server), as a team runs one."""
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path, backend_uri: str, *artifacts: str):
+    """``mlflow server`` on a free loopback port over ``backend_uri`` (``artifacts``: its artifact options),
+    logging to ``folder/server.log``; yields its URL once it answers, and stops it afterwards."""
     import urllib.request
 
-    folder = tmp_path_factory.mktemp("mlflow-server")
     url = f"http://127.0.0.1:{free_port()}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
-         "--workers", "1"],
+         "--backend-store-uri", backend_uri, *artifacts, "--workers", "1"],
         stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the server keeps it)
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
@@ -244,3 +244,12 @@ def mlflow_server(tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on loopback (SQLite backend, artifacts served by the server), as a team runs one."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with running_mlflow_server(folder, f"sqlite:///{folder}/mlflow.db",
+                               "--artifacts-destination", str(folder / "artifacts")) as url:
+        yield url

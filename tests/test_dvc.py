@@ -3,6 +3,9 @@ params are keys that exist. (What the stages really read, and what `dvc status` 
 on a real run in tests/test_e2e.py.)"""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,21 @@ def test_code_digest_changes_with_the_code(tmp_path, monkeypatch) -> None:
         f.write("\n# changed\n")
     assert provenance.code_digest("pipeline.tuning") != before
     provenance._imports.cache_clear()
+
+
+def test_a_stage_runs_the_code_of_its_own_checkout(tmp_path: Path):
+    """Two checkouts that differ in one module, with the environment pointing at the other one (as an editable
+    install of a second clone does): the stage script imports its own."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    own, other = tmp_path / "own", tmp_path / "other"
+    for checkout in (own, other):
+        for folder in ("pipeline", "src"):
+            shutil.copytree(repo / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(own / "pipeline" / "sources.py", "a") as f:
+        f.write("\nraise SystemExit('imported the own checkout')\n")
+    env = {**os.environ, "PYTHONPATH": str(other)}
+    out = subprocess.run([sys.executable, str(own / "src" / "fetch.py")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert "imported the own checkout" in out.stderr, out.stderr[-2000:]

@@ -1,27 +1,37 @@
-"""End to end: `dvc repro` on a tiny built-in sample in a temporary copy of the repository.
+"""End to end: `dvc repro` on a tiny built-in sample in a temporary copy of the repository, then DVC experiments
+on that workspace as their users run them.
 
 Checks what a user relies on: every stage runs offline from a clean copy, the metrics file and both CSVs are
-there and well formed, MLflow holds the runs and the registry alias, a second `dvc repro` does nothing, and
-editing one params value reruns exactly the stages that read it.
+there and well formed, MLflow holds the runs and the registry alias, a second `dvc repro` does nothing, editing one
+params value reruns exactly the stages that read it, a colleague's `dvc pull` needs nothing recomputed; queued
+experiments run two at a time into the workspace's store, `--temp` runs, `dvc exp show`, `dvc exp apply`, the
+compare view of two attack sizes, and MLflow's lineage (datasets, metrics linked to the model they score, input
+examples). One `dvc repro` serves them all: it is the suite's largest single cost.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import running_mlflow_server
 from tests.test_dvc import NOT_DEPENDENCIES, covers, leaves
 
 REPO = Path(__file__).resolve().parents[1]
+STORE = "mlruns/mlflow.db"  # params.yaml's relative store: the workspace's, never a queued copy's
+EXPERIMENTS = {"eps1": 1, "eps16": 16}
 SKIP = {".git", ".dvc/tmp", ".dvc/cache", "data", "models", "mlruns", "metrics", "plots", "predictions", "reports",
         "optuna", ".cache", "bench", ".pytest_cache", "dvc.lock"}
 TINY = {
@@ -74,25 +84,47 @@ def _api(server: str, path: str, body: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
+def _run(*cmd: str, cwd: Path, env: dict, timeout: float = 900) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+class Workspace(NamedTuple):
+    root: Path
+    env: dict  # the stages' environment without MLFLOW_TRACKING_URI: params.yaml's store, as users run them
+    first: str  # what the first `dvc repro` printed
+    server: str  # a tracking server over the workspace's store
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, mlflow_server):
+def repo(tmp_path_factory):
+    """What the README's first command leaves, `dvc.lock` committed. The first run logs through a tracking server
+    (the stages run unchanged: only the environment says where it is) whose store is the workspace's own
+    (`mlruns/`, params.yaml's default), so runs made later without the server (the queued experiments) land beside
+    them. Its artifacts are on a disk the server shares; the server's artifact proxy is tested in test_serving."""
     root = tmp_path_factory.mktemp("e2e") / "repo"
     _copy_repo(root)
-    # The stages run unchanged against a tracking server: only the environment says where it is.
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHON": sys.executable, "MLFLOW_TRACKING_URI": mlflow_server}
-    # Each stage writes which params keys it read (tests/recorder/sitecustomize.py), checked against dvc.yaml below.
-    recorder = os.pathsep.join(p for p in (str(REPO / "tests" / "recorder"), os.environ.get("PYTHONPATH")) if p)
-    first = _repro(root, {**env, "PYTHONPATH": recorder, "CIFAKE_RECORD_PARAMS": str(root.parent / "reads")})
-    return root, env, first
+    (root / "mlruns").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHON=sys.executable)
+    with running_mlflow_server(root.parent, f"sqlite:///{root / STORE}", "--no-serve-artifacts",
+                               "--default-artifact-root", str(root / "mlruns" / "artifacts")) as server:
+        # Each stage writes which params keys it read (tests/recorder/sitecustomize.py), checked against dvc.yaml.
+        recorder = os.pathsep.join(p for p in (str(REPO / "tests" / "recorder"), os.environ.get("PYTHONPATH")) if p)
+        first = _repro(root, {**env, "MLFLOW_TRACKING_URI": server, "PYTHONPATH": recorder,
+                              "CIFAKE_RECORD_PARAMS": str(root.parent / "reads")})
+        _run("git", "add", "dvc.lock", cwd=root, env=env)
+        _run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "default run", cwd=root, env=env)
+        yield Workspace(root, env, first, server)
 
 
 def test_full_pipeline_runs_every_stage_offline(repo):
-    root, _, first = repo
-    assert _ran(first) == {"fetch", "preprocess", "tune", "train", "advtrain", "evaluate", "predict"}
+    assert _ran(repo.first) == {"fetch", "preprocess", "tune", "train", "advtrain", "evaluate", "predict"}
 
 
 def test_metrics_file_has_clean_adversarial_and_weighted_scores(repo):
-    root, _, _ = repo
+    root = repo.root
     m = json.loads((root / "metrics/evaluate.json").read_text())
     both_classes = {"balanced_accuracy", "recall_real", "recall_fake", "roc_auc", "fake_share"}
     for model in (m, m["baseline"]):
@@ -139,7 +171,7 @@ def test_predictions_and_figures_are_the_evaluated_models_at_its_stored_threshol
 
     from pipeline import config, data, inference, metrics, model, predicting
 
-    root, _, _ = repo
+    root = repo.root
     params = config.load(root / "params.yaml")
     threshold = json.loads((root / "models/model_adv.json").read_text())["threshold"]
     m = json.loads((root / "metrics/evaluate.json").read_text())
@@ -162,7 +194,7 @@ def test_the_deliverables_beside_the_metrics(repo):
 
     from pipeline import model
 
-    root, _, _ = repo
+    root = repo.root
     with Image.open(root / "plots/explanations.png") as grid:  # 4 + 4 test images, clean and attacked
         assert grid.width > 400 and grid.height > 400
     for split in ("clean", "adversarial"):
@@ -173,9 +205,7 @@ def test_the_deliverables_beside_the_metrics(repo):
 
 
 def test_dvc_plots_show_makes_one_page_that_needs_no_network(repo, tmp_path):
-    import re
-
-    root, env, _ = repo
+    root, env = repo.root, repo.env
     out = subprocess.run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -186,7 +216,7 @@ def test_dvc_plots_show_makes_one_page_that_needs_no_network(repo, tmp_path):
 
 
 def test_both_csvs_list_every_test_image_as_real_or_fake(repo):
-    root, _, _ = repo
+    root = repo.root
     n = 2 * TINY[("sample", "test_per_class")]
     for name, suffix in (("Test_1_results.csv", ".jpg"), ("Test_2_results.csv", ".png")):
         with open(root / "predictions" / name, newline="") as f:
@@ -199,8 +229,8 @@ def test_both_csvs_list_every_test_image_as_real_or_fake(repo):
         assert len([name for name in zf.namelist() if name.endswith(".png")]) == n
 
 
-def test_the_tracking_server_holds_runs_trials_versions_and_the_champion_rule(repo, mlflow_server):
-    root, _, _ = repo
+def test_the_tracking_server_holds_runs_trials_versions_and_the_champion_rule(repo):
+    root, mlflow_server = repo.root, repo.server
     experiment = _api(mlflow_server, "experiments/get-by-name?experiment_name=cifake")["experiment"]
     runs = _api(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 500})
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs["runs"]]
@@ -224,12 +254,12 @@ def test_the_tracking_server_holds_runs_trials_versions_and_the_champion_rule(re
 
 
 def test_second_repro_does_nothing(repo):
-    root, env, _ = repo
+    root, env = repo.root, repo.env
     assert _ran(_repro(root, env)) == set()
 
 
 def test_stages_read_no_params_key_that_dvc_yaml_does_not_declare(repo):
-    root, _, _ = repo
+    root = repo.root
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     for stage, spec in stages.items():
         read = json.loads((root.parent / "reads" / f"{stage}.json").read_text())
@@ -277,7 +307,7 @@ def _status(root: Path) -> set[str]:
 
 
 def test_editing_each_params_key_reruns_exactly_the_stages_that_read_it(repo):
-    root, _, _ = repo
+    root = repo.root
     params_file = root / "params.yaml"
     original = params_file.read_text()
     assert _status(root) == set()
@@ -300,7 +330,7 @@ def test_editing_each_params_key_reruns_exactly_the_stages_that_read_it(repo):
 
 
 def test_editing_each_module_reruns_exactly_the_stages_that_import_it(repo):
-    root, _, _ = repo
+    root = repo.root
     from pipeline import provenance
 
     closures = {s: {p.as_posix() for p in provenance.closure(REPO / "src" / f"{s}.py")} for s in _stages(root)}
@@ -320,7 +350,7 @@ def _stages(root: Path) -> list[str]:
 
 
 def test_a_fresh_clone_plus_dvc_pull_is_up_to_date(repo):
-    root, env, _ = repo
+    root, env = repo.root, repo.env
     remote, clone = root.parent / "dvc-remote", root.parent / "clone"
 
     def run(*cmd: str, cwd: Path = root) -> str:
@@ -339,37 +369,137 @@ def test_a_fresh_clone_plus_dvc_pull_is_up_to_date(repo):
     assert (clone / "models/model_adv.keras").read_bytes() == (root / "models/model_adv.keras").read_bytes()
 
 
-def test_editing_evaluate_epsilon_reruns_only_evaluate_and_predict(repo, mlflow_server):
-    root, env, _ = repo
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["evaluate"]["attack"]["epsilon"] = 1
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_repro(root, env)) == {"evaluate", "predict"}
-    # what `mlflow ui`'s compare view shows of the two evaluate runs: the attack's size, and what it costs (the
-    # tiny model is broken at both 4/255 and 8/255, so the smaller attack is 1/255; AUC counts both classes)
-    experiment = _api(mlflow_server, "experiments/get-by-name?experiment_name=cifake")["experiment"]["experiment_id"]
-    runs = _api(mlflow_server, "runs/search", {"experiment_ids": [experiment], "filter": "tags.stage = 'evaluate'",
-                                               "order_by": ["attributes.start_time DESC"], "max_results": 2})["runs"]
-    data = [({p["key"]: p["value"] for p in r["data"]["params"]}, {m["key"]: m["value"] for m in r["data"]["metrics"]})
-            for r in runs]
-    assert [float(d[0]["evaluate.attack.epsilon"]) for d in data] == [1.0, 8.0]
-    assert data[0][1]["adversarial.roc_auc"] > data[1][1]["adversarial.roc_auc"] + 0.05, data
-    # what each run's attacks cost, as bench/fullscale.py's floor reads it: the first run paid for every attack, the
-    # rerun for none (FGSM's signs and every other pass came back from the cache)
-    from bench.fullscale import evaluate_work
+# ------------------------------------------------------------------- DVC experiments on the finished workspace
+# These change the workspace (`dvc exp apply`), so they come last.
 
-    first, n = data[1][1], 2 * TINY[("sample", "test_per_class")]
+
+def _wait_for_queue(root: Path, env: dict, timeout_s: float = 1200) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _run("dvc", "queue", "status", cwd=root, env=env)
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        time.sleep(3)
+    _run("dvc", "queue", "kill", *EXPERIMENTS, cwd=root, env=env)
+    raise AssertionError(f"the queue did not finish within {timeout_s:.0f} s:\n{status}")
+
+
+def _client(root: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / STORE}")
+
+
+def _evaluate_runs(root: Path) -> dict[str, object]:
+    client = _client(root)
+    experiment = client.get_experiment_by_name("cifake")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'evaluate'")
+    return {r.data.tags.get("dvc_experiment", ""): r for r in runs}
+
+
+def test_queued_experiments_run_two_at_a_time_into_the_workspace_store(repo):
+    root, env = repo.root, repo.env
+    for name, epsilon in EXPERIMENTS.items():
+        _run("dvc", "exp", "run", "--queue", "-S", f"evaluate.attack.epsilon={epsilon}", "-n", name, cwd=root, env=env)
+    _run("dvc", "queue", "start", "-j", "2", cwd=root, env=env)
+    status = _wait_for_queue(root, env)
+    assert status.count("Success") == len(EXPERIMENTS), status
+
+    runs = _evaluate_runs(root)
+    assert set(EXPERIMENTS) <= set(runs), f"evaluate runs by experiment: {sorted(runs)}"
+    head = _run("git", "rev-parse", "HEAD", cwd=root, env=env).strip()
+    for name, epsilon in EXPERIMENTS.items():
+        run = runs[name]
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["evaluate.attack.epsilon"]) == epsilon  # no redundant `params.` prefix
+        assert run.data.tags["dvc_baseline_rev"] == head
+        # The copy read the workspace's evaluation passes (DVC_ROOT): only the epsilon's own passes ran again, and
+        # those cost no gradient (FGSM's signs came back from the cache) and no query.
+        for model in ("baseline", "advtrained"):
+            cached = set(run.data.tags[f"cached_{model}"].split(", "))
+            assert {"clean", "diagnostic", "apgd", "square", "corruption"} <= cached and "attack" not in cached
+        assert not any(k.startswith(("gradients.", "queries.")) for k in run.data.metrics), name
+    client = _client(root)
+    still_running = client.search_runs([client.get_experiment_by_name("cifake").experiment_id],
+                                       "attributes.status = 'RUNNING'")
+    assert not still_running, [(r.info.run_name, r.data.tags.get("dvc_experiment")) for r in still_running]
+
+    # What `mlflow ui`'s compare view shows of the default run and the two experiments (through the server, which
+    # reads the same store): the attack's size, and what it costs. The tiny model is broken at 8/255 and at 16/255;
+    # 1/255 is small enough to show a difference, and AUC counts both classes.
+    experiment = _api(repo.server, "experiments/get-by-name?experiment_name=cifake")["experiment"]["experiment_id"]
+    found = _api(repo.server, "runs/search", {"experiment_ids": [experiment], "filter": "tags.stage = 'evaluate'",
+                                              "max_results": 50})["runs"]
+    seen = {next((t["value"] for t in r["data"].get("tags", []) if t["key"] == "dvc_experiment"), ""):
+            ({p["key"]: p["value"] for p in r["data"]["params"]}, {m["key"]: m["value"] for m in r["data"]["metrics"]})
+            for r in found}
+    assert {float(seen[name][0]["evaluate.attack.epsilon"]) for name in ("", *EXPERIMENTS)} == {8.0, 1.0, 16.0}
+    auc = {name: seen[name][1]["adversarial.roc_auc"] for name in ("", *EXPERIMENTS)}
+    assert auc["eps1"] > auc[""] + 0.05 and auc["eps1"] > auc["eps16"] + 0.05, auc
+    # what the default run's attacks cost, as bench/fullscale.py's floor reads it: it paid for every attack
+    first, n = seen[""][1], 2 * TINY[("sample", "test_per_class")]
     assert first["gradients.baseline.signs"] == first["gradients.advtrained.signs"] == n
     assert first["gradients.advtrained.diagnostic"] > 0 and first["queries.advtrained.square"] > 0
-    assert not any(k.startswith(("gradients.", "queries.")) for k in data[0][1])
-    assert evaluate_work(mlflow_server, "cifake") == {"gradients": 0, "queries": 0}
+    from bench.fullscale import evaluate_work
+
+    assert evaluate_work(repo.server, "cifake") == {"gradients": 0, "queries": 0}  # the latest: an experiment
+
+    shown = json.loads(_run("dvc", "exp", "show", "--json", cwd=root, env=env))
+    experiments = {e["name"]: e for entry in shown for e in (entry.get("experiments") or [])}
+    for name in EXPERIMENTS:
+        metrics = experiments[name]["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
+        assert {"weighted_f1", "robust_score"} <= set(metrics)
+        assert "balanced_accuracy" in metrics["adversarial"]
+
+    # both experiments' plots on one page that needs no network (the inlined Vega template)
+    page_dir = root.parent / "plots-diff"
+    _run("dvc", "plots", "diff", *EXPERIMENTS, "-o", str(page_dir), cwd=root, env=env)
+    page = (page_dir / "index.html").read_text()
+    assert "vegaEmbed" in page and all(name in page for name in EXPERIMENTS)
+    assert not re.findall(r"""<(?:script|link|img)[^>]+(?:src|href)\s*=\s*["']?(?:https?:)?//""", page, re.I)
+
+    # keeping one: its outputs come back from the cache, and nothing needs to run
+    _run("dvc", "exp", "apply", "eps1", cwd=root, env=env)
+    assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["attack"]["epsilon"] == 1
+    assert _ran(_repro(root, env)) == set()
 
 
-def test_editing_train_epochs_reruns_train_onward_but_not_tune(repo):
-    root, env, _ = repo
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["epochs"] = 2
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ran = _ran(_repro(root, env))
-    assert {"train", "advtrain", "evaluate"} <= ran
-    assert not ran & {"fetch", "preprocess", "tune"}
+def test_a_temp_experiment_records_into_the_workspace_store(repo):
+    root, env = repo.root, repo.env
+    _run("dvc", "exp", "run", "--temp", "-S", "evaluate.attack.epsilon=2", "-n", "tmp2", cwd=root, env=env)
+    run = _evaluate_runs(root)["tmp2"]
+    assert run.info.status == "FINISHED" and float(run.data.params["evaluate.attack.epsilon"]) == 2
+    assert not list(root.glob(".dvc/tmp/exps/**/mlruns/mlflow.db")), "a store was created inside the copy"
+
+
+def test_lineage_datasets_linked_metrics_and_input_examples(repo):
+    import mlflow
+
+    root = repo.root
+    client = _client(root)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    processed_md5 = next(o["md5"] for o in lock["preprocess"]["outs"] if o["path"] == "data/processed")
+    # the evaluate run whose outputs the workspace holds now (an experiment applied above, or the default run)
+    epsilon = yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["attack"]["epsilon"]
+    experiment = client.get_experiment_by_name("cifake").experiment_id
+    run = client.search_runs([experiment], "tags.stage = 'evaluate'", order_by=["attributes.start_time DESC"])
+    run = next(r for r in run if float(r.data.params["evaluate.attack.epsilon"]) == epsilon)
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert inputs["test"].dataset.digest == processed_md5
+    assert json.loads(inputs["test"].dataset.source)["uri"] == "data/processed/test"
+    attacked_md5 = next(o["md5"] for o in lock["evaluate"]["outs"] if o["path"] == "data/Test_dataset_2.zip")
+    assert inputs["Test_dataset_2"].dataset.digest == attacked_md5  # the md5 DVC recorded for it afterwards
+    assert {t.key: t.value for t in inputs["Test_dataset_2"].tags}["mlflow.data.context"] == "testing-attacked"
+
+    for info_file, prefix in (("models/model_adv.json", ""), ("models/model.json", "baseline.")):
+        info = json.loads((root / info_file).read_text())
+        logged = client.get_logged_model(info["model_id"])
+        linked = {m.key: m.value for m in logged.metrics or [] if m.run_id == run.info.run_id}
+        assert linked[f"{prefix}robust_score"] == pytest.approx(run.data.metrics[f"{prefix}robust_score"])
+        version = client.get_model_version(info["registered_model"], info["version"])
+        assert version.source == f"models:/{info['model_id']}"  # the registered version is that logged model
+        mlflow.set_tracking_uri(f"sqlite:///{root / STORE}")
+        example = mlflow.models.Model.load(info["model_uri"]).load_input_example()
+        assert list(example.columns) == ["image"] and len(example) == 1
+        train_run = client.get_run(info["run_id"])
+        assert {d.dataset.name for d in train_run.inputs.dataset_inputs} == {"train", "val"}

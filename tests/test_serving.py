@@ -105,6 +105,22 @@ def test_a_version_answers_at_its_own_stored_threshold(mlflow_store, graded_mode
     assert answers[0.5] == predicting.labels(p, 0.5) != answers[stored]
 
 
+def test_a_version_logged_through_a_tracking_server_comes_back_from_it(mlflow_store, mlflow_server, monkeypatch,
+                                                                       tiny_model, tiny_model_file) -> None:
+    """As train and advtrain log against a team's server: the weights travel through its artifact proxy, the server
+    checks the version's source, and a client that knows only the server loads the model and its threshold back."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment(f"serving-{os.getpid()}-{time.monotonic_ns()}")
+    with mlflow.start_run():
+        info = serving.log_version(tiny_model_file, {**SETTINGS, "threshold": 0.25}, "model", NAME)
+    assert MlflowClient().get_model_version(NAME, info["version"]).source == f"models:/{info['model_id']}"
+    assert MlflowClient().get_logged_model(info["model_id"]).artifact_location.startswith("mlflow-artifacts:")
+    loaded, threshold = predicting.load_with_threshold(f"models:/{NAME}/{info['version']}")
+    want = model.predict_proba(tiny_model.model, tiny_model.x)
+    assert threshold == 0.25 and np.array_equal(model.predict_proba(loaded, tiny_model.x), want)
+
+
 def test_a_broken_record_gets_its_own_error_and_the_rest_their_answers(served: str) -> None:
     rows = [{"image": encoded(noise(32, 32, 156, 256, 1), "PNG")},
             {"image": base64.b64encode(b"\x89PNG\r\n\x1a\n not really").decode()},
