@@ -4,6 +4,7 @@ on a real run in tests/test_e2e.py.)"""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,8 +85,6 @@ def test_code_digest_changes_with_the_code(tmp_path, monkeypatch) -> None:
 def test_a_stage_runs_the_code_of_its_own_checkout(tmp_path: Path):
     """Two checkouts that differ in one module, with the environment pointing at the other one (as an editable
     install of a second clone does): the stage script imports its own."""
-    import shutil
-
     repo = Path(__file__).resolve().parents[1]
     own, other = tmp_path / "own", tmp_path / "other"
     for checkout in (own, other):

@@ -64,9 +64,7 @@ def _copy_repo(dst: Path) -> None:
 
 
 def _repro(cwd: Path, env: dict) -> str:
-    out = subprocess.run(["dvc", "repro"], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
-    assert out.returncode == 0, f"dvc repro failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out.stdout
+    return _run("dvc", "repro", cwd=cwd, env=env, timeout=1500)
 
 
 def _ran(stdout: str) -> set[str]:
@@ -352,19 +350,13 @@ def _stages(root: Path) -> list[str]:
 def test_a_fresh_clone_plus_dvc_pull_is_up_to_date(repo):
     root, env = repo.root, repo.env
     remote, clone = root.parent / "dvc-remote", root.parent / "clone"
-
-    def run(*cmd: str, cwd: Path = root) -> str:
-        out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, f"{cmd}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
-        return out.stdout
-
-    run("dvc", "remote", "add", "-d", "store", str(remote))  # a folder here; S3, GCS, SSH... for a team
-    run("git", "add", "-A")
-    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results")
-    run("dvc", "push")
-    run("git", "clone", "-q", str(root), str(clone), cwd=root.parent)
-    run("dvc", "pull", cwd=clone)
-    assert "up to date" in run("dvc", "status", cwd=clone)
+    _run("dvc", "remote", "add", "-d", "store", str(remote), cwd=root, env=env)  # a folder; S3, GCS, SSH... for a team
+    _run("git", "add", "-A", cwd=root, env=env)
+    _run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results", cwd=root, env=env)
+    _run("dvc", "push", cwd=root, env=env)
+    _run("git", "clone", "-q", str(root), str(clone), cwd=root.parent, env=env)
+    _run("dvc", "pull", cwd=clone, env=env)
+    assert "up to date" in _run("dvc", "status", cwd=clone, env=env)
     assert _ran(_repro(clone, env)) == set()  # nothing recomputed: what a colleague ran is reused
     assert (clone / "models/model_adv.keras").read_bytes() == (root / "models/model_adv.keras").read_bytes()
 
