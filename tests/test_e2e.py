@@ -396,6 +396,8 @@ def test_queued_experiments_run_two_at_a_time_into_the_workspace_store(repo):
     _run("dvc", "queue", "start", "-j", "2", cwd=root, env=env)
     status = _wait_for_queue(root, env)
     assert status.count("Success") == len(EXPERIMENTS), status
+    for name in EXPERIMENTS:  # an edit of the attack's epsilon reruns evaluate and predict, nothing upstream
+        assert _ran(_run("dvc", "queue", "logs", name, cwd=root, env=env)) == {"evaluate", "predict"}, name
 
     runs = _evaluate_runs(root)
     assert set(EXPERIMENTS) <= set(runs), f"evaluate runs by experiment: {sorted(runs)}"
