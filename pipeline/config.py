@@ -48,6 +48,16 @@ class Paths(Section):
     plots: Path
     predictions: Path
 
+    @model_validator(mode="after")
+    def _info_beside_its_model(self) -> Paths:
+        # evaluate, predict, explain and serving read a model's threshold from the JSON beside the model file
+        for model, info in (("model", "model_info"), ("model_adv", "model_adv_info")):
+            want = getattr(self, model).with_suffix(".json")
+            if getattr(self, info) != want:
+                raise ValueError(f"paths.{info} must be paths.{model} with the suffix .json ({want}): a model's "
+                                 "threshold is read from beside it")
+        return self
+
 
 class Data(Section):
     source: Literal["sample", "local", "kaggle"]

@@ -187,6 +187,8 @@ def _decode_one(tree: filetree.Tree, name: str, resize: str, max_pixels: int) ->
         return images.decode_with_info(tree.read(name), IMAGE_SIZE, resize, max_pixels)  # type: ignore[arg-type]
     except images.BadImage as bad:
         return bad
+    except filetree.Unreadable as err:  # a damaged zip entry: that file is lost (and counted), not the dataset
+        return images.BadImage("unreadable", err.why)
 
 
 def _decode_chunk(args: tuple[str, str, list[str], str, int]) -> tuple[np.ndarray, list[Outcome]]:

@@ -15,6 +15,7 @@ import io
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from pipeline import config, corruptions, filetree, inference, memo, metrics, re
 from pipeline.attacks import APGD, Attacker, SquareAttack, logit_forward, to_uint8
 from pipeline.data import stratified_subset
 from pipeline.model import logits_model
+
+CORRUPTION_COLUMNS = ("model", "corruption", "balanced_accuracy", "roc_auc")  # plots/corruptions_*.csv
 
 
 @dataclass
@@ -91,8 +94,8 @@ class Result:
 
     def corruption_rows(self, name: str) -> list[dict]:
         """One row per corruption (``none`` first: the clean images of the same subset), for plots."""
-        return [{"model": name, "corruption": k, "balanced_accuracy": m["balanced_accuracy"],
-                 "roc_auc": m.get("roc_auc", float("nan"))} for k, m in self.corrupted.items()]
+        return [dict(zip(CORRUPTION_COLUMNS, (name, k, m["balanced_accuracy"], m.get("roc_auc", float("nan")))))
+                for k, m in self.corrupted.items()]
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
@@ -175,7 +178,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     def diagnose() -> dict[str, np.ndarray]:
         return scores(to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe()))))
 
-    out = cache("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images],
+    # The threshold is part of the pass: where the attack let an image go depends on it.
+    out = cache("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images, threshold],
                 lambda: costed(diagnostic, diagnose))
     p_diag = out["p"]
     laps("diagnostic")
@@ -185,8 +189,9 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         if a.name == "transfer" and transfer_from is None:
             continue
         source = None if transfer_from is None else transfer_from[sub][part]
-        # Square's loss is the margin at the model's threshold; a transfer attack replays its source images.
-        spec = [a.model_dump(mode="json"), cfg.diagnostic_images, threshold if a.name == "square" else None,
+        # APGD lets an image go once fooled at the model's threshold, Square's loss is the margin there; a transfer
+        # attack replays its source images, whatever the threshold.
+        spec = [a.model_dump(mode="json"), cfg.diagnostic_images, None if a.name == "transfer" else threshold,
                 memo.digest(source) if a.name == "transfer" else None]
         extra[a.name] = part, cache(a.name, spec, lambda a=a, part=part, source=source: _scored(scores, _attack(
             a, model, x[sub][part], y[sub][part], threshold, seed, bs, bar(a.describe()), source, engine)))["p"]
@@ -359,11 +364,20 @@ def protocol_id(proto: dict) -> str:
     return hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def png_names(names: list[str]) -> list[str]:
+    """Each image's name in a PNG set: its own with the suffix .png, or, where two would share one (``a.jpg`` and
+    ``a.png`` in one folder of a local dataset), its whole name with .png added (``a.jpg.png``, ``a.png.png``)."""
+    plain = [Path(n).with_suffix(".png").as_posix() for n in names]
+    count = Counter(plain)
+    return [f"{n}.png" if count[p] > 1 else p for n, p in zip(names, plain)]
+
+
 def write_png_set(x: np.ndarray, names: list[str], target: Path) -> None:
-    """Images as lossless PNG in CIFAKE layout (``REAL/…``, ``FAKE/…``) in ``target``, a zip (or a folder):
-    JPEG would erase the perturbation. Replaced whole at the end, so a half-written set is never left."""
+    """Images as lossless PNG in CIFAKE layout (``REAL/…``, ``FAKE/…``) in ``target``, a zip (or a folder), named
+    by :func:`png_names`: JPEG would erase the perturbation. Replaced whole at the end, so a half-written set is
+    never left."""
     with filetree.writer(target) as put:
-        for img, name in zip(x, names):
+        for img, name in zip(x, png_names(names)):
             buf = io.BytesIO()
             Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=1)
-            put(Path(name).with_suffix(".png").as_posix(), buf.getvalue())
+            put(name, buf.getvalue())

@@ -58,6 +58,15 @@ def declared_size(path: str | Path) -> int:
         return sum(i.file_size for i in zf.infolist())
 
 
+class Unreadable(DataError):
+    """One file of a tree cannot be read (a damaged zip entry, a file without read permission): a caller reading
+    many images loses that one (``why`` is the reason), not the run."""
+
+    def __init__(self, path: Path, name: str, err: BaseException):
+        self.why = f"{type(err).__name__}: {err}"
+        super().__init__(f"{path}: cannot read {name}: {err}")
+
+
 class Tree:
     """Read access to the files of a folder or a zip: sorted relative names, and bytes by name."""
 
@@ -91,7 +100,7 @@ class Tree:
                 return (self.path / name).read_bytes()
             return self._zip.read(name)
         except (OSError, KeyError, zipfile.BadZipFile, zlib.error, EOFError) as err:
-            raise DataError(f"{self.path}: cannot read {name}: {err}") from None
+            raise Unreadable(self.path, name, err) from None
 
     def close(self) -> None:
         if self._zip is not None:

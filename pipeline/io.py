@@ -1,4 +1,5 @@
-"""Atomic outputs: write beside the target, then rename, so an interrupted stage never leaves a half file."""
+"""Atomic outputs: write beside the target, then rename, so an interrupted stage never leaves a half file; the
+output gets the modes the umask gives any other file."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +13,17 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes its files 0600 and folders 0700; what a stage writes gets the modes any other file of the user's
+# would (a serving account or a teammate on a shared machine reads them), read once before threads start.
+FILE_MODE, DIR_MODE = 0o666 & ~_process_umask(), 0o777 & ~_process_umask()
 
 
 def workspace_root() -> Path:
@@ -54,6 +66,7 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -67,6 +80,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, DIR_MODE)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

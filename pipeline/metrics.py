@@ -83,8 +83,11 @@ def best_threshold(y: np.ndarray, p_clean: np.ndarray, p_attacked: np.ndarray | 
     sets = [(1.0 if p_attacked is None else weights.clean, np.asarray(p_clean, np.float64))]
     if p_attacked is not None:
         sets.append((weights.adversarial, np.asarray(p_attacked, np.float64)))
-    candidates = np.unique(np.concatenate([p for _, p in sets] + [[0.5]]))
+    every = np.concatenate([p for _, p in sets])
+    candidates = np.unique(np.concatenate([every, [0.5]]))
     candidates = candidates[(candidates > 0.0) & (candidates < 1.0)]  # a usable threshold lies strictly inside
+    if (every >= 1.0).any():  # scores of exactly 1 (a saturated sigmoid): the cut below them alone, halfway up
+        candidates = np.append(candidates, (candidates.max() + 1.0) / 2)
     score = np.zeros(len(candidates))
     for weight, p in sets:
         fake, real = np.sort(p[y]), np.sort(p[~y])

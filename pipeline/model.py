@@ -300,14 +300,35 @@ def backbone_of(model: keras.Model) -> keras.Model:
     return next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "head")
 
 
-def save(model: keras.Model, path: str | Path) -> None:
-    """Save atomically, without optimizer state (a third of the size; fine-tuning builds a fresh optimizer)."""
+H5_THRESHOLD = "cifake_threshold"  # the HDF5 attribute an exported model keeps its decision threshold in
+
+
+def save(model: keras.Model, path: str | Path, threshold: float | None = None) -> None:
+    """Save atomically, without optimizer state (a third of the size; fine-tuning builds a fresh optimizer). An
+    HDF5 file (``.h5``) keeps ``threshold`` inside it, so the exported model carries its own; a ``.keras`` file has
+    its threshold in the JSON beside it."""
     if getattr(model, "optimizer", None) is not None:
         # The same layers and weights in an uncompiled model: keras.models.clone_model re-compiles its clone, so
         # the saved file would still carry (fresh) optimizer slots, 2x the trainable weights.
         model = keras.Model(model.input, model.output, name=model.name)
     with atomic_path(path) as tmp:
         model.save(tmp)
+        if threshold is not None and tmp.suffix == ".h5":
+            import h5py
+
+            with h5py.File(tmp, "a") as f:
+                f.attrs[H5_THRESHOLD] = float(threshold)
+
+
+def stored_threshold(path: str | Path) -> float | None:
+    """The threshold an HDF5 model file carries (see :func:`save`); None for other files and where none was kept."""
+    if Path(path).suffix != ".h5":
+        return None
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get(H5_THRESHOLD)
+    return None if value is None else float(value)
 
 
 def load(path: str | Path) -> keras.Model:

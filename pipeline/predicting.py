@@ -66,6 +66,8 @@ def decode_chunks(listing: Listing, resize: str, max_pixels: int, chunk: int = 4
                     names.append(name)
                 except images.BadImage as err:
                     bad.append((name, err.reason))
+                except filetree.Unreadable as err:  # a damaged zip entry: that file is lost, not the run
+                    bad.append((name, images.BadImage("unreadable", err.why).reason))
             bar.update(len(pixels) + len(bad))
             yield FolderImages(np.stack(pixels) if pixels else np.zeros((0, 32, 32, 3), np.uint8), names, bad)
 
@@ -107,8 +109,9 @@ def labels(p_fake: np.ndarray, threshold: float) -> list[str]:
 
 def load_with_threshold(ref: str):
     """A model and the decision threshold stored with it: a logged version's settings (``models:/…``,
-    ``runs:/…``), or the JSON beside a model file (``models/model_adv.keras`` → ``models/model_adv.json``, as
-    train and advtrain write them). The threshold is None where none was stored."""
+    ``runs:/…``), the JSON beside a model file (``models/model_adv.keras`` → ``models/model_adv.json``, as
+    train and advtrain write them), or the one an HDF5 export carries (``models/ResNet50_CIFAKE_best.h5``). The
+    threshold is None where none was stored."""
     if ref.startswith(("models:/", "runs:/")):
         from mlflow.exceptions import MlflowException
 
@@ -120,10 +123,10 @@ def load_with_threshold(ref: str):
             raise ModelError(f"--model {ref}: {err.message}") from None
         return served.model, served.settings.get("threshold")
     from pipeline.io import read_json
-    from pipeline.model import load
+    from pipeline.model import load, stored_threshold
 
     model, info = load(ref), Path(ref).with_suffix(".json")
-    return model, (read_json(info).get("threshold") if info.is_file() else None)
+    return model, (read_json(info).get("threshold") if info.is_file() else stored_threshold(ref))
 
 
 def resolve_threshold(override: float | None, stored: float | None, fallback: float) -> float:

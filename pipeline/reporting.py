@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -14,10 +15,10 @@ from pipeline.classes import CLASSES, LABELS  # noqa: E402
 from pipeline.io import atomic_path  # noqa: E402
 
 
-def write_csv(rows: list[dict], target: str | Path) -> None:
-    """Rows of dicts -> CSV, written atomically; the columns are the first row's keys."""
+def write_csv(rows: list[dict], target: str | Path, columns: Sequence[str] | None = None) -> None:
+    """Rows of dicts -> CSV, written atomically; the columns are ``columns`` or else the first row's keys."""
     with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(f, fieldnames=list(columns or (rows[0] if rows else [])))
         writer.writeheader()
         writer.writerows(rows)
 

@@ -92,6 +92,7 @@ class Source:
     base: str  # a read path minus this prefix is the Image Name (as Spark writes paths: file:/abs/… for a local one)
     listed: list[str] | None = None  # the image names the driver listed (local inputs): to report what Spark drops
     folder: Path | None = None  # local: where the names live, to tell an empty file from an unreadable one
+    damaged: dict[str, str] = field(default_factory=dict)  # zip entries that could not be read: name -> reason
 
 
 def _local_names(root: Path) -> list[str]:
@@ -128,13 +129,19 @@ def source(where: str, unzip_to: str | Path | None = None) -> Iterator[Source]:
     if parent:
         parent.mkdir(parents=True, exist_ok=True)
     extracted = Path(tempfile.mkdtemp(prefix="cifake-unzip-", dir=parent)).absolute()
+    damaged: dict[str, str] = {}
     try:
         with filetree.Tree(local) as tree:  # Tree refuses an archive with any unsafe entry before anything is read
             for name in listing.members:
+                try:
+                    payload = tree.read(name)
+                except filetree.Unreadable as err:  # a damaged entry: its row says so, the others are scored
+                    damaged[name] = f"unreadable: {err.why}"
+                    continue
                 target = extracted / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(tree.read(name))
-        yield Source([str(extracted)], _file_uri(extracted), listing.members, extracted)
+                target.write_bytes(payload)
+        yield Source([str(extracted)], _file_uri(extracted), listing.members, extracted, damaged)
     finally:
         shutil.rmtree(extracted, ignore_errors=True)
 
@@ -207,6 +214,8 @@ class Summary:
 
 def _dropped(src: Source, name: str) -> tuple:
     """The row of a listed image that Spark's reader never returned: it skips empty files and unreadable ones."""
+    if name in src.damaged:
+        return (name, None, None, src.damaged[name])
     try:
         empty = (src.folder / name).stat().st_size == 0
     except OSError:

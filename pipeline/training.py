@@ -100,7 +100,7 @@ class HeadTrainer:
         self.data, self.l2 = data, l2
         self.head = build_head(0.0, l2)
         self.classifier = head_classifier(self.head)
-        self.optimizer = keras.optimizers.Adam(1e-3)
+        self.optimizer = adam(1e-3)
         self.optimizer.build(self.head.trainable_variables)
         self._dropout = tf.Variable(0.0, trainable=False, name="dropout_rate")
         self._noise = tf.random.Generator.from_seed(0)
@@ -141,7 +141,8 @@ class HeadTrainer:
             loss = self._loss(y, logit)
             if self.head.losses:
                 loss += tf.add_n(self.head.losses)  # the L2 penalty
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+            scaled = self.optimizer.scale_loss(loss)  # the loss itself unless float16 needs scaling (see adam)
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, weights), weights))
         return loss, logit
 
     def fit(self, dropout: float, learning_rate: float, epochs: int, callbacks: list[keras.callbacks.Callback] = (),
@@ -155,6 +156,8 @@ class HeadTrainer:
         self.head.set_weights(head.get_weights())  # batch norm's moving statistics included
         for v in self.optimizer.variables:
             v.assign(tf.zeros_like(v))
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):  # its scale starts afresh, not at 0
+            self.optimizer.dynamic_scale.assign(self.optimizer.initial_scale)
         self.optimizer.learning_rate = learning_rate
         self._dropout.assign(dropout)
         self._noise.reset_from_seed(seed)
@@ -176,6 +179,16 @@ class HeadTrainer:
         hooks.on_train_end()  # EarlyStopping may restore its best epoch's weights here
         head.set_weights(self.head.get_weights())
         return head, clf.history.history
+
+
+def adam(learning_rate: float) -> keras.optimizers.Optimizer:
+    """The optimizer of the hand-written training loops: Adam, under the ``mixed_float16`` policy wrapped in dynamic
+    loss scaling (float16 gradients of a small loss underflow to zero without it; Keras's ``fit`` adds the wrapper
+    itself, these loops must ask). The loops scale the loss with ``scale_loss``: the loss itself for plain Adam."""
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def fit_head(data: Arrays, dropout: float, learning_rate: float, l2: float, epochs: int, batch_size: int,
@@ -241,7 +254,7 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     if before is None:
         p_val = validation_probabilities(model, attacker, data.x_val, data.y_val, cfg.batch_size)
         before = _scores(data.y_val, p_val, evaluate)
-    optimizer = keras.optimizers.Adam(cfg.learning_rate)
+    optimizer = adam(cfg.learning_rate)
     loss_fn = keras.losses.BinaryCrossentropy()
     trainable = model.trainable_variables
     optimizer.build(trainable)
@@ -253,7 +266,8 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
             loss = loss_fn(y, twin(x, training=True))
             if model.losses:
                 loss += tf.add_n(model.losses)  # the head's L2 penalty
-        optimizer.apply_gradients(zip(tape.gradient(loss, trainable), trainable))
+            scaled = optimizer.scale_loss(loss)
+        optimizer.apply_gradients(zip(tape.gradient(scaled, trainable), trainable))
         return loss
 
     def step(x, y):

@@ -65,10 +65,10 @@ def main() -> None:
         write_json(paths.metrics / "evaluate.json", summary)
         figures = reporting.evaluation_plots(test.y, {"clean": final.p_clean, "adversarial": final.p_adv},
                                              final.curve + base.curve, threshold, paths.plots, bounds)
+        by_model = {name: r.corruption_rows(name) for name, r in (("advtrained", final), ("baseline", base))}
+        for name, rows in by_model.items():  # declared outputs: a header alone when evaluate.corruptions is empty
+            reporting.write_csv(rows, paths.plots / f"corruptions_{name}.csv", evaluation.CORRUPTION_COLUMNS)
         if cfg.corruptions:
-            by_model = {name: r.corruption_rows(name) for name, r in (("advtrained", final), ("baseline", base))}
-            for name, rows in by_model.items():
-                reporting.write_csv(rows, paths.plots / f"corruptions_{name}.csv")
             figures["corruptions.png"] = reporting.corruptions([r for rows in by_model.values() for r in rows])
         figures["explanations.png"] = explanations = explain.figure_for(
             model, test.x, final.x_adv, test.y, threshold, EXPLAINED)

@@ -147,11 +147,15 @@ def test_uint8_png_round_trip_keeps_the_perturbation_exactly(attackers, batch, t
     x8 = to_uint8(x)
     assert np.abs(x_adv.astype(int) - x8.astype(int)).max() <= 8
     names = [f"{'FAKE' if label else 'REAL'}/{i} ({i + 1}).jpg" for i, label in enumerate(y)]
+    names[1] = f"{names[0].split('/')[0]}/0 (1).png"  # a local dataset may hold a.jpg and a.png side by side
     target = tmp_path / "Test_dataset_2.zip"
     evaluation.write_png_set(x_adv, names, target)
     tree = filetree.Tree(target)
-    for img, name in zip(x_adv, names):
-        with Image.open(io.BytesIO(tree.read(Path(name).with_suffix(".png").as_posix()))) as f:
+    stored = evaluation.png_names(names)
+    assert stored[:2] == [f"{names[0]}.png", f"{names[1]}.png"] and stored[2] == names[2][:-4] + ".png"
+    assert sorted(tree.names()) == sorted(stored)  # one entry per image, none overwritten
+    for img, name in zip(x_adv, stored):
+        with Image.open(io.BytesIO(tree.read(name))) as f:
             assert f.format == "PNG" and f.mode == "RGB"
             np.testing.assert_array_equal(np.asarray(f), img)
     assert sorted({n.split("/")[0] for n in tree.names()}) == ["FAKE", "REAL"]

@@ -214,3 +214,11 @@ def test_dvc_path_templates_name_existing_paths() -> None:
     assert templates, "dvc.yaml uses ${paths.*} templates"
     unknown = sorted({t for t in templates if not t.startswith("paths.") or not _resolves(tree, t)})
     assert not unknown, f"dvc.yaml templates name no params.yaml paths key: {unknown}"
+
+
+def test_a_models_info_file_lives_beside_it(tree: dict) -> None:
+    # evaluate and predict read a model's threshold from the JSON beside it: one elsewhere would be silently unread
+    with pytest.raises(ConfigError, match=r"paths\.model_adv_info must be paths\.model_adv with the suffix \.json"):
+        config.from_dict(set_key(tree, "paths.model_adv_info", "elsewhere/model_adv.json"))
+    moved = set_key(set_key(tree, "paths.model", "out/m.keras"), "paths.model_info", "out/m.json")
+    assert config.from_dict(moved).paths.model_info == Path("out/m.json")

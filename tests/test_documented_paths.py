@@ -112,3 +112,22 @@ def test_train_stage_with_an_unfrozen_backbone(tmp_path: Path) -> None:
     assert not np.array_equal(kernel(trained, LAST_CONV), kernel(fresh, LAST_CONV))  # unfrozen: trained
     metrics_json = json.loads((params.paths.metrics / "train.json").read_text())
     assert metrics_json["epochs_run"] == 1 and "val_balanced_accuracy" in metrics_json
+
+
+def test_the_hand_written_training_loops_scale_the_loss_under_float16() -> None:
+    """Keras's fit adds loss scaling under mixed_float16 itself; the head trainer and advtrain's step must ask for
+    it (float16 gradients of a small loss underflow to zero), and a second fit starts from a fresh scale."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.array([0, 1], np.uint8), 32)
+    feats = (rng.normal(0, 1, (64, 2048)) + np.where(y == 1, 0.3, -0.3)[:, None]).astype(np.float32)
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        assert isinstance(training.adam(1e-3), keras.optimizers.LossScaleOptimizer)
+        trainer = training.HeadTrainer(training.Arrays(feats, y, feats, y), l2=1e-4, batch_size=16)
+        runs = [trainer.fit(0.0, 1e-3, epochs=3, seed=5)[1] for _ in range(2)]
+        assert runs[0]["loss"][-1] < runs[0]["loss"][0] and np.isfinite(runs[0]["loss"]).all()
+        assert runs[1]["loss"] == runs[0]["loss"]  # the same seed, the same fit: the scale was reset, not zeroed
+        assert float(trainer.optimizer.dynamic_scale.numpy()) > 1.0
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # the policy is process-global
+    assert type(training.adam(1e-3)) is keras.optimizers.Adam

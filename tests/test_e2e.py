@@ -460,9 +460,12 @@ def test_queued_experiments_run_two_at_a_time_into_the_workspace_store(repo):
 
 def test_a_temp_experiment_records_into_the_workspace_store(repo):
     root, env = repo.root, repo.env
-    _run("dvc", "exp", "run", "--temp", "-S", "evaluate.attack.epsilon=2", "-n", "tmp2", cwd=root, env=env)
+    # No corruptions at all: evaluate still writes every output dvc.yaml declares (their CSVs a header alone).
+    _run("dvc", "exp", "run", "--temp", "-S", "evaluate.attack.epsilon=2", "-S", "evaluate.corruptions=[]",
+         "-n", "tmp2", cwd=root, env=env)
     run = _evaluate_runs(root)["tmp2"]
     assert run.info.status == "FINISHED" and float(run.data.params["evaluate.attack.epsilon"]) == 2
+    assert run.data.params["evaluate.corruptions"] == "[]"
     assert not list(root.glob(".dvc/tmp/exps/**/mlruns/mlflow.db")), "a store was created inside the copy"
 
 

@@ -90,6 +90,18 @@ def test_a_rerun_reads_every_pass_back_and_recomputes_only_what_changed(graded_m
     assert "transfer" not in run(graded_model.model, test_set, tmp_path, protocol(), other).cached
 
 
+def test_the_attacks_that_stop_at_the_threshold_run_again_under_another(graded_model, test_set, source, tmp_path):
+    """PGD and APGD let an image go once fooled at the model's threshold, Square's loss is the margin there: the same
+    weights judged at another threshold (a re-registered model, `threshold.fixed`) must not read their passes."""
+    run(graded_model.model, test_set, tmp_path, protocol(), source)
+    again = evaluation.evaluate(graded_model.model, *test_set, protocol(), SEED, 0.7, "graded", TF,
+                                transfer_from=source, cache_dir=tmp_path)
+    assert sorted(again.cached) == sorted(p for p in PASSES if p not in ("diagnostic", "apgd", "square"))
+    fresh = evaluation.evaluate(graded_model.model, *test_set, protocol(), SEED, 0.7, "graded", TF,
+                                transfer_from=source)
+    assert again.sets == fresh.sets
+
+
 def test_the_key_changes_with_the_weights_the_images_the_seed_and_the_engine(graded_model, test_set):
     model, (x, y) = graded_model.model, test_set
     key = memo.model_key(model, x, y, SEED, TF, 64)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +35,21 @@ def test_features_prune_touches_only_its_own_splits_entries(tmp_path: Path) -> N
         _aged(tmp_path / name, 100 - i)  # written in this order: train-c is the newest train entry
     features.prune(tmp_path, "train", keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-c.npy", "val-a.npy"]
+
+
+def test_atomic_outputs_get_the_modes_the_umask_gives_any_other_file(tmp_path: Path) -> None:
+    # tempfile's 0600 files and 0700 folders would leave models and CSVs unreadable to a serving account
+    script = """
+import os, sys
+from pathlib import Path
+from pipeline import io
+d = Path(sys.argv[1])
+io.write_json(d / "a.json", {})
+with io.atomic_dir(d / "folder"):
+    pass
+print(*(oct(os.stat(d / n).st_mode & 0o777) for n in ("a.json", "folder")))
+"""
+    for umask, want in ((0o022, ["0o644", "0o755"]), (0o077, ["0o600", "0o700"])):
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / oct(umask))], capture_output=True,
+                             text=True, cwd=Path(__file__).resolve().parents[1], preexec_fn=lambda m=umask: os.umask(m))
+        assert out.stdout.split() == want, out.stderr

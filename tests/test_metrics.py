@@ -151,7 +151,10 @@ def test_bootstrap_interval_is_seeded_and_covers_the_point_estimate() -> None:
 
 
 def brute_force_threshold(y, p_clean, p_adv, weights, name):
-    candidates = sorted({*np.asarray(p_clean).tolist(), *np.asarray(p_adv).tolist(), 0.5} - {0.0, 1.0})
+    scores = {*np.asarray(p_clean).tolist(), *np.asarray(p_adv).tolist()}
+    candidates = sorted((scores | {0.5}) - {0.0, 1.0})
+    if 1.0 in scores:  # the cut that calls only the saturated scores FAKE
+        candidates.append((candidates[-1] + 1.0) / 2)
     scored = [(metrics.robust_score(y, p_clean, p_adv, weights, name, t), -abs(t - 0.5), t) for t in candidates]
     return max(scored)[2]
 
@@ -179,6 +182,13 @@ def test_best_threshold_keeps_one_half_when_the_classes_are_apart_and_moves_when
     t = metrics.best_threshold(Y_BAL, shifted, None, WEIGHTS)
     assert 0.10 < t <= 0.30 and metrics.measure(Y_BAL, shifted, "balanced_accuracy", t) == 1.0
     assert metrics.measure(Y_BAL, shifted, "balanced_accuracy", 0.5) == 0.5
+
+
+def test_best_threshold_can_call_only_saturated_scores_fake() -> None:
+    # float32's sigmoid gives exactly 1.0 above a logit of ~17: the best cut lies between 0.8 and 1.0
+    y, p = np.array([1, 1, 1, 0, 0, 0]), np.array([1.0, 1.0, 1.0, 0.8, 0.3, 0.1])
+    t = metrics.best_threshold(y, p, None, WEIGHTS)
+    assert 0.8 < t < 1.0 and metrics.measure(y, p, "balanced_accuracy", t) == 1.0
 
 
 def test_brier_and_reliability() -> None:

@@ -263,11 +263,18 @@ def test_to_unit_scales_uint8_and_keeps_floats() -> None:
 
 def test_hdf5_export_loads_back_with_identical_predictions(tiny_model, tmp_path: Path) -> None:
     """models/ResNet50_CIFAKE_best.h5, the deliverable's usual name: Keras's HDF5 format, same answers."""
+    from pipeline import predicting
+
     target = tmp_path / "ResNet50_CIFAKE_best.h5"
-    model.save(tiny_model.model, target)
+    model.save(tiny_model.model, target, threshold=0.37)
     assert h5py.is_hdf5(target)
     again = model.load(target)
     assert np.array_equal(model.predict_proba(again, tiny_model.x), model.predict_proba(tiny_model.model, tiny_model.x))
+    # It carries its threshold (no JSON beside it): predict, explain and evaluate judge it there, not at 0.5.
+    assert not target.with_suffix(".json").exists()
+    assert predicting.load_with_threshold(str(target))[1] == 0.37
+    model.save(tiny_model.model, target)
+    assert model.stored_threshold(target) is None
 
 
 # ------------------------------------------------------------------------------------------ the compute twin

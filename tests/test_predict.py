@@ -83,6 +83,29 @@ def test_a_zip_reads_like_the_folder_and_under_picks_a_part(messy_folder: Path, 
     assert from_zip.bad == put_aside.bad
 
 
+def damage(archive: Path, payload: bytes) -> None:
+    """Flip a byte inside ``payload``'s stored bytes in ``archive``: reading that entry fails its CRC check."""
+    raw = bytearray(archive.read_bytes())
+    at = raw.find(payload)
+    assert at >= 0, "the entry is not stored as is"
+    raw[at + len(payload) // 2] ^= 0xFF
+    archive.write_bytes(bytes(raw))
+
+
+def test_a_damaged_entry_in_a_zip_is_skipped_and_named_not_fatal(messy_folder: Path, tmp_path: Path) -> None:
+    from pipeline import filetree
+
+    archive = tmp_path / "images.zip"
+    with filetree.writer(archive) as put:
+        for name in ("good.jpg", "rgba.png"):
+            put(name, (messy_folder / name).read_bytes())
+    damage(archive, (messy_folder / "rgba.png").read_bytes())
+    found = predicting.read_folder(archive, PREPROCESS.resize, PREPROCESS.max_pixels)
+    assert found.names == ["good.jpg"] and len(found.x) == 1
+    [(name, reason)] = found.bad
+    assert name == "rgba.png" and reason.startswith("unreadable") and "CRC" in reason
+
+
 def test_streaming_in_chunks_writes_what_one_pass_would(messy_folder: Path, tmp_path: Path, tiny_model) -> None:
     seen: list[int] = []
 

@@ -99,6 +99,20 @@ def test_bad_files_are_skipped_and_reported(tmp_path: Path) -> None:
     assert sum(len(data.load_split(tmp_path / "out", s)) for s in data.SPLITS) == report["images"] == 51
 
 
+def test_a_damaged_entry_in_the_raw_zip_is_one_bad_file(tmp_path: Path) -> None:
+    from tests.test_predict import damage
+
+    raw = make_raw(tmp_path / "raw", train=20, test=5)
+    archive = tmp_path / "raw.zip"
+    with filetree.writer(archive) as put:
+        for path in sorted(raw.rglob("*.png")):
+            put(path.relative_to(raw).as_posix(), path.read_bytes())
+    damage(archive, (raw / "test/FAKE/0000 (3).png").read_bytes())  # the first entry with these bytes
+    report = data.preprocess(archive, tmp_path / "out", cfg(), seed=0, progress=False)
+    assert [b["file"] for b in report["bad"]] == ["test/FAKE/0000 (3).png"]
+    assert report["bad"][0]["reason"].startswith("unreadable") and report["images"] == 49
+
+
 def test_too_many_bad_files_fail_and_write_nothing(tmp_path: Path) -> None:
     raw = make_raw(tmp_path / "raw", train=10, test=3)
     for i in range(3):

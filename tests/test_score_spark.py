@@ -178,6 +178,14 @@ def test_a_zip_is_scored_under_the_names_its_entries_have(messy_folder: Path, tm
         assert not (extracted / "notes.txt").exists()  # only images are extracted
     assert not extracted.exists()  # removed when the job is done
 
+    from tests.test_predict import damage
+
+    damage(archive, (messy_folder / "gray.png").read_bytes())  # an entry failing its checksum: one row, not the job
+    with spark_scoring.source(str(archive)) as src:
+        assert not (Path(src.paths[0]) / "gray.png").exists() and (Path(src.paths[0]) / "rgba.png").is_file()
+        name, _, _, reason = spark_scoring._dropped(src, "gray.png")
+        assert name == "gray.png" and reason.startswith("unreadable: BadZipFile") and "CRC" in reason
+
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("ok.png", b"x")
