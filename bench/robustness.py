@@ -2,7 +2,7 @@
 
     python bench/robustness.py                       # the models and test split of the last `dvc repro`
     python bench/robustness.py --images 500 --epsilons 8 12 16 --queries 1000
-    python bench/robustness.py -S paths.model_adv=other.keras   # params.yaml overrides, as the stages take them
+    python bench/robustness.py -S paths.model_adv=o.keras -S paths.model_adv_info=o.json   # params.yaml overrides
     python bench/robustness.py --smoke     # a small random model, a tiny sample, 8 images, 2 steps: checks it runs
 
 For each model (after `train`, after `advtrain`), on a seeded stratified subset of the test split, judged at the
@@ -54,8 +54,9 @@ def smoke_overrides() -> list[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(tiny_model(), path)
     path.with_suffix(".json").write_text(json.dumps({"threshold": 0.5}))
-    return [f"paths.processed={processed}", f"paths.model={path}", f"paths.model_adv={path}",
-            "evaluate.diagnostic.steps=2"]
+    info = path.with_suffix(".json")
+    return [f"paths.processed={processed}", f"paths.model={path}", f"paths.model_info={info}",
+            f"paths.model_adv={path}", f"paths.model_adv_info={info}", "evaluate.diagnostic.steps=2"]
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps of the two PGD attacks")
     parser.add_argument("--queries", type=int, default=1000, help="Square attack: model calls an image")
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="params.yaml override, e.g. paths.model_adv=... (repeatable)")
+                        help="params.yaml override, e.g. paths.model_adv=... (repeatable; the model's .json with it)")
     parser.add_argument("--smoke", action="store_true", help="a small random model, a tiny sample, 8 images, 2 steps")
     args = parser.parse_args()
 
