@@ -334,7 +334,7 @@ def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.E
     threshold = resolve_threshold(None, stored, 0.5)
     result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}", engine, transfer_from, cache_dir)
     return registry.Standing(str(version), result.robust_score, result.weighted_f1,
-                             protocol_id(protocol(cfg, x, y, seed, threshold_rule)))
+                             protocol_id(protocol(cfg, x, y, seed, threshold_rule, engine)))
 
 
 def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, threshold: float) -> dict:
@@ -348,16 +348,19 @@ def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, th
                                 cfg.bootstrap, seed, worst_index=sub)
 
 
-def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, threshold: Any) -> dict:
+def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, threshold: Any,
+             engine: config.Inference = inference.AUTO) -> dict:
     """Everything a score depends on besides the model: two scores compare only when their protocols match.
-    ``threshold`` is how each model's threshold is set (params ``threshold``), each model being judged at its own."""
+    ``threshold`` is how each model's threshold is set (params ``threshold``), each model being judged at its own;
+    ``engine`` the inference settings as set (bf16, checked or not, moves attacked labels)."""
     h = hashlib.sha256(np.ascontiguousarray(x).tobytes())
     h.update(np.asarray(y, np.uint8).tobytes())
     return {"attack": cfg.attack.model_dump(mode="json"), "diagnostic": cfg.diagnostic.model_dump(mode="json"),
             "diagnostic_images": cfg.diagnostic_images,
             **({"attacks": [a.model_dump(mode="json") for a in cfg.attacks]} if cfg.attacks else {}),
             "test_sha256": h.hexdigest()[:16], "weights": cfg.weights.model_dump(mode="json"),
-            "measure": cfg.measure, "threshold": threshold, "seed": seed}
+            "measure": cfg.measure, "threshold": threshold, "seed": seed,
+            "inference": engine.model_dump(mode="json")}
 
 
 def protocol_id(proto: dict) -> str:

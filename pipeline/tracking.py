@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import subprocess
 import urllib.error
@@ -58,6 +59,8 @@ def _check_reachable(uri: str, timeout_s: float) -> None:
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
                 resp.read()
+        except urllib.error.HTTPError:  # it answered (401 from an auth proxy, 404 without /health): reachable
+            return
         except (urllib.error.URLError, TimeoutError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise TrackingError(
@@ -75,20 +78,33 @@ def _check_reachable(uri: str, timeout_s: float) -> None:
             raise TrackingError(f"the MLflow store {db} is not writable; fix its permissions or change the URI")
 
 
+@contextlib.contextmanager
+def _fail_fast(timeout_s: float) -> Iterator[None]:
+    """No retry storm or long hang against a dead server at start-up: one clear error within seconds. Only here: a
+    stage's later calls (a model upload that a server passes on to S3, a metric in a busy hour) keep MLflow's own
+    retries and timeout, so that the work before them is not lost to one slow answer."""
+    bounds = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(timeout_s, 1)))}
+    saved = {k: os.environ.get(k) for k in bounds}
+    os.environ.update({k: v for k, v in bounds.items() if saved[k] is None})  # a user's own setting wins
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
 def setup(cfg: config.Mlflow) -> str:
     """Point MLflow at the store from params (or the environment), fail fast if it is unreachable, select the
     experiment (created with its artifacts under ``mlruns/`` for a local store). Returns the tracking URI."""
     import mlflow
 
     uri = tracking_uri(cfg)
-    # No retry storms or long hangs against a dead server: one clear error within seconds instead.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(cfg.timeout_s, 1))))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     _check_reachable(uri, cfg.timeout_s)
     mlflow.set_tracking_uri(uri)
     try:
-        with _store_creation_lock(uri):
+        with _store_creation_lock(uri), _fail_fast(cfg.timeout_s):
             if mlflow.get_experiment_by_name(cfg.experiment) is None:
                 location = None
                 if uri.startswith("sqlite:///"):
@@ -230,8 +246,18 @@ def stage_run(stage: str, params: config.Params, run_name: str | None = None) ->
         yield run
 
 
+_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):[^/@\s]*@")
+
+
+def without_password(text: str) -> str:
+    """``postgresql://user:secret@host/db`` as ``postgresql://user:***@host/db``: params and messages are shown and
+    stored (the tracking server keeps every run's params), credentials never."""
+    return _PASSWORD.sub(r"\1:***@", text)
+
+
 def log_params(values: dict[str, Any]) -> None:
-    """Log params (MLflow batches them itself) with values cut to MLflow's length limit, which it would refuse."""
+    """Log params (MLflow batches them itself), credentials in URLs masked, values cut to MLflow's length limit,
+    which it would refuse."""
     import mlflow
 
-    mlflow.log_params({k: "null" if v is None else str(v)[:6000] for k, v in values.items()})
+    mlflow.log_params({k: "null" if v is None else without_password(str(v))[:6000] for k, v in values.items()})

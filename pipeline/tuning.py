@@ -25,7 +25,7 @@ from pipeline import config, metrics, provenance
 from pipeline.attacks import Attacker
 from pipeline.errors import TuneError
 from pipeline.model import assemble, batched, build_head, build_model, forward_fn, head_classifier
-from pipeline.tracking import process_alive
+from pipeline.tracking import process_alive, without_password
 from pipeline.training import Arrays, HeadTrainer, MlflowEpochLogger, fit_model, validation_probabilities
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,10 @@ def study_name(params: config.Params, data_key: str) -> str:
     """A hash of everything the trials' results depend on (search space, model, selection rule, seed, data, and
     the code the trials run), so that a persisted study is resumed only by identical trials."""
     relevant = {
-        "code": provenance.code_digest("pipeline.tuning"),
+        # The trials read cached features: the code and the engine settings that computed them count too (as set,
+        # not as resolved: `auto` is OpenVINO here and TensorFlow on a GPU worker joining from elsewhere).
+        "code": provenance.code_digest("pipeline.tuning", "pipeline.features"),
+        "inference": params.inference.model_dump(mode="json", include={"engine", "precision"}),
         "tune": params.tune.model_dump(mode="json", exclude={"n_trials", "storage", "workers", "heartbeat"}),
         "model": params.model.model_dump(mode="json"),
         "weights": params.evaluate.weights.model_dump(mode="json"),
@@ -74,10 +77,11 @@ def storage(url: str, heartbeat: config.Heartbeat | None = None) -> optuna.stora
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
             )
         except ImportError as err:  # e.g. postgresql:// without psycopg
-            raise TuneError(f"tune.storage {url!r}: its database driver is missing ({err}); for PostgreSQL: "
-                            "pip install psycopg[binary]") from None
+            raise TuneError(f"tune.storage {without_password(url)!r}: its database driver is missing ({err}); for "
+                            "PostgreSQL: pip install psycopg[binary]") from None
         except Exception as err:  # sqlalchemy OperationalError and friends: the server is not there
-            raise TuneError(f"tune.storage {url!r} cannot be used: {str(err).splitlines()[0]}") from None
+            raise TuneError(f"tune.storage {without_password(url)!r} cannot be used: "
+                            f"{without_password(str(err).splitlines()[0])}") from None
 
 
 def sampler_seed(seed: int, worker: int, opened_after: int = 0) -> int:
@@ -130,8 +134,9 @@ def join_study(params: config.Params, data_key: str, worker: int) -> optuna.Stud
     try:
         return _open(params, data_key, worker)
     except KeyError:
-        raise TuneError(f"no study {study_name(params, data_key)} in {params.tune.storage}: start the coordinator "
-                        "first (dvc repro tune, or python src/tune.py), with the same params, data and code") from None
+        raise TuneError(f"no study {study_name(params, data_key)} in {without_password(params.tune.storage)}: start "
+                        "the coordinator first (dvc repro tune, or python src/tune.py), with the same params, data "
+                        "and code") from None
 
 
 class PruneOnValidation(keras.callbacks.Callback):

@@ -41,6 +41,7 @@ def main() -> None:
         summary["threshold"] = training.choose_threshold(params.threshold, params.evaluate, val.y[pick], *p_val)
         mlflow.log_metrics({k: v for k, v in summary.items() if v is not None})
         modellib.save(model, params.paths.model_adv)
+        write_json(params.paths.model_adv_info, {"threshold": summary["threshold"]})  # agrees even if logging fails
         # the deliverable's usual name, in Keras's HDF5 format, with its threshold inside
         modellib.save(model, params.paths.model_h5, threshold=summary["threshold"])
         settings = serving.settings(summary["threshold"], params.preprocess)

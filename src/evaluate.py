@@ -28,7 +28,8 @@ def main() -> None:
     test = load_split(paths.processed, "test")
     info, base_info = read_json(paths.model_adv_info), read_json(paths.model_info)
     reference = metrics.reference(test.y, cfg.weights, cfg.measure)
-    protocol = evaluation.protocol(cfg, test.x, test.y, seed, params.threshold.model_dump(mode="json"))
+    protocol = evaluation.protocol(cfg, test.x, test.y, seed, params.threshold.model_dump(mode="json"),
+                                   params.inference)
     protocol_id = evaluation.protocol_id(protocol)
 
     def evaluate(path, name: str, transfer_from=None) -> tuple:

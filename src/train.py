@@ -51,6 +51,7 @@ def main() -> None:
         mlflow.log_metrics(summary)
         mlflow.log_figure(reporting.training_curves(history), "training_curves.png")
         modellib.save(model, params.paths.model)
+        write_json(params.paths.model_info, {"threshold": threshold})  # the pair agrees even if logging fails
         settings = serving.settings(threshold, params.preprocess)
         info = serving.log_version(params.paths.model, settings, "model", params.mlflow.model_name, val.x[0])
 

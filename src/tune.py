@@ -80,7 +80,12 @@ def main() -> None:
         workers = [subprocess.Popen([sys.executable, __file__, "--join", "--worker", str(i), "--params", args.params,
                                      *(a for o in args.overrides for a in ("-S", o))])
                    for i in range(1, t.workers)]
-        ran = tuning.optimize(study, trials, t.n_trials)
+        try:
+            ran = tuning.optimize(study, trials, t.n_trials)
+        except BaseException:  # a failed or interrupted coordinator leaves no trial processes behind
+            for w in workers:
+                w.terminate()
+            raise
         failed = [w.args for w in workers if w.wait() != 0]
         if failed:
             cli.log.warning("tune: %d worker(s) failed; the study still has its %d trials", len(failed), t.n_trials)
@@ -88,7 +93,7 @@ def main() -> None:
             cli.log.warning("tune: study %s already holds %d finished trials, so none ran now; its best params are "
                             "handed on. It is keyed by params, data and code, so this is a resumed or repeated run "
                             "of the same trials. To start over: optuna delete-study --study-name %s --storage %s",
-                            study.study_name, t.n_trials, study.study_name, t.storage)
+                            study.study_name, t.n_trials, study.study_name, tracking.without_password(t.storage))
         best = tuning.best(study)
         mlflow.log_params({"study": study.study_name, "best_trial": best["trial"], "trials_run_here": ran})
         mlflow.log_params({f"best_{k}": best[k] for k in ("dropout", "learning_rate")})

@@ -2,6 +2,7 @@
 MLflow run does not stay RUNNING once the stage runs again, and the rerun succeeds."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ def test_advtrain_killed_while_saving_leaves_no_model_and_reruns_cleanly(tmp_pat
     args = [sys.executable, "src/advtrain.py", *(a for o in overrides for a in ("-S", o))]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    target = params.paths.model_adv
+    target = params.paths.model_h5  # written after model_adv.keras and its threshold, before MLflow has the model
 
     stage = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
@@ -49,6 +50,9 @@ def test_advtrain_killed_while_saving_leaves_no_model_and_reruns_cleanly(tmp_pat
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
     assert [r.info.status for r in runs] == ["RUNNING"]  # SIGKILL: nothing could close it
+    # The model already written and the threshold beside it belong together: predict on it now judges it at its own.
+    stored = json.loads(params.paths.model_adv_info.read_text())["threshold"]
+    assert stored == pytest.approx(runs[0].data.metrics["threshold"]) and model.load(params.paths.model_adv)
 
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

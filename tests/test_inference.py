@@ -101,6 +101,8 @@ def test_auto_is_openvino_without_a_gpu_and_engines_key_the_feature_cache(tmp_pa
     keys = {features.cache_key(x_file, cfg, 0, e) for e in
             (OPENVINO, TENSORFLOW, config.Inference(engine="openvino", precision="bf16"))}
     assert len(keys) == 3  # features from another engine are never taken for these
+    # nor from another batch size (features move with it, and DVC reruns tune and train on model.batch_size)
+    assert features.cache_key(x_file, cfg.model_copy(update={"batch_size": 128}), 0, OPENVINO) not in keys
 
 
 def test_a_process_that_ran_openvino_exits_cleanly(tiny_model_file) -> None:

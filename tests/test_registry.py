@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline import config, evaluation, registry, tracking
+from pipeline import config, evaluation, inference, registry, tracking
 from pipeline.errors import TrackingError
 
 NAME = "cifake-test"
@@ -92,22 +92,23 @@ def test_a_registry_error_is_an_error_not_no_champion(store, monkeypatch) -> Non
         registry.update_champion(NAME, registry.Standing("1", 0.9, 0.9, "P"), REFERENCE, no_rescore)
 
 
-def test_protocol_covers_attack_settings_test_set_and_threshold() -> None:
+def test_protocol_covers_attack_settings_test_set_threshold_and_inference() -> None:
     cfg = config.Evaluate(attack={"name": "fgsm", "epsilon": 8}, diagnostic={"name": "pgd", "epsilon": 8},
                           epsilons=[0, 8], weights={"clean": 0.4, "adversarial": 0.6}, measure="balanced_accuracy",
                           batch_size=8)
     x, y = np.zeros((4, 32, 32, 3), np.uint8), np.array([0, 0, 1, 1])
 
-    def pid(c=cfg, xx=x, threshold=0.5):
-        return evaluation.protocol_id(evaluation.protocol(c, xx, y, 0, threshold))
+    def pid(c=cfg, xx=x, threshold=0.5, engine=inference.AUTO):
+        return evaluation.protocol_id(evaluation.protocol(c, xx, y, 0, threshold, engine))
 
     assert pid() == pid()
     other_eps = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"epsilon": 4})})
     other_steps = cfg.model_copy(update={"diagnostic": cfg.diagnostic.model_copy(update={"steps": 20})})
     changed = x.copy()
     changed[0, 0, 0, 0] = 1
-    ids = {pid(), pid(other_eps), pid(other_steps), pid(xx=changed), pid(threshold=0.6)}
-    assert len(ids) == 5
+    ids = {pid(), pid(other_eps), pid(other_steps), pid(xx=changed), pid(threshold=0.6),
+           pid(engine=config.Inference(precision="bf16"))}  # bf16 moves attacked labels: not the same measurement
+    assert len(ids) == 6
 
 
 def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store, graded_model,

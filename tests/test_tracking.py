@@ -1,6 +1,7 @@
 """pipeline.tracking: failing fast on a dead server, the URI override, run tags, the registry's champion alias."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -113,6 +114,50 @@ def test_a_server_that_accepts_but_never_answers_fails_within_the_timeout(params
     finally:
         silent.close()
     assert time.monotonic() - start < 1.5 + 2
+
+
+def test_a_server_that_answers_with_an_http_error_is_reachable_and_bounds_last_only_for_start_up(
+        params, monkeypatch) -> None:
+    """A 401 from an auth proxy (MLflow sends the credentials, the probe does not) or a 404 where /health is
+    missing: the server answered, so the probe lets MLflow try. The fail-fast bounds hold for start-up only: a
+    stage's later calls (a model upload a server passes on to S3) keep MLflow's retries and timeout."""
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_error(401, "Unauthorized")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    try:
+        tracking._check_reachable(uri, 2.0)  # no error: it answered
+        start = time.monotonic()
+        with pytest.raises(TrackingError, match="cannot be used"):  # MLflow's own call gets the 401, at once
+            tracking.setup(with_mlflow(params, tracking_uri=uri, timeout_s=2.0).mlflow)
+        assert time.monotonic() - start < 10
+    finally:
+        server.shutdown()
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+def test_credentials_in_params_never_reach_the_tracking_store(params, mlflow_store) -> None:
+    # the README's shared-study recipe puts a password in tune.storage; every stage logs every param
+    params = params.model_copy(update={"tune": params.tune.model_copy(
+        update={"storage": "postgresql://optuna:hunter2@db.internal/optuna"})})
+    tracking.setup(params.mlflow)
+    with mlflow.start_run() as run:
+        tracking.log_params(config.flatten(params))
+    logged = MlflowClient().get_run(run.info.run_id).data.params
+    assert logged["tune.storage"] == "postgresql://optuna:***@db.internal/optuna"
+    assert not any("hunter2" in v for v in logged.values())
 
 
 def test_a_failing_stage_leaves_its_run_failed(params, mlflow_store) -> None:

@@ -93,6 +93,11 @@ def test_study_name_follows_the_search_space_not_the_trial_count(tune_params) ->
     assert tuning.study_name(with_tune(tune_params, dropout=wider), "data0") != name
     assert tuning.study_name(with_tune(tune_params, epochs=3), "data0") != name
     assert tuning.study_name(tune_params, "other-data") != name
+    # the trials read cached features: another precision for them is another study, not a complete old one
+    bf16 = tune_params.model_copy(update={"inference": tune_params.inference.model_copy(update={"precision": "bf16"})})
+    assert tuning.study_name(bf16, "data0") != name
+    less = tune_params.model_copy(update={"inference": tune_params.inference.model_copy(update={"check_images": 10})})
+    assert tuning.study_name(less, "data0") == name  # the bf16 check of evaluate and predict: not the features'
 
 
 def test_optimize_resumes_and_best_returns_the_best_trial(tune_params, mlflow_store, tmp_path) -> None:

@@ -232,8 +232,9 @@ def test_joining_a_study_that_does_not_exist_says_to_start_the_coordinator(tmp_p
 def test_a_storage_url_without_its_driver_or_server_is_one_clear_error(tmp_path: Path) -> None:
     from pipeline.errors import TuneError
 
-    with pytest.raises(TuneError, match="tune.storage"):
-        tuning.storage("postgresql+psycopg://nobody@127.0.0.1:9/none")
+    with pytest.raises(TuneError, match="tune.storage") as err:
+        tuning.storage("postgresql+psycopg://nobody:hunter2@127.0.0.1:9/none")
+    assert "hunter2" not in str(err.value) and "nobody:***@127.0.0.1" in str(err.value)  # the message is shown
 
 
 @pytest.mark.slow
