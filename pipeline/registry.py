@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -112,8 +113,10 @@ def champion_lock(name: str, run_id: str, stale_after_s: float = 1800.0, poll_s:
     """Mutual exclusion for the champion decision, through the registry itself (it is the one thing every
     workspace shares): each contender takes a ticket, a version of the model ``<name>.champion-lock`` that the
     registry numbers atomically, and goes once no lower ticket is left (a bakery lock). A ticket older than
-    ``stale_after_s`` belongs to a process that died holding it and is removed. A tracking server accepts a
-    version only with a source inside a real run, so the ticket points into the contender's run ``run_id``."""
+    ``stale_after_s`` belongs to a process that died holding it and is removed; a live contender's ticket stays
+    young, however long it waits or holds (a champion's re-score is a whole evaluation), because a thread stamps it
+    every quarter of that. A tracking server accepts a version only with a source inside a real run, so the ticket
+    points into the contender's run ``run_id``."""
     from mlflow.exceptions import MlflowException
 
     client, lock = _client(), f"{name}.champion-lock"
@@ -128,12 +131,21 @@ def champion_lock(name: str, run_id: str, stale_after_s: float = 1800.0, poll_s:
                                                  tags={"holder": holder}, await_creation_for=0).version)
     except MlflowException as err:
         raise _fail(f"taking a ticket for {name}@{CHAMPION}", err) from None
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(stale_after_s / 4):
+            with contextlib.suppress(MlflowException):  # a missed beat costs nothing while the next ones land
+                client.set_model_version_tag(lock, str(ticket), ALIVE_TAG, str(int(time.time() * 1000)))
+
+    beating = threading.Thread(target=heartbeat, name="champion-lock-heartbeat", daemon=True)
+    beating.start()
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             ahead = [v for v in client.search_model_versions(f"name='{lock}'") if int(v.version) < ticket]
             now_ms = time.time() * 1000
-            for stale in [v for v in ahead if now_ms - v.creation_timestamp > stale_after_s * 1000]:
+            for stale in [v for v in ahead if now_ms - _last_sign_of_life(v) > stale_after_s * 1000]:
                 log.warning("registry: removing stale %s ticket %s of %s", lock, stale.version, stale.tags)
                 client.delete_model_version(lock, stale.version)
                 ahead.remove(stale)
@@ -145,8 +157,17 @@ def champion_lock(name: str, run_id: str, stale_after_s: float = 1800.0, poll_s:
             time.sleep(poll_s)
         yield
     finally:
+        done.set()
+        beating.join(timeout=60)
         with contextlib.suppress(MlflowException):
             client.delete_model_version(lock, str(ticket))
+
+
+ALIVE_TAG = "alive_ms"  # a champion-lock ticket's latest heartbeat, epoch milliseconds
+
+
+def _last_sign_of_life(ticket) -> float:
+    return max(float(ticket.creation_timestamp), float(ticket.tags.get(ALIVE_TAG, 0)))
 
 
 def update_champion(name: str, candidate: Standing, reference: dict[str, float],

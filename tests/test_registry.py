@@ -2,6 +2,7 @@
 reference, re-scores a champion measured under another protocol, and treats registry errors as errors."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlflow
@@ -136,6 +137,30 @@ def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store
     assert (got.robust_score, got.weighted_f1) != pytest.approx((at_half.robust_score, at_half.weighted_f1))
     # the score counts the attack: the model the attacks break scores below its clean balanced accuracy
     assert got.robust_score < direct.clean["balanced_accuracy"] - 0.1
+
+
+def test_a_contender_holding_the_lock_longer_than_the_staleness_bound_keeps_it(store) -> None:
+    # A champion's re-score is a whole evaluation: a live holder's ticket must not be judged dead by its age alone.
+    import threading
+
+    with mlflow.start_run() as run:
+        pass
+    events: list[tuple[str, str]] = []
+
+    def contender(who: str, hold_s: float) -> None:
+        with registry.champion_lock(NAME, run.info.run_id, stale_after_s=2.0, poll_s=0.1):
+            events.append((who, "enter"))
+            time.sleep(hold_s)
+            events.append((who, "leave"))
+
+    first = threading.Thread(target=contender, args=("A", 5.0))
+    first.start()
+    time.sleep(1.0)
+    second = threading.Thread(target=contender, args=("B", 0.1))
+    second.start()
+    first.join()
+    second.join()
+    assert events == [("A", "enter"), ("A", "leave"), ("B", "enter"), ("B", "leave")]
 
 
 CONTENDER = """
