@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from pipeline import config, tracking, tuning
-from pipeline.model import backbone_of, build_model
+from pipeline.model import backbone_of
 from pipeline.training import Arrays
 
 FIXED = {"dropout": 0.3, "learning_rate": 1e-3}
@@ -38,11 +38,12 @@ def child_runs(experiment: str):
 
 
 def test_objective_clean_on_a_fixed_trial(tune_params, mlflow_store) -> None:
+    tune_params = with_tune(tune_params, patience=None)  # the head kept is the last epoch's
     tracking.setup(tune_params.mlflow)
     trial = optuna.trial.FixedTrial(FIXED)
     with mlflow.start_run(run_name="parent") as parent:
         value = tuning.Objective(tune_params, random_features())(trial)
-    assert 0.0 <= value <= 1.0
+    assert 0.5 < value < 1.0
     assert trial.user_attrs["clean"] == value == trial.user_attrs[tune_params.evaluate.measure]
     runs = [r for r in child_runs(mlflow_store.experiment) if r.info.run_id != parent.info.run_id]
     assert len(runs) == 1
@@ -50,25 +51,29 @@ def test_objective_clean_on_a_fixed_trial(tune_params, mlflow_store) -> None:
     assert child.tags["mlflow.parentRunId"] == parent.info.run_id and child.tags["optuna.state"] == "COMPLETE"
     assert float(child.params["dropout"]) == 0.3 and float(child.params["learning_rate"]) == 1e-3
     assert child.metrics["clean"] == pytest.approx(value)
+    # the kept head scored as the epoch's validation scored it: in inference mode (dropout off, batch norm's averages)
+    assert value == pytest.approx(child.metrics[f"val_{tune_params.evaluate.measure}"], abs=1e-9)
     assert {"val_f1", "val_balanced_accuracy", "loss"} <= set(child.metrics)  # per-epoch curves (MlflowEpochLogger)
 
 
-def test_objective_robust_attacks_the_validation_images(tune_params, mlflow_store) -> None:
-    params = with_tune(tune_params, objective="robust")
+def test_objective_robust_attacks_the_validation_images(tune_params, mlflow_store, graded_model) -> None:
+    # The graded model's images: the trial's head learns their line cue, which the FGSM of tune.attack flips.
+    params = with_tune(tune_params, objective="robust", epochs=8, batch_size=32)
     tracking.setup(params.mlflow)
-    feats = random_features(n_val=8)
-    x_val = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    backbone = backbone_of(build_model(params.model, dropout=0.0, seed=params.base.seed))
-    trial = optuna.trial.FixedTrial(FIXED)
+    g = graded_model
+    feats, backbone = Arrays(g.features, g.y, g.features, g.y), backbone_of(g.model)
+    robust, clean = optuna.trial.FixedTrial(FIXED), optuna.trial.FixedTrial(FIXED)
     with mlflow.start_run(run_name="parent"):
-        value = tuning.Objective(params, feats, backbone, x_val)(trial)
-    attrs = trial.user_attrs
-    m = params.evaluate.measure
+        values = {"robust": tuning.Objective(params, feats, backbone, g.x)(robust),
+                  "clean": tuning.Objective(with_tune(params, objective="clean"), feats, backbone, g.x)(clean)}
+    attrs, m = robust.user_attrs, params.evaluate.measure
     assert set(attrs) >= {"f1", "adv_f1", m, f"adv_{m}", "robust"}
-    assert value == attrs["robust"]
+    assert values["robust"] == attrs["robust"]
     w = params.evaluate.weights
-    assert value == pytest.approx(w.clean * attrs[m] + w.adversarial * attrs[f"adv_{m}"])
-    assert all(0.0 <= attrs[k] <= 1.0 for k in ("f1", "adv_f1", m, f"adv_{m}"))
+    assert values["robust"] == pytest.approx(w.clean * attrs[m] + w.adversarial * attrs[f"adv_{m}"])
+    # scored with the trial's own head (the clean objective's figure for the same trial), then attacked
+    assert attrs[m] == pytest.approx(values["clean"], abs=0.02) and attrs[m] >= 0.8
+    assert attrs[f"adv_{m}"] < attrs[m] - 0.1
 
 
 def test_study_logs_one_parent_and_a_nested_run_per_trial(tune_params, mlflow_store) -> None:
