@@ -23,7 +23,8 @@ def _process_umask() -> int:
 
 # tempfile makes its files 0600 and folders 0700; what a stage writes gets the modes any other file of the user's
 # would (a serving account or a teammate on a shared machine reads them), read once before threads start.
-FILE_MODE, DIR_MODE = 0o666 & ~_process_umask(), 0o777 & ~_process_umask()
+_UMASK = _process_umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 
 def workspace_root() -> Path:

@@ -112,10 +112,10 @@ def champion_lock(name: str, run_id: str, stale_after_s: float = 1800.0, poll_s:
                   timeout_s: float = 3600.0) -> Iterator[None]:
     """Mutual exclusion for the champion decision, through the registry itself (it is the one thing every
     workspace shares): each contender takes a ticket, a version of the model ``<name>.champion-lock`` that the
-    registry numbers atomically, and goes once no lower ticket is left (a bakery lock). A ticket older than
-    ``stale_after_s`` belongs to a process that died holding it and is removed; a live contender's ticket stays
-    young, however long it waits or holds (a champion's re-score is a whole evaluation), because a thread stamps it
-    every quarter of that. A tracking server accepts a version only with a source inside a real run, so the ticket
+    registry numbers atomically, and goes once no lower ticket is left (a bakery lock). A thread stamps a live
+    contender's ticket every quarter of ``stale_after_s``, however long it waits or holds (a champion's re-score
+    is a whole evaluation), so a ticket unstamped for ``stale_after_s`` belongs to a process that died holding it
+    and is removed. A tracking server accepts a version only with a source inside a real run, so the ticket
     points into the contender's run ``run_id``."""
     from mlflow.exceptions import MlflowException
 
