@@ -44,7 +44,7 @@ def study_name(params: config.Params, data_key: str) -> str:
         # The trials read cached features: the code and the engine settings that computed them count too (as set,
         # not as resolved: `auto` is OpenVINO here and TensorFlow on a GPU worker joining from elsewhere).
         "code": provenance.code_digest("pipeline.tuning", "pipeline.features"),
-        "inference": params.inference.model_dump(mode="json", include={"engine", "precision"}),
+        "inference": [params.inference.engine, params.inference.precision],
         "tune": params.tune.model_dump(mode="json", exclude={"n_trials", "storage", "workers", "heartbeat"}),
         "model": params.model.model_dump(mode="json"),
         "weights": params.evaluate.weights.model_dump(mode="json"),
