@@ -147,7 +147,11 @@ def champion_lock(name: str, run_id: str, stale_after_s: float = 1800.0, poll_s:
             now_ms = time.time() * 1000
             for stale in [v for v in ahead if now_ms - _last_sign_of_life(v) > stale_after_s * 1000]:
                 log.warning("registry: removing stale %s ticket %s of %s", lock, stale.version, stale.tags)
-                client.delete_model_version(lock, stale.version)
+                try:
+                    client.delete_model_version(lock, stale.version)
+                except MlflowException as err:  # gone already: its holder finished, or another waiter removed it
+                    if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
                 ahead.remove(stale)
             if not ahead:
                 break
