@@ -188,6 +188,37 @@ def graded_model() -> TinyModel:
     return TinyModel(full, head, cfg, x, y, feats)
 
 
+@dataclass
+class StoredThreshold:
+    folder: Path  # cue images as PNG files
+    p: np.ndarray  # the graded model's P(FAKE) on them, in the folder's order
+    threshold: float  # stored beside ``model``; its labels differ from 0.5's on at least two images
+    model: Path  # a copy of the graded model's file with that threshold in the JSON beside it
+
+
+def model_with_stored_threshold(tmp_path: Path, graded: TinyModel, graded_file: Path,
+                                n_per_class: int = 12) -> StoredThreshold:
+    """A folder for the tools and a model whose stored threshold matters on it: a tool that ignores the threshold
+    stored beside a model gives other labels."""
+    import json
+
+    from PIL import Image
+
+    from pipeline import model, predicting
+
+    folder = tmp_path / "graded"
+    folder.mkdir()
+    for i, img in enumerate(cue_images(n_per_class, seed=3)[0]):
+        Image.fromarray(img).save(folder / f"{i:02d}.png")
+    pre = config.load(PARAMS_FILE).preprocess
+    p = model.predict_proba(graded.model, predicting.read_folder(folder, pre.resize, pre.max_pixels).x)
+    stored = threshold_that_matters(p)
+    mine = tmp_path / "mine.keras"
+    shutil.copy(graded_file, mine)
+    (tmp_path / "mine.json").write_text(json.dumps({"threshold": stored}))  # as train and advtrain write it
+    return StoredThreshold(folder, p, stored, mine)
+
+
 @pytest.fixture(scope="session")
 def graded_model_file(graded_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline import model

@@ -232,22 +232,10 @@ def test_a_missing_input_is_one_error_line_and_writes_nothing(tmp_path: Path, ti
 
 def test_the_tool_labels_at_the_threshold_stored_beside_the_model(tmp_path: Path, graded_model,
                                                                    graded_model_file: Path) -> None:
-    import json
-    import shutil
+    from tests.conftest import model_with_stored_threshold
 
-    from tests.conftest import cue_images, threshold_that_matters
-
-    folder = tmp_path / "graded"
-    folder.mkdir()
-    for i, img in enumerate(cue_images(6, seed=3)[0]):
-        Image.fromarray(img).save(folder / f"{i:02d}.png")
-    found = predicting.read_folder(folder, PREPROCESS.resize, PREPROCESS.max_pixels)
-    p = model.predict_proba(graded_model.model, found.x)
-    stored = threshold_that_matters(p)  # its labels differ from 0.5's on at least two images
-    mine = tmp_path / "mine.keras"
-    shutil.copy(graded_model_file, mine)
-    (tmp_path / "mine.json").write_text(json.dumps({"threshold": stored}))  # as train and advtrain write it
-    proc = run_explain("--input", str(folder), "--output", str(tmp_path / "out"), "--model", str(mine))
+    case = model_with_stored_threshold(tmp_path, graded_model, graded_model_file, n_per_class=6)
+    proc = run_explain("--input", str(case.folder), "--output", str(tmp_path / "out"), "--model", str(case.model))
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "out" / "explanations.csv", newline="") as f:
-        assert [r[1] for r in list(csv.reader(f))[1:]] == predicting.labels(p, stored)
+        assert [r[1] for r in list(csv.reader(f))[1:]] == predicting.labels(case.p, case.threshold)

@@ -187,24 +187,12 @@ def test_predict_from_the_registry_champion(messy_folder: Path, tmp_path: Path, 
 
 def test_the_threshold_stored_beside_the_model_is_used_unless_overridden(tmp_path: Path, graded_model,
                                                                          graded_model_file: Path) -> None:
-    import json
-    import shutil
+    from tests.conftest import model_with_stored_threshold
 
-    from tests.conftest import cue_images, threshold_that_matters
-
-    folder = tmp_path / "graded"
-    folder.mkdir()
-    for i, img in enumerate(cue_images(12, seed=3)[0]):
-        Image.fromarray(img).save(folder / f"{i:02d}.png")
-    found = predicting.read_folder(folder, PREPROCESS.resize, PREPROCESS.max_pixels)
-    p = model.predict_proba(graded_model.model, found.x)
-    stored = threshold_that_matters(p)  # its labels differ from 0.5's on at least two images
-    mine = tmp_path / "mine.keras"
-    shutil.copy(graded_model_file, mine)
-    (tmp_path / "mine.json").write_text(json.dumps({"threshold": stored}))  # as train and advtrain write it
-    assert predicting.load_with_threshold(str(mine))[1] == stored
-    for threshold, extra in ((stored, []), (0.5, ["--threshold", "0.5"])):
+    case = model_with_stored_threshold(tmp_path, graded_model, graded_model_file)
+    assert predicting.load_with_threshold(str(case.model))[1] == case.threshold
+    for threshold, extra in ((case.threshold, []), (0.5, ["--threshold", "0.5"])):
         out = tmp_path / f"{threshold}.csv"
-        proc = run_predict("--input", str(folder), "--output", str(out), "--model", str(mine), *extra)
+        proc = run_predict("--input", str(case.folder), "--output", str(out), "--model", str(case.model), *extra)
         assert proc.returncode == 0, proc.stderr
-        assert [label for _, label in read_csv(out)[1:]] == predicting.labels(p, threshold)
+        assert [label for _, label in read_csv(out)[1:]] == predicting.labels(case.p, threshold)
