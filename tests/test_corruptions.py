@@ -54,3 +54,11 @@ def test_bad_amounts_fail_with_the_reason() -> None:
     with pytest.raises(ValueError, match="factor"):
         c("downscale", 1)
     assert [k.describe() for k in (c("jpeg", 90), c("blur", 0.5), c("noise", 4))] == ["jpeg90", "blur0.5", "noise4"]
+
+
+def test_downscale_reads_its_factor() -> None:
+    # Two factors, two results: a downscale that ignored its factor (or a fixed 2) gives the same images for both.
+    x = images()
+    halved, quartered = (corruptions.apply(x, c("downscale", f)) for f in (2, 4))
+    assert not np.array_equal(halved, quartered)
+    assert high_freq(quartered) < high_freq(halved) < high_freq(x)  # the larger factor loses more detail

@@ -219,3 +219,22 @@ def test_two_evaluations_at_once_cannot_both_take_the_champion(shared_registry) 
     assert outs[0][0].startswith("held") and outs[1][0].startswith("not"), outs
     assert registry.champion(NAME) == better
     assert not MlflowClient().search_model_versions(f"name='{NAME}.champion-lock'")  # every ticket returned
+
+
+def test_the_champion_rule_lower_equal_higher_and_another_protocol() -> None:
+    # robust_score alone decides under one protocol: the candidate's weighted_f1 is higher in every case below, so a
+    # rule that read it, or that promoted on any change of score, would move the champion on the lower one.
+    champ = registry.Standing("1", 0.80, 0.70, "P")
+    for score, promoted in ((0.79, False), (0.80, False), (0.81, True)):
+        held, why = registry.should_promote(registry.Standing("2", score, 0.95, "P"), champ, REFERENCE)
+        assert held is promoted, (score, why)
+    with pytest.raises(ValueError, match="re-score"):  # a lower score under another protocol is not compared either
+        registry.should_promote(registry.Standing("2", 0.60, 0.95, "Q"), champ, REFERENCE)
+
+
+def test_a_strictly_lower_candidate_leaves_the_champion_in_place(store) -> None:
+    v1, v2 = register_version(), register_version()
+    assert registry.update_champion(NAME, registry.Standing(v1, 0.80, 0.70, "P"), REFERENCE, no_rescore)[0]
+    held, why = registry.update_champion(NAME, registry.Standing(v2, 0.79, 0.95, "P"), REFERENCE, no_rescore)
+    assert not held and registry.champion(NAME) == v1 and "<=" in why, why
+    assert registry.standing(NAME, v2) == registry.Standing(v2, 0.79, 0.95, "P")
