@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 # bench.common imports pipeline, which sets TensorFlow's environment (oneDNN on) before TensorFlow loads: without it
-# gradients on an AVX2-only CPU run many times slower (bench/README.md, "An independent attack").
+# gradients on an AVX2-only CPU run many times slower (bench/README.md#onednn-and-xla).
 from bench.common import SCRATCH, emit, sample_data, tiny_model  # noqa: E402
 
 

@@ -5,7 +5,7 @@
     python bench/sample.py --smoke              # 16 + 8 images a class: checks the script runs
 
 The sample's proven bounds are evaluate's (``sample_bounds`` in metrics/evaluate.json); the single-cue classifier
-baselines of bench/README.md ("The sample") were a one-off study (``--measure``, in git history before this line).
+baselines in bench/README.md#samplepy were a one-off study (git history keeps its code).
 The sample is written under bench/out/ (git-ignored).
 """
 from __future__ import annotations

@@ -24,9 +24,9 @@ from pipeline.model import INPUT_SHAPE, logits_model, to_unit
 def margin_and_gradient(model: keras.Model):
     """Per image, the attack's loss, the margin -(2y - 1)·z through the logit z, and its input gradient: one compiled
     function per model (``x`` [0, 1] float32 batches, ``y`` 0/1 labels of shape (n,)), shared by every attack on it
-    (FGSM, PGD, APGD, advtrain's step). A trace of ResNet50's gradient costs about 2 s, and an attack loop compiled
-    around it several traces more (bench/README.md, "Tracing once"); the loops around this one run in Python,
-    a few microseconds a step.
+    (FGSM, PGD, APGD, advtrain's step). Tracing ResNet50's gradient is slow, and an attack loop compiled around it
+    costs several traces more (bench/README.md#attacks); the loops around this one run in Python, cheap beside a
+    gradient.
 
     Not BCE itself: its gradient (sigmoid(z) - y) underflows to exactly 0 in float32 once |z| > ~88, and the most
     confident images would silently go unattacked. Each image's logit depends on that image alone, so the margin

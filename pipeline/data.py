@@ -27,7 +27,8 @@ from pipeline.io import atomic_dir
 SPLITS = ("train", "val", "test")
 RAW_SPLITS = ("train", "test")
 IMAGE_SIZE = 32  # CIFAKE's size; the model resizes itself (model.image_size)
-POOL_MIN_FILES = 4000  # below this, starting worker processes costs more than it saves (bench/README.md, "Preprocess")
+# Below this many files, starting worker processes costs more than it saves (bench/README.md#where-the-time-goes).
+POOL_MIN_FILES = 4000
 _CHUNK = 256  # files per worker task: amortises inter-process overhead, keeps order cheap to preserve
 
 

@@ -172,7 +172,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     # An image leaves the diagnostic once fooled at the thresholds its scores are read at (AutoAttack's rule): the
     # undefended model's images go after a few of the 20 steps. Balanced accuracy can only fall for it; scores of
     # fooled images stop near the thresholds, so the attacked ROC AUC reads higher than a full run's
-    # (bench/README.md, "Letting fooled images go").
+    # (bench/README.md#evaluates-passes).
     diagnostic = Attacker(model, cfg.diagnostic, seed, stop_at=(threshold, REFERENCE_THRESHOLD))
 
     def diagnose() -> dict[str, np.ndarray]:
@@ -290,7 +290,7 @@ def _scored(scores, attacked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def square_forward(model: keras.Model, engine: config.Inference = inference.AUTO):
     """[0, 1] images -> logits, what Square queries: forward passes only, so on the inference engine (OpenVINO on
-    a CPU: bench/README.md, "evaluate's attacks"), each query's images split across the engine's requests."""
+    a CPU: bench/README.md#evaluates-passes), each query's images split across the engine's requests."""
     if inference.resolve(engine) != "openvino":
         return logit_forward(model)
     run = inference.runner(logits_model(model), engine)

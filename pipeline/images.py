@@ -157,7 +157,7 @@ def decode_with_info(
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
     fp = _open_source(source)
-    # catch_warnings costs ~1 µs; it restores the global filters on exit, so nothing leaks to other code.
+    # catch_warnings is cheap; it restores the global filters on exit, so nothing leaks to other code.
     with fp, warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning):
         try:
             img = Image.open(fp, formats=FORMATS)

@@ -3,14 +3,14 @@ tune and train cache, evaluate's forward passes (clean and attacked images), pre
 
 ``inference.engine`` in params.yaml: ``openvino`` runs the Keras model converted in memory (traced once to a
 TensorFlow graph) on OpenVINO's CPU runtime, faster than TensorFlow's compiled path in float32 with the same labels
-(bench/README.md, "Inference"); ``tensorflow`` runs the compiled TensorFlow function; ``auto`` takes TensorFlow
-when it sees a GPU and OpenVINO otherwise. Gradients (attacks, training) always run in TensorFlow.
+(bench/README.md#inference-engines-and-precision); ``tensorflow`` runs the compiled TensorFlow function; ``auto``
+takes TensorFlow when it sees a GPU and OpenVINO otherwise. Gradients (attacks, training) always run in TensorFlow.
 ``inference.precision``: ``f32`` (the default), ``bf16`` (where the CPU computes it natively, AVX512-BF16 or AMX),
 ``auto``, OpenVINO's own pick for this CPU (bfloat16 where native), or ``checked``: bfloat16 for a labelled pass
 (evaluate's, predict's) only where its labels agree with float32 on ``inference.agreement`` of a seeded sample of
 ``inference.check_images`` images of that very pass, float32 otherwise, and the decision said
 (:func:`checked_probabilities`). bfloat16 keeps the clean labels of the trained models, but attacked images sit
-near the boundary, where it can flip labels (bench/README.md, "bfloat16 on the trained models"), which is why it
+near the boundary, where it can flip labels (bench/README.md#precision), which is why it
 is checked pass by pass rather than trusted. Unlabelled passes (backbone features, Square's queries) stay float32
 under ``checked``.
 """

@@ -154,9 +154,9 @@ def logits_model(model: keras.Model) -> keras.Model:
     return twin
 
 
-# oneDNN's convolutions crawl on ResNet50's last maps at 32x32 (1x1 and 2x2 pixels: 31-111 GFLOP/s where a matrix
-# product runs at 215+); as matrix products the same sums run about twice as fast a pass (bench/README.md, "The
-# convolutions on small maps"). A 3x3 kernel on a 4x4 map as a matrix product was slower than the convolution.
+# oneDNN's convolutions crawl on ResNet50's last maps at 32x32 (1x1 and 2x2 pixels), far below its matrix
+# products; as matrix products the same sums run faster (bench/README.md#the-compute-twin). A 3x3 kernel on a 4x4
+# map as a matrix product was slower than the convolution.
 SMALL_MAP_PIXELS = 4
 
 
@@ -357,9 +357,9 @@ def forward_fn(model: keras.Model):
     """``model`` (its :func:`compute_twin`) as a compiled inference function with a fixed signature, so no batch
     size re-traces it.
 
-    A compiled tf.function is much faster than ``model.predict`` on CPU (bench/README.md, "Feature extraction
-    against the matmul ceiling"). Built once per model and reused: tracing takes a while, and advtrain scores
-    validation after every epoch.
+    A compiled tf.function is much faster than ``model.predict`` on CPU
+    (bench/README.md#inference-engines-and-precision). Built once per model and reused: tracing takes a while, and
+    advtrain scores validation after every epoch.
     """
     fn = getattr(model, "_cifake_forward", None)
     if fn is None:

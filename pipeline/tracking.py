@@ -38,8 +38,8 @@ def tracking_uri(cfg: config.Mlflow) -> str:
 
 @contextlib.contextmanager
 def _store_creation_lock(uri: str) -> Iterator[None]:
-    """Several processes creating one SQLite store at once break it for good (../shared/MEASURED.md, beside the
-    checkout): queued experiments (``dvc queue start -j 2``) and tuning workers take this file lock around their
+    """Several processes creating one SQLite store at once break it for good (README.md#experiments): queued
+    experiments (``dvc queue start -j 2``) and tuning workers take this file lock around their
     first access. Once the schema exists, concurrent writers are safe (SQLite waits for its own write lock)."""
     if not uri.startswith("sqlite:///"):
         yield

@@ -30,7 +30,7 @@ class Arrays:
 
     def resident(self) -> tuple[tf.Tensor, tf.Tensor]:
         """The training features and labels as tensors, made once and shared by every fit on these arrays (the
-        tuning trials): a copy per fit would cost a second and the features' size in memory each time."""
+        tuning trials): a copy per fit would cost time and the features' size in memory each time."""
         if self._resident is None:
             self._resident = (tf.convert_to_tensor(self.x_train, tf.float32),
                               tf.convert_to_tensor(np.asarray(self.y_train, np.float32).reshape(-1, 1)))
@@ -90,7 +90,7 @@ class HeadTrainer:
 
     A head step on cached features is a millisecond of arithmetic, so Keras's ``fit`` (a data pipeline per call,
     dispatch per step) would cost more than the steps, and tracing a fresh loop per trial costs about as much as
-    an epoch at CIFAKE size (bench/README.md, "Tuning at arithmetic speed"). Here the features stay resident as one
+    an epoch at CIFAKE size (bench/README.md#the-heads-training-loop). Here the features stay resident as one
     tensor, each epoch is one compiled loop over shuffled batches, and one head and optimizer are reset for each fit:
     fresh seeded weights, zeroed optimizer slots, the learning rate and dropout rate held in variables the loop
     reads. Validation runs once an epoch in :class:`ValidationScores` (ahead of the other callbacks, which see ``loss``,
@@ -272,7 +272,7 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
 
     def step(x, y):
         # The attack runs on the model's one compiled gradient, shared with validation's and evaluate's attacks:
-        # compiled into the step it was traced again, with its loop (bench/README.md, "Tracing once").
+        # compiled into the step it was traced again, with its loop (bench/README.md#attacks).
         n_adv = int(np.round(np.float32(cfg.adv_ratio) * np.float32(len(x))))
         if n_adv == 0:  # never an attack on an empty batch: BatchNormalization fails on zero images under oneDNN
             return update(x, y)
@@ -320,7 +320,7 @@ def probabilities_under_diagnostic(model: keras.Model, evaluate: config.Evaluate
     attack evaluate judges by, so a threshold chosen on these is chosen under what it will be judged by. A threshold
     chosen under a weaker attack (advtrain's own PGD-3) sits where that attack leaves the images and costs balanced
     accuracy under the stronger one. The mission's FGSM is left out: it is the weaker attack on nearly every image
-    (the same threshold with or without it: bench/README.md, "The stored threshold"), and without it an edit of the
+    (the same threshold with or without it: bench/README.md#the-stored-threshold), and without it an edit of the
     mission's attack does not rerun advtrain."""
     return validation_probabilities(model, Attacker(model, evaluate.diagnostic, seed), x, y, batch_size)
 

@@ -98,7 +98,7 @@ def sampler_seed(seed: int, worker: int, opened_after: int = 0) -> int:
 
 def _pruner(params: config.Params) -> optuna.pruners.BasePruner:
     # From the second epoch on, a trial behind the median of earlier trials at that epoch stops: on cached features
-    # a head's first epochs already rank it (bench/README.md, the tuning section).
+    # a head's first epochs already rank it (bench/README.md#the-heads-training-loop).
     return (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if params.tune.pruner == "median"
             else optuna.pruners.NopPruner())
 
@@ -297,7 +297,7 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
             continue
         # A trial on images builds a ResNet50, reference cycles worth freeing at once; a head trial leaves only a
         # small head behind, and a full collection costs a large share of a head trial once TensorFlow's objects are
-        # loaded (bench/README.md, "Tuning at arithmetic speed": where tune's time went).
+        # loaded (bench/README.md#the-heads-training-loop).
         heads_only = isinstance(objective, Objective) and objective.params.model.frozen
         study.optimize(guarded, n_trials=1, catch=(_Surplus,), gc_after_trial=not heads_only)
 

@@ -133,7 +133,7 @@ def test_unusable_paths_are_clear(tmp_path: Path) -> None:
 def test_kaggle_offline_fails_fast_with_instructions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import kagglehub
 
-    def offline(handle: str) -> str:  # what kagglehub raises here with no network (shared/MEASURED.md)
+    def offline(handle: str) -> str:  # what kagglehub 1.0.3 raised, seen on a machine with no network
         raise requests.exceptions.ConnectionError(
             "HTTPSConnectionPool(host='api.kaggle.com', port=443): Max retries exceeded "
             "(Caused by NameResolutionError: Failed to resolve 'api.kaggle.com')")

@@ -115,7 +115,7 @@ print("ran", tuning.optimize(study, objective, n, wait=worker == 0, poll_s=0.2),
 
 @pytest.mark.parametrize("kind", URLS)
 def test_workers_sharing_a_seeded_study_each_explore(tmp_path: Path, kind: str) -> None:
-    # One sampler seed in every process made them propose the same start-up trials in pairs (shared/MEASURED.md);
+    # One sampler seed in every process made them propose the same start-up trials (bench/README.md#tuning-workers);
     # each worker now draws its own, and one process alone stays seed-exact (the coordinator keeps base.seed).
     # With one seed in both (sampler_seed returning base.seed) this fails, 5-6 distinct of 10 on each storage.
     url = url_for(kind, tmp_path)
