@@ -88,7 +88,7 @@ class HeadTrainer:
     """Trains heads on one set of cached features, any number of times (the tuning trials), through one compiled
     epoch loop traced once.
 
-    A head step on cached features is a millisecond of arithmetic, so Keras's ``fit`` (a data pipeline per call,
+    A head step on cached features is little arithmetic, so Keras's ``fit`` (a data pipeline per call,
     dispatch per step) would cost more than the steps, and tracing a fresh loop per trial costs about as much as
     an epoch at CIFAKE size (bench/README.md#the-heads-training-loop). Here the features stay resident as one
     tensor, each epoch is one compiled loop over shuffled batches, and one head and optimizer are reset for each fit:
