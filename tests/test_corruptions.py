@@ -62,3 +62,26 @@ def test_downscale_reads_its_factor() -> None:
     halved, quartered = (corruptions.apply(x, c("downscale", f)) for f in (2, 4))
     assert not np.array_equal(halved, quartered)
     assert high_freq(quartered) < high_freq(halved) < high_freq(x)  # the larger factor loses more detail
+
+
+def test_noise_is_centred_and_clipped_to_the_pixel_range() -> None:
+    gray = np.full((4, 32, 32, 3), 128, np.uint8)
+    assert abs(corruptions.apply(gray, c("noise", 4)).astype(float).mean() - 128) < 0.2  # zero-mean noise
+    ends = np.zeros((4, 32, 32, 3), np.uint8)
+    ends[:, :, 16:] = 255
+    out = corruptions.apply(ends, c("noise", 4))
+    dark, bright = out[ends == 0], out[ends == 255]
+    assert dark.max() < 40 and (dark == 0).mean() > 0.4  # clipped at 0, not wrapped round to 255
+    assert bright.min() > 215 and (bright == 255).mean() > 0.4  # clipped at 255, not wrapped round to 0
+
+
+def test_downscale_is_bilinear_down_and_up_per_side() -> None:
+    from PIL import Image
+
+    x = images(2)[:, :16]  # 16 rows x 32 columns: the two sides scale apart
+    want = [np.asarray(Image.fromarray(img).resize((8, 4), Image.BILINEAR).resize((32, 16), Image.BILINEAR))
+            for img in x]
+    assert np.array_equal(corruptions.apply(x, c("downscale", 4)), np.stack(want))
+    # a factor beyond the image's size leaves one pixel: the image's average colour everywhere
+    flat = corruptions.apply(x[:, :4, :8], c("downscale", 16))
+    assert (flat == flat[:, :1, :1]).all()

@@ -199,3 +199,97 @@ def test_brier_and_reliability() -> None:
     top = next(r for r in rows if r["bin"] == 4)  # P 0.8 and 0.9: both FAKE
     assert top["fraction_fake"] == 1.0 and top["mean_predicted"] == pytest.approx(0.85)
     assert all(0 <= r["mean_predicted"] <= 1 and 0 <= r["fraction_fake"] <= 1 for r in rows)
+
+
+# ----------------------------------------------------------------- cases bench/mutation.sh showed were not pinned
+
+
+def test_scores_gathers_each_figure_under_its_name_at_the_threshold() -> None:
+    cfg = config.load(Path(__file__).resolve().parents[1] / "params.yaml").evaluate.model_copy(
+        update={"measure": "macro_f1", "weights": WEIGHTS})
+    p_adv = np.array([0.3, 0.6, 0.5, 0.4, 0.7, 0.6, 0.8, 0.2, 0.1, 0.55])
+    got = metrics.scores(Y, P, p_adv, cfg, threshold=0.55)
+    want_f1, want_adv_f1 = metrics.f1(Y, P, 0.55), metrics.f1(Y, p_adv, 0.55)
+    assert got == pytest.approx({
+        "f1": want_f1, "macro_f1": metrics.measure(Y, P, "macro_f1", 0.55), "adv_f1": want_adv_f1,
+        "adv_macro_f1": metrics.measure(Y, p_adv, "macro_f1", 0.55),
+        "weighted_f1": 0.4 * want_f1 + 0.6 * want_adv_f1,
+        "robust_score": metrics.robust_score(Y, P, p_adv, WEIGHTS, "macro_f1", 0.55)}, abs=0)
+    assert got["f1"] != metrics.f1(Y, P, 0.5) and got["adv_f1"] != metrics.f1(Y, p_adv, 0.5)  # the threshold counts
+    assert metrics.scores(Y, P, None, cfg, 0.55) == {"f1": want_f1, "macro_f1": got["macro_f1"]}
+
+
+def test_log_loss_is_keras_clipped_binary_cross_entropy() -> None:
+    y, p = np.array([1, 0, 1]), np.array([0.8, 0.25, 0.5])
+    assert metrics.log_loss(y, p) == pytest.approx(-(math.log(0.8) + math.log(0.75) + math.log(0.5)) / 3, rel=1e-12)
+    # a confident mistake costs -log(eps), not infinity; a sure right answer costs -log(1 - eps)
+    assert metrics.log_loss([1], [0.0]) == pytest.approx(-math.log(1e-7), rel=1e-12)
+    assert metrics.log_loss([0, 1], [0.0, 1.0]) == pytest.approx(-math.log1p(-1e-7), rel=1e-9)
+    assert metrics.log_loss([1], [0.0], eps=1e-3) == pytest.approx(-math.log(1e-3), rel=1e-12)
+    assert math.isnan(metrics.log_loss([], []))
+
+
+def test_a_class_of_one_image_counts_fully() -> None:
+    # one FAKE image, called FAKE: recall 1 (a ratio over a count of exactly 1 is a ratio, not "no images")
+    got = metrics.classification([1, 0, 0], [0.9, 0.6, 0.1])
+    assert got["recall"] == 1.0 and got["precision"] == 0.5 and got["recall_real"] == 0.5
+
+
+def test_best_threshold_breaks_a_tie_towards_one_half_and_never_returns_zero() -> None:
+    y = np.array([1, 0, 1, 0])  # cuts at 0.25 and at 0.65 both get 3 of 4 right; 0.65 is nearer 0.5
+    assert metrics.best_threshold(y, np.array([0.25, 0.2, 0.65, 0.6]), None, WEIGHTS) == 0.65
+    # scores of exactly 0: a cut at 0 (everything FAKE) would win on macro F1 here, but calls nothing by its score
+    assert metrics.best_threshold(np.array([1, 1, 1, 0]), np.zeros(4), None, WEIGHTS, "macro_f1") == 0.5
+
+
+def reference_bootstrap(y, p_clean, p_adv, p_worst, worst_index, n, seed, level, threshold):
+    """The bootstrap written out one resample at a time, with the same draws as metrics.bootstrap_ci."""
+    rng, y = np.random.default_rng(seed), np.asarray(y)
+    sub = np.arange(len(y)) if worst_index is None else np.asarray(worst_index)
+    draws = {k: [] for k in ("weighted_f1", "robust_score", "clean_balanced_accuracy", "adversarial_balanced_accuracy")}
+    for start in range(0, n, 100):
+        idx = rng.integers(0, len(y), (min(100, n - start), len(y)))
+        idx_sub = idx if worst_index is None else rng.integers(0, len(sub), (len(idx), len(sub)))
+        for i, j in zip(idx, idx_sub):
+            draws["weighted_f1"].append(0.4 * metrics.f1(y[i], p_clean[i], threshold)
+                                        + 0.6 * metrics.f1(y[i], p_adv[i], threshold))
+            draws["robust_score"].append(metrics.robust_score(y[sub][j], p_clean[sub][j], p_worst[j], WEIGHTS,
+                                                              threshold=threshold))
+            draws["clean_balanced_accuracy"].append(metrics.measure(y[i], p_clean[i], threshold=threshold))
+            draws["adversarial_balanced_accuracy"].append(metrics.measure(y[i], p_adv[i], threshold=threshold))
+    tail = 100 * (1 - level) / 2
+    return {(k, b): v for k, d in draws.items() for b, v in zip(("low", "high"), np.percentile(d, [tail, 100 - tail]))}
+
+
+def flat(ci: dict) -> dict:
+    return {(k, b): v for k, bounds in ci.items() for b, v in bounds.items()}
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_bootstrap_interval_is_the_percentile_interval_of_the_resampled_figures(subset: bool) -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 30)
+    p_clean, p_adv = rng.choice([0.2, 0.5, 0.8], 30), rng.choice([0.2, 0.5, 0.8], 30)  # some exactly on 0.5
+    worst_index = np.arange(0, 30, 3) if subset else None
+    p_worst = (rng.choice([0.2, 0.5, 0.8], 10) if subset else np.minimum(p_clean, p_adv))
+    got = metrics.bootstrap_ci(y, p_clean, p_adv, p_worst, WEIGHTS, n_resamples=250, seed=2, level=0.8,
+                               worst_index=worst_index)
+    want = reference_bootstrap(y, p_clean, p_adv, p_worst, worst_index, 250, 2, 0.8, 0.5)
+    assert flat(got) == pytest.approx(want, abs=1e-12)
+    # the defaults: 1000 resamples, seed 0, 95 %
+    assert flat(metrics.bootstrap_ci(y, p_clean, p_adv, p_worst, WEIGHTS, worst_index=worst_index)) == pytest.approx(
+        reference_bootstrap(y, p_clean, p_adv, p_worst, worst_index, 1000, 0, 0.95, 0.5), abs=1e-12)
+
+
+def test_reference_names_its_floors_and_scores_them_by_the_measure() -> None:
+    got = metrics.reference(Y, WEIGHTS, "macro_f1")
+    f1_all_fake = 2 * 4 / (2 * 4 + 6)  # every image called FAKE: 4 TP, 6 FP
+    assert got == pytest.approx({"always_fake_f1": f1_all_fake, "always_fake_weighted_f1": f1_all_fake,
+                                 "always_fake_robust_score": f1_all_fake / 2})  # macro F1: REAL's F1 is 0
+
+
+def test_reliability_bins_in_float64_and_puts_one_in_the_last_bin() -> None:
+    p = np.array([0.1, 0.2, 1.0], np.float32)  # float32, as a model gives them
+    rows = metrics.reliability([0, 1, 1], p, bins=2)
+    assert [r["bin"] for r in rows] == [0, 1] and rows[1]["count"] == 1  # P = 1.0 is in the top bin, not a third
+    assert rows[0]["mean_predicted"] == (float(p[0]) + float(p[1])) / 2  # averaged in float64, not float32

@@ -196,3 +196,23 @@ def test_the_threshold_stored_beside_the_model_is_used_unless_overridden(tmp_pat
         proc = run_predict("--input", str(case.folder), "--output", str(out), "--model", str(case.model), *extra)
         assert proc.returncode == 0, proc.stderr
         assert [label for _, label in read_csv(out)[1:]] == predicting.labels(case.p, threshold)
+
+
+def test_labels_call_fake_at_or_above_the_threshold() -> None:
+    assert predicting.labels(np.array([0.29, 0.3, 0.31, 0.0]), 0.3) == ["Real", "Fake", "Fake", "Real"]
+
+
+def test_resolve_threshold_takes_the_override_then_the_stored_one_then_the_fallback(caplog) -> None:
+    from pipeline.errors import ModelError
+
+    assert predicting.resolve_threshold(0.2, 0.7, 0.5) == 0.2
+    assert predicting.resolve_threshold(None, 0.7, 0.5) == 0.7
+    assert not caplog.records
+    assert predicting.resolve_threshold(None, None, 0.5) == 0.5
+    assert "no threshold is stored" in caplog.text and "0.5" in caplog.text
+    for bad, source in ((0.0, "--threshold"), (1.0, "--threshold"), (-0.1, "--threshold")):
+        with pytest.raises(ModelError, match=f"^{source} must lie in \\(0, 1\\) \\(got {bad}\\)$"):
+            predicting.resolve_threshold(bad, 0.7, 0.5)
+    with pytest.raises(ModelError, match="^the model's calibrated threshold must lie in \\(0, 1\\) \\(got 1.5\\)$"):
+        predicting.resolve_threshold(None, 1.5, 0.5)
+    assert type(predicting.resolve_threshold(None, np.float32(0.25), 0.5)) is float

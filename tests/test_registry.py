@@ -238,3 +238,18 @@ def test_a_strictly_lower_candidate_leaves_the_champion_in_place(store) -> None:
     held, why = registry.update_champion(NAME, registry.Standing(v2, 0.79, 0.95, "P"), REFERENCE, no_rescore)
     assert not held and registry.champion(NAME) == v1 and "<=" in why, why
     assert registry.standing(NAME, v2) == registry.Standing(v2, 0.79, 0.95, "P")
+
+
+def test_should_promote_needs_both_scores_strictly_above_always_fakes_and_a_finite_robust_score() -> None:
+    def decide(robust: float, weighted: float, current=None) -> bool:
+        return registry.should_promote(registry.Standing("2", robust, weighted, "P"), current, REFERENCE)[0]
+
+    assert decide(0.51, 0.67)  # both floors beaten, no champion yet
+    assert not decide(0.5, 0.9) and not decide(float("nan"), 0.9) and not decide(float("inf"), 0.9)
+    assert not decide(0.9, 2 / 3)  # at always-FAKE's weighted F1
+    champ = registry.Standing("1", 0.7, 0.9, "P")
+    assert decide(0.71, 0.9, champ) and not decide(0.7, 0.9, champ)
+    why = registry.should_promote(registry.Standing("2", 0.5, 0.9, "P"), None, REFERENCE)[1]
+    assert why == "robust_score 0.5000 is not above always-FAKE's 0.5000"
+    assert registry.Standing("3", 0.61234567, 2 / 3, "P").tags() == {
+        "robust_score": "0.612346", "weighted_f1": "0.666667", "protocol": "P"}

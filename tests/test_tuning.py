@@ -6,7 +6,7 @@ import numpy as np
 import optuna
 import pytest
 
-from pipeline import config, tracking, tuning
+from pipeline import config, metrics, tracking, tuning
 from pipeline.model import backbone_of
 from pipeline.training import Arrays
 
@@ -145,3 +145,28 @@ def test_the_best_trial_by_its_objective_is_handed_over_when_trials_differ(tune_
     assert (best["trial"], best["value"], best["learning_rate"]) == (top.number, top.value, top.params["learning_rate"])
     assert best["completed"] == {"n": 6, "best": top.value, "median": float(np.median(values)),
                                  "worst": min(values)}
+
+
+def test_best_hands_over_the_best_completed_trial_and_the_spread(params: config.Params) -> None:
+    space = {"dropout": optuna.distributions.FloatDistribution(0.0, 0.9),
+             "learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)}
+    study = optuna.create_study(direction="maximize", study_name="s")
+    for value, dropout in ((0.6, 0.1), (0.8, 0.2), (0.7, 0.3)):
+        study.add_trial(optuna.trial.create_trial(params={"dropout": dropout, "learning_rate": 1e-3},
+                                                  distributions=space, value=value, user_attrs={"f1": value / 2}))
+    study.add_trial(optuna.trial.create_trial(params={"dropout": 0.5, "learning_rate": 1e-2}, distributions=space,
+                                              state=optuna.trial.TrialState.PRUNED))
+    assert tuning.best(study) == {"dropout": 0.2, "learning_rate": 1e-3, "value": 0.8, "trial": 1, "study": "s",
+                                  "f1": 0.4, "completed": {"n": 3, "best": 0.8, "median": 0.7, "worst": 0.6}}
+
+
+def test_objective_scores_name_the_clean_and_the_robust_value(params: config.Params) -> None:
+    p = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"measure": "macro_f1"})})
+    y = np.array([1, 1, 0, 0])
+    objective = tuning.Objective(p, Arrays(np.zeros((4, 2)), y, np.zeros((4, 2)), y))
+    p_clean, p_adv = np.array([0.9, 0.6, 0.4, 0.7]), np.array([0.4, 0.6, 0.2, 0.7])
+    clean = objective._scores(p_clean)
+    assert clean["clean"] == metrics.measure(y, p_clean, "macro_f1") and "robust" not in clean
+    both = objective._scores(p_clean, p_adv)
+    assert both["robust"] == metrics.robust_score(y, p_clean, p_adv, p.evaluate.weights, "macro_f1")
+    assert both["clean"] == clean["clean"] != both["robust"]
