@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import random
@@ -49,7 +50,11 @@ def seed_everything(seed: int) -> None:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's ``main``; a :class:`PipelineError` prints ``error: …`` and exits 1 (2 for bad params)."""
+    """Run a stage's ``main``; a :class:`PipelineError` prints ``error: …`` and exits 1 (2 for bad params). A native
+    crash (TensorFlow, OpenVINO, Pillow) prints every thread's Python stack to stderr, the stage's log, and so do the
+    Python processes the stage starts (decode workers, Spark's), through the environment they inherit."""
+    faulthandler.enable()
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         main()

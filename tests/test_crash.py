@@ -59,3 +59,29 @@ def test_advtrain_killed_while_saving_leaves_no_model_and_reruns_cleanly(tmp_pat
     assert model.load(target) is not None and (params.paths.metrics / "advtrain.json").exists()
     runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+
+
+def test_a_native_crash_in_a_stage_leaves_its_python_stack_in_the_log(tmp_path: Path) -> None:
+    """Every stage script ends in ``cli.run``, which turns faulthandler on for the stage and, through the
+    environment, for the Python processes it starts: a segfault in TensorFlow, OpenVINO or Pillow then leaves the
+    Python stack of each thread on stderr (DVC's log), where it would otherwise leave only a signal number."""
+    import resource
+
+    for script in sorted((ROOT / "src").glob("*.py")):
+        text = script.read_text()
+        assert 'if __name__ == "__main__":' in text and "cli.run(main)" in text, f"{script.name} skips cli.run"
+    stage = ("import faulthandler, subprocess, sys\n"
+             "from pipeline import cli\n"
+             "def deep_in_the_stage():\n"
+             "    child = subprocess.run([sys.executable, '-c', 'import faulthandler; faulthandler._sigsegv()'],\n"
+             "                           capture_output=True, text=True)\n"
+             "    sys.stderr.write(child.stderr)\n"
+             "    faulthandler._sigsegv()\n"
+             "cli.run(deep_in_the_stage)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PYTHONFAULTHANDLER", None)
+    out = subprocess.run([sys.executable, "-c", stage], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+    assert out.returncode == -signal.SIGSEGV, out.stderr[-2000:]
+    assert out.stderr.count("Fatal Python error: Segmentation fault") == 2, out.stderr[-2000:]  # stage and child
+    assert 'line 7 in deep_in_the_stage' in out.stderr, out.stderr[-2000:]
