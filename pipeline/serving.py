@@ -6,6 +6,12 @@ answers ``POST /invocations`` with ``{"dataframe_records": [{"image": "<base64 o
 or with pixel arrays, ``[{"pixels": [[[r, g, b], …], …]}, …]`` (H×W×3, 0–255). Every row is decoded and resized
 exactly as preprocess does (:func:`pipeline.images.decode`) and answered with ``label`` (Real/Fake), ``p_fake`` and
 ``error``: a row that cannot be read gets its reason there, the other rows their answers, and the server lives on.
+Every row in gets one row out, also a row with neither field beside rows that have one. A request in which no row
+has either field (an empty request among them) is refused whole, HTTP 400: MLflow's schema check drops the fields
+the signature does not name, and with them every row, before the model sees the request. A request over
+:data:`MAX_RECORDS` rows or :data:`MAX_REQUEST_BYTES` of image data is refused whole too (HTTP 400), before any
+decoding; the serving process's environment may set both (``CIFAKE_SERVING_MAX_RECORDS``,
+``CIFAKE_SERVING_MAX_BYTES``).
 
 The version's Keras file and its settings (threshold, resize, max_pixels) travel as artifacts, the ``pipeline``
 package as code, so the model serves wherever it is loaded. :func:`load` gets the Keras model back.
@@ -29,6 +35,34 @@ from pipeline import config, images
 from pipeline.classes import LABELS
 
 KERAS_ARTIFACT, SETTINGS_ARTIFACT = "keras_model", "settings"
+# What one request may carry. MLflow's scoring server reads and parses any body before the model sees it (it has no
+# size limit of its own), so these bound the work and memory a request causes past parsing, not the read itself.
+MAX_RECORDS = 1024
+MAX_REQUEST_BYTES = 16 * 2**20  # base64 characters of the images, or one byte per pixel value of the arrays
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer (got {value!r})") from None
+    if n <= 0:
+        raise ValueError(f"{name} must be a positive integer (got {value!r})")
+    return n
+
+
+def _request_bytes(row: dict) -> int:
+    """What a row weighs against :data:`MAX_REQUEST_BYTES`, read from its lengths alone (nothing decoded)."""
+    image, pixels = row.get("image"), row.get("pixels")
+    if isinstance(image, str):
+        return len(image)
+    try:
+        return len(pixels) * len(pixels[0]) * len(pixels[0][0])
+    except (TypeError, IndexError, KeyError):  # no array, or not H×W×3: the row's own error says so
+        return 0
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -42,12 +76,20 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.model = modellib.load(context.artifacts[KERAS_ARTIFACT])
         self.settings = json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text())
         self.engine = config.Inference(engine=os.environ.get("CIFAKE_INFERENCE_ENGINE") or "auto")
+        self.max_records = _env_int("CIFAKE_SERVING_MAX_RECORDS", MAX_RECORDS)
+        self.max_bytes = _env_int("CIFAKE_SERVING_MAX_BYTES", MAX_REQUEST_BYTES)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from pipeline.inference import probabilities
 
         threshold = float((params or {}).get("threshold") or self.settings["threshold"])
-        rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else list(model_input)
+        if isinstance(model_input, pd.DataFrame):
+            if not len(model_input.columns):
+                self._refuse_no_fields(model_input)
+            rows = model_input.to_dict("records")
+        else:
+            rows = list(model_input)
+        self._check_size(rows)
         pixels, errors = [], []
         for row in rows:
             try:
@@ -67,6 +109,33 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             "label": pd.Series([None if v is None else LABELS[int(v >= threshold)] for v in p], dtype=object),
             "p_fake": pd.Series(p, dtype=object),
             "error": errors})
+
+    @staticmethod
+    def _refuse_no_fields(frame: pd.DataFrame) -> None:
+        """MLflow's schema check drops the fields the signature does not name, and a frame left with no column
+        comes with no rows (records that all lack image and pixels arrive as an empty frame, exactly as an empty
+        request does): refuse it whole, since the records cannot be answered one by one."""
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException.invalid_parameter_value(
+            f"no record carries 'image' (base64 of an image file) or 'pixels' (H×W×3 values 0-255) ({len(frame)} "
+            "rows reached the model: fields with other names are dropped before it, and so is a record list with "
+            "none of these fields; an empty request gets this answer too)")
+
+    def _check_size(self, rows: list[dict]) -> None:
+        """Refuse a request over the limits whole (HTTP 400 from the scoring server), before any decoding."""
+        from mlflow.exceptions import MlflowException
+
+        max_records = getattr(self, "max_records", MAX_RECORDS)  # versions unpickled without load_context
+        max_bytes = getattr(self, "max_bytes", MAX_REQUEST_BYTES)
+        if len(rows) > max_records:
+            raise MlflowException.invalid_parameter_value(
+                f"a request carries at most {max_records} records (got {len(rows)}): send them in several requests")
+        weight = sum(_request_bytes(row) for row in rows)
+        if weight > max_bytes:
+            raise MlflowException.invalid_parameter_value(
+                f"a request carries at most {max_bytes} bytes of images (got {weight}): send them in several "
+                "requests, or smaller images")
 
     def _decode(self, row: dict) -> np.ndarray:
         resize, max_pixels = self.settings["resize"], self.settings["max_pixels"]

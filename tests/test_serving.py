@@ -216,3 +216,40 @@ def test_a_version_logged_in_keras_own_flavour_still_loads(mlflow_store, tiny_mo
     loaded, threshold = predicting.load_with_threshold(f"models:/cifake-legacy/{info.registered_model_version}")
     want = model.predict_proba(tiny_model.model, tiny_model.x)
     assert threshold is None and np.array_equal(model.predict_proba(loaded, tiny_model.x), want)
+
+
+def test_records_without_an_image_get_an_error_never_silence(served: str) -> None:
+    """A record with neither field beside one that has a field gets its own error. Records that all lack both
+    reach the model as an empty frame (MLflow's schema check drops the unknown field, and the rows with it): that
+    request is refused whole, never answered with no rows."""
+    loaded = mlflow.pyfunc.load_model(served)
+    wrong = {"picture": encoded(noise(32, 32, 156, 256, 1), "PNG")}
+    beside = loaded.predict(pd.DataFrame([{"image": wrong["picture"]}, wrong]))
+    assert beside["label"].tolist() == ["Fake", None] and "needs 'image'" in beside["error"][1]
+    for alone in (pd.DataFrame([wrong, wrong]), pd.DataFrame([{}, {}]), pd.DataFrame([])):
+        with pytest.raises(MlflowException, match="no record carries 'image'") as refused:
+            loaded.predict(alone)
+        assert refused.value.get_http_status_code() == 400
+    # in process, a frame that names a field keeps it: no rows in, no rows out
+    assert len(loaded.predict(pd.DataFrame({"image": pd.Series([], dtype=object)}))) == 0
+
+
+def test_a_request_over_the_record_or_byte_limit_is_refused_whole(served: str, monkeypatch) -> None:
+    record = {"image": encoded(noise(32, 32, 156, 256, 1), "PNG")}
+    assert serving.MAX_RECORDS >= 64 and serving.MAX_REQUEST_BYTES >= 64 * len(record["image"])  # a batch of 64
+    monkeypatch.setenv("CIFAKE_SERVING_MAX_RECORDS", "3")
+    monkeypatch.setenv("CIFAKE_SERVING_MAX_BYTES", str(3 * len(record["image"]) + 10))
+    loaded = mlflow.pyfunc.load_model(served)
+    assert loaded.predict(pd.DataFrame([record] * 3))["label"].tolist() == ["Fake"] * 3
+    with pytest.raises(MlflowException, match="at most 3 records") as refused:
+        loaded.predict(pd.DataFrame([record] * 4))
+    assert refused.value.get_http_status_code() == 400
+    big = {"image": record["image"] + "A" * (len(record["image"]) + 20)}  # over the bytes with 2 records
+    with pytest.raises(MlflowException, match=r"at most \d+ bytes of images"):
+        loaded.predict(pd.DataFrame([record, big]))
+    pixels = np.zeros((100, 100, 3), np.uint8).tolist()  # 30,000 values, over 3 small PNGs' worth
+    with pytest.raises(MlflowException, match="bytes of images"):
+        loaded.predict(pd.DataFrame([{"pixels": pixels}]))
+    monkeypatch.setenv("CIFAKE_SERVING_MAX_RECORDS", "0")
+    with pytest.raises(ValueError, match="CIFAKE_SERVING_MAX_RECORDS must be a positive integer"):
+        mlflow.pyfunc.load_model(served)
