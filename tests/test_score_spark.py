@@ -109,6 +109,12 @@ def test_spark_answers_like_predict_and_the_request_threshold_reaches_the_model(
     # the request's 0.5 is what decided: the version's own threshold labels these images otherwise
     assert labels != predicting.labels(np.array([p[n] for n in found.names]), stored)
 
+    # Without --threshold the version's own decides (a second JVM: one run cannot ask both ways).
+    own_out = tmp_path / "own.csv"
+    finish(run_tool("score_spark.py", "--input", str(folder), "--output", str(own_out), env=env))
+    own = {name: label for name, label, _, _ in read_csv(own_out)[1:]}
+    assert [own[n] for n in found.names] == predicting.labels(np.array([p[n] for n in found.names]), stored)
+
 
 COUNTING_MODEL = """
 import os
