@@ -20,6 +20,7 @@ BENCH = ROOT / "bench"
 EXPECTED = {
     "duplicates": {"duplicates"},
     "fullscale": {"fullscale_stage", "fullscale_floors", "fullscale_total", "fullscale_noop_repro"},
+    "load": {"start", "load", "soak", "hostile"},
     "robustness": {"attack", "fgsm", "transfer", "square-3", "mark", "worst"},
     "sample": {"generate"},
     "spark": {"predict_full", "spark_full"},
@@ -49,9 +50,10 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("bench-scratch")
 
 
-# Spark's smoke run starts a JVM and a Python worker that loads TensorFlow: ~1 min on 2 cores; the others ~5-12 s.
-@pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s == "spark" else []) for s in
-                                    sorted(EXPECTED)])
+# Spark's smoke run starts a JVM and a Python worker that loads TensorFlow: ~1 min on 2 cores; load's starts
+# `mlflow models serve` (~40 s); the others ~5-12 s.
+@pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s in ("spark", "load") else [])
+                                    for s in sorted(EXPECTED)])
 def test_benchmark_runs_at_its_smallest_size(script: str, scratch: Path) -> None:
     if reason := _needs(script):
         pytest.skip(reason)

@@ -253,3 +253,28 @@ def test_a_request_over_the_record_or_byte_limit_is_refused_whole(served: str, m
     monkeypatch.setenv("CIFAKE_SERVING_MAX_RECORDS", "0")
     with pytest.raises(ValueError, match="CIFAKE_SERVING_MAX_RECORDS must be a positive integer"):
         mlflow.pyfunc.load_model(served)
+
+
+@pytest.mark.slow  # the server imports TensorFlow and loads the model: ~20-40 s
+def test_the_server_under_load_and_hostile_requests_answers_every_record(served: str, mlflow_store,
+                                                                         tmp_path: Path) -> None:
+    """bench/load.py in short: 4 clients with single PNGs, JPEGs and batches of 64 with broken records (each broken
+    record its own error, every record an answer), then each hostile request (a body over the size cap, too many
+    records, pixel bombs, malformed JSON, a wrong field name, an empty request) answered with a 4xx or the record's
+    own error, and the server answering the next request each time."""
+    from bench import load
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri, "PYTHONPATH": str(ROOT)}
+    with load.serve(served, env, tmp_path / "serve.log") as server:
+        pool = load.payloads()
+        tally, _ = load.drive(server.url, clients=4, requests=6, deadline_s=120, pool=pool)
+        assert tally.errors == [] and sum(map(len, tally.latencies.values())) == 24, tally.errors[:3]
+        assert tally.images == 8 * (2 + 62)  # the broken records are not counted as answered images
+        rss_before = server.rss_mib()
+        results = load.hostile(server, big_mib=20)
+        assert {r["request"] for r in results} >= {"body_over_size", "wrong_field_name", "malformed_json",
+                                                   "pixel_bomb_over_max_pixels", "empty_record_list"}
+        for r in results:
+            assert r["ok"] and r["still_serving"], r
+        # a refused 20 MiB body is not kept: the process grows by less than a few copies of it
+        assert server.rss_mib() - rss_before < 500, (rss_before, results)
