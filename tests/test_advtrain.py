@@ -132,3 +132,111 @@ def test_the_threshold_is_chosen_under_evaluates_diagnostic(graded_model) -> Non
     np.testing.assert_allclose(p_attacked, under(evaluate.diagnostic), atol=1e-6)
     for other in (evaluate.attack, cfg.attack):  # FGSM and the training attack give other probabilities
         assert not np.allclose(p_attacked, under(other), atol=1e-3)
+
+
+@pytest.mark.slow  # six fine-tunes, each tracing its training step: ~30 s
+def test_each_training_attack_parameter_changes_the_weights_advtrain_trains(graded_model, graded_model_file) -> None:
+    # One epoch from the same weights and seed, the training attack changed in one parameter at a time: the attacked
+    # share of each batch differs, so the weights it trains to differ. An attack that ignored a parameter (a fixed
+    # one-step attack, no random start, another epsilon) trains the same weights for both.
+    m = model.load(graded_model_file)
+    start = m.get_weights()
+    x, y = graded_model.x[::16], graded_model.y[::16]  # 8 of each class: one batch
+    data = training.Arrays(x, y, x[[0, -1]], y[[0, -1]])
+
+    def trained(**attack) -> list[np.ndarray]:
+        cfg, evaluate = advtrain_cfg(epochs=1, batch_size=16, adv_ratio=1.0,
+                                     **{f"attack.{k}": v for k, v in attack.items()})
+        m.set_weights(start)
+        training.adversarial_finetune(m, data, cfg, evaluate, 0, before={"val_robust_score": -1.0})
+        return m.get_weights()
+
+    def moved(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+        return max(float(np.abs(u - v).max()) for u, v in zip(a, b))
+
+    cfg, _ = advtrain_cfg()
+    assert (cfg.attack.steps, cfg.attack.step_size, cfg.attack.epsilon, cfg.attack.random_start) == (3, 4, 8, True)
+    base = trained()
+    assert moved(base, start) > 1e-4  # it trained
+    assert moved(trained(), base) < 1e-6  # and the same attack trains the same weights: a difference below is the
+    for change in ({"steps": 1}, {"step_size": 1}, {"epsilon": 2}, {"random_start": False}):  # parameter's
+        assert moved(trained(**change), base) > 1e-4, change
+
+
+def _run_stage(script: str, overrides: list[str], monkeypatch) -> None:
+    """A stage's ``main`` in this process (TensorFlow already imported, the session's fixtures at hand)."""
+    import runpy
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    main = runpy.run_path(str(root / "src" / script), run_name="stage_under_test")["main"]
+    monkeypatch.setattr(sys, "argv", [script, *(a for o in overrides for a in ("-S", o))])
+    main()
+
+
+@pytest.mark.slow  # train and advtrain in this process on 88 images: ~60 s
+def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tmp_path: Path, monkeypatch,
+                                                                            mlflow_store) -> None:
+    # The test split has its labels swapped, so a threshold or an epoch picked on it differs from one picked on
+    # validation (checked below before anything else): a stage that read test instead of val gives other numbers.
+    import json
+
+    from pipeline.data import stratified_subset
+    from tests.conftest import cue_images, tmp_overrides
+
+    overrides = tmp_overrides(tmp_path) + [
+        "train.epochs=3", "train.batch_size=16", "advtrain.epochs=2", "advtrain.batch_size=16",
+        "advtrain.trainable_from=null", "advtrain.attack.random_start=false",  # validation's attack, replayable
+        "evaluate.diagnostic.steps=3"]
+    params = config.load(PARAMS_FILE, overrides)
+    splits = {"train": cue_images(32, seed=0), "val": cue_images(12, seed=1), "test": cue_images(12, seed=2)}
+    splits["test"] = (splits["test"][0], 1 - splits["test"][1])
+    for name, (x, y) in splits.items():
+        folder = params.paths.processed / name
+        folder.mkdir(parents=True)
+        np.save(folder / "x.npy", x)
+        np.save(folder / "y.npy", y)
+        (folder / "names.json").write_text(json.dumps([f"{name}/{i}.png" for i in range(len(y))]))
+    params.paths.best_params.parent.mkdir(parents=True, exist_ok=True)
+    params.paths.best_params.write_text(json.dumps({"dropout": 0.0, "learning_rate": 0.003}))
+    (x_val, y_val), (x_test, y_test) = splits["val"], splits["test"]
+
+    _run_stage("train.py", overrides, monkeypatch)
+    trained = model.load(params.paths.model)
+    stored = json.loads(params.paths.model_info.read_text())["threshold"]
+
+    def best(x, y) -> float:
+        return training.choose_threshold(params.threshold, params.evaluate, y, model.predict_proba(trained, x))
+
+    assert abs(best(x_test, y_test) - best(x_val, y_val)) > 0.01  # the split matters here
+    assert stored == pytest.approx(best(x_val, y_val), abs=1e-4)
+
+    _run_stage("advtrain.py", overrides, monkeypatch)
+    kept = model.load(params.paths.model_adv)
+    summary = json.loads((params.paths.metrics / "advtrain.json").read_text())
+    pick = stratified_subset(y_val, params.advtrain.val_images, params.base.seed)
+    cfg, ev, seed = params.advtrain, params.evaluate, params.base.seed
+
+    def scores(x, y) -> dict[str, float]:  # the kept model's, as advtrain reports its epochs
+        return training.validation_scores(kept, Attacker(kept, cfg.attack, seed), x, y, cfg.batch_size, ev)
+
+    on_val, on_test = scores(x_val[pick], y_val[pick]), scores(x_test, y_test)
+    assert abs(on_val["val_robust_score"] - on_test["val_robust_score"]) > 0.05
+    assert summary["val_robust_score"] == pytest.approx(on_val["val_robust_score"], abs=1e-6)
+    history = [float(r["val_robust_score"]) for r in metrics_rows(params.paths.plots / "advtrain_history.csv")]
+    assert summary["best_epoch"] == int(np.argmax(history))  # the kept epoch: the best on validation
+
+    def threshold(x, y) -> float:  # advtrain's rule: clean and under evaluate's diagnostic, on validation
+        return training.choose_threshold(params.threshold, ev, y, *training.probabilities_under_diagnostic(
+            kept, ev, x, y, seed, cfg.batch_size))
+
+    assert abs(threshold(x_test, y_test) - threshold(x_val[pick], y_val[pick])) > 0.01
+    assert summary["threshold"] == pytest.approx(threshold(x_val[pick], y_val[pick]), abs=1e-4)
+    assert json.loads(params.paths.model_adv_info.read_text())["threshold"] == summary["threshold"]
+
+
+def metrics_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
