@@ -25,7 +25,7 @@ def main(results: str, times: str, equivalent: str) -> int:
             equal[name] = why.strip()
     print("| module | functions | mutants | killed | survived | equivalent | killed / non-equivalent | time (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    total, stale = Counter(), []
+    total, stale, survivors = Counter(), [], []
     for row in Path(times).read_text().splitlines():
         module, seconds, patterns = row.split("\t")
         mine = {n: s for n, s in status.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns.split())}
@@ -43,16 +43,22 @@ def main(results: str, times: str, equivalent: str) -> int:
         c["mutants"] = len(mine)
         c["seconds"] = float(seconds)
         total.update(c)
-        print(_row(module, " ".join(p.split(".")[-1].rstrip("_*") for p in patterns.split()), c))
+        for name in sorted(n for n, state in mine.items() if state not in KILLED | {"not checked"} and n not in equal):
+            survivors.append(f"{name}: {mine[name]}")
+        print(_row(module, " ".join(_function(p) for p in patterns.split()), c))
     print(_row("all", "", total))
     if total["not checked"]:
         print(f"\n{total['not checked']} mutants not checked (the run stopped early: see bench/out/mutation/*.log)")
+    if survivors:
+        print("\nSurvivors not shown equivalent (`mutmut show NAME` prints the change):\n" + "\n".join(survivors))
     for name in stale:
         print(f"\n{name} is listed as equivalent but was killed: remove it from {equivalent}")
-    for name, state in sorted(status.items()):
-        if name not in equal and state not in KILLED | {"not checked"} and any(name.startswith(m) for m in ()):
-            pass
     return 0
+
+
+def _function(pattern: str) -> str:
+    name = pattern.split(".")[-1].removesuffix("__*").removesuffix("*")
+    return name.removeprefix("x_").replace("xǁ", "").replace("ǁ", ".") or "all"
 
 
 def _row(module: str, functions: str, c: Counter) -> str:

@@ -201,3 +201,12 @@ def test_pgd_sweep_runs_the_attack_at_each_epsilon(attackers, batch) -> None:
     for eps, got in swept.items():
         assert np.abs(got.astype(int) - x8.astype(int)).max() <= eps
     assert np.abs(swept[8].astype(int) - x8.astype(int)).max() > 2
+
+
+def test_to_uint8_gives_8_bit_pixels_and_project_keeps_the_ball_and_the_pixel_range() -> None:
+    assert to_uint8(np.array([0.5])).dtype == np.uint8
+    from pipeline.attacks import _project
+
+    x = np.array([0.99, 0.01, 0.5, 0.5], np.float32)
+    v = np.array([1.5, -0.5, 0.1, 0.9], np.float32)
+    np.testing.assert_allclose(_project(v, x, np.float32(0.03)), [1.0, 0.0, 0.47, 0.53], rtol=0, atol=1e-7)

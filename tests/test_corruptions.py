@@ -85,3 +85,8 @@ def test_downscale_is_bilinear_down_and_up_per_side() -> None:
     # a factor beyond the image's size leaves one pixel: the image's average colour everywhere
     flat = corruptions.apply(x[:, :4, :8], c("downscale", 16))
     assert (flat == flat[:, :1, :1]).all()
+
+
+def test_noise_is_seeded_with_zero_by_default() -> None:
+    x = images(2)
+    assert np.array_equal(corruptions.apply(x, c("noise", 4)), corruptions.apply(x, c("noise", 4), seed=0))

@@ -293,3 +293,12 @@ def test_reliability_bins_in_float64_and_puts_one_in_the_last_bin() -> None:
     rows = metrics.reliability([0, 1, 1], p, bins=2)
     assert [r["bin"] for r in rows] == [0, 1] and rows[1]["count"] == 1  # P = 1.0 is in the top bin, not a third
     assert rows[0]["mean_predicted"] == (float(p[0]) + float(p[1])) / 2  # averaged in float64, not float32
+
+
+def test_log_loss_clips_float32_scores_in_float64() -> None:
+    # a float32 P(FAKE) of 1.0 for a REAL image: clipped to 1 - 1e-7 in float64, not to float32's 0.99999988
+    assert metrics.log_loss([0], np.array([1.0], np.float32)) == pytest.approx(-math.log(1e-7), rel=1e-6)
+
+
+def test_reliability_has_ten_bins_by_default() -> None:
+    assert [r["bin"] for r in metrics.reliability([0, 1], [0.05, 0.95])] == [0, 9]

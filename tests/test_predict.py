@@ -209,7 +209,8 @@ def test_resolve_threshold_takes_the_override_then_the_stored_one_then_the_fallb
     assert predicting.resolve_threshold(None, 0.7, 0.5) == 0.7
     assert not caplog.records
     assert predicting.resolve_threshold(None, None, 0.5) == 0.5
-    assert "no threshold is stored" in caplog.text and "0.5" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "no threshold is stored with this model: using threshold.fixed = 0.5"]
     for bad, source in ((0.0, "--threshold"), (1.0, "--threshold"), (-0.1, "--threshold")):
         with pytest.raises(ModelError, match=f"^{source} must lie in \\(0, 1\\) \\(got {bad}\\)$"):
             predicting.resolve_threshold(bad, 0.7, 0.5)

@@ -251,5 +251,6 @@ def test_should_promote_needs_both_scores_strictly_above_always_fakes_and_a_fini
     assert decide(0.71, 0.9, champ) and not decide(0.7, 0.9, champ)
     why = registry.should_promote(registry.Standing("2", 0.5, 0.9, "P"), None, REFERENCE)[1]
     assert why == "robust_score 0.5000 is not above always-FAKE's 0.5000"
+    assert registry.should_promote(registry.Standing("2", 0.6, 0.9, "P"), None, REFERENCE) == (True, "no champion yet")
     assert registry.Standing("3", 0.61234567, 2 / 3, "P").tags() == {
         "robust_score": "0.612346", "weighted_f1": "0.666667", "protocol": "P"}

@@ -327,3 +327,8 @@ def test_square_lowers_the_graded_models_balanced_accuracy(graded_model, graded_
     within_budget(r.x_adv, x, EPS)
     clean, attacked = balanced_accuracy(y, forward(x)), balanced_accuracy(y, forward(r.x_adv))
     assert clean == 1.0 and attacked <= 0.67, (clean, attacked)  # measured 0.58 (seed 0), 0.50 (seed 1)
+
+
+def test_square_p_rescales_the_schedule_to_the_budget_exactly_at_a_bound() -> None:
+    # iteration 16001 of 20000 is iteration 8000.5 of the authors' 10 000: still before the halving after 8000
+    assert square_p(0.8, 16001, 20000) == 0.8 / 2**8 and square_p(0.8, 16002, 20000) == 0.8 / 2**9
