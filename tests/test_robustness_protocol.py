@@ -110,3 +110,66 @@ def test_attacks_are_named_once_and_enter_the_protocol():
     ids = {evaluation.protocol_id(evaluation.protocol(protocol(a), x, y, SEED, "criterion"))
            for a in ("[]", "[{name: square}]", "[{name: square, queries: 10}]")}
     assert len(ids) == 3
+
+
+BASE_ATTACKS = {"apgd": {"name": "apgd", "epsilon": 8, "steps": 8, "restarts": 1},
+                # Square at 4/255: at 8 it fools no more of these images with 10 queries than with 60
+                "square": {"name": "square", "epsilon": 4, "queries": 60, "p_init": 0.3}}
+BASE_CORRUPTIONS = {"jpeg": 75, "downscale": 2, "blur": 1, "noise": 4}
+
+
+def strengths(attack: dict | None = None, corruption: dict | None = None, **more: str) -> config.Evaluate:
+    """The protocol below with one strength changed: ``attack`` updates an extra attack, ``corruption`` the amount
+    of one kind, ``more`` any other override."""
+    attacks = {k: {**v, **(attack or {})} if (attack or {}).get("name", k) == k else v
+               for k, v in BASE_ATTACKS.items()}
+    amounts = {**BASE_CORRUPTIONS, **(corruption or {})}
+    flow = lambda d: "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"  # noqa: E731
+    return protocol("[" + ", ".join(flow(a) for a in attacks.values()) + "]", **{
+        "evaluate.corruptions": "[" + ", ".join(flow({"kind": k, "amount": v}) for k, v in amounts.items()) + "]",
+        "evaluate.diagnostic": "{name: pgd, epsilon: 8, steps: 5, step_size: 2, random_start: true, restarts: 1}",
+        "evaluate.bootstrap": "0", **more})
+
+
+# (what changes, the set whose figures it must move): each weaker than the base protocol's
+CHANGES = [
+    ({"evaluate.attack.epsilon": "4"}, "adversarial"),
+    ({"evaluate.diagnostic.epsilon": "4"}, "diagnostic"),
+    ({"evaluate.diagnostic.steps": "2"}, "diagnostic"),
+    ({"evaluate.diagnostic.step_size": "1"}, "diagnostic"),
+    ({"evaluate.diagnostic.random_start": "false"}, "diagnostic"),
+    ({"evaluate.diagnostic.restarts": "3"}, "diagnostic"),  # stronger: the most damaging of three starts
+    ({"attack": {"name": "apgd", "epsilon": 4}}, "apgd"),
+    ({"attack": {"name": "apgd", "steps": 2}}, "apgd"),
+    ({"attack": {"name": "apgd", "restarts": 3}}, "apgd"),
+    ({"attack": {"name": "square", "epsilon": 2}}, "square"),
+    ({"attack": {"name": "square", "queries": 10}}, "square"),
+    ({"attack": {"name": "square", "p_init": 0.02}}, "square"),
+    ({"corruption": {"jpeg": 30}}, "jpeg"),
+    ({"corruption": {"downscale": 4}}, "downscale"),
+    ({"corruption": {"blur": 0.5}}, "blur"),
+    ({"corruption": {"noise": 1}}, "noise"),
+]
+
+
+@pytest.mark.slow  # one evaluate, then each change's one pass (the others read back from the cache): ~40 s
+def test_each_attack_and_corruption_strength_changes_what_evaluate_reports(graded_model, test_set, tmp_path) -> None:
+    # Evaluate on the graded model (its labels move under attack and corruption) with every attack and corruption,
+    # then with one strength changed at a time: the figures of the set it belongs to must change, and only those. An
+    # attack or corruption that ignored a parameter (a fixed step count, a default epsilon, one factor) reports the
+    # same figures for both.
+    x, y = test_set[0][::2], test_set[1][::2]  # 32 of each class
+
+    def run(cfg: config.Evaluate) -> dict[str, dict[str, float]]:
+        result = evaluation.evaluate(graded_model.model, x, y, cfg, SEED, 0.5, "graded", TF, cache_dir=tmp_path)
+        corrupted = {k.rstrip("0123456789."): v for k, v in result.corrupted.items() if k != "none"}
+        return {**result.sets, **corrupted, "p_diagnostic": {"p": result.p_diagnostic.tolist()},
+                "p_adv": {"p": result.p_adv.tolist()}}
+
+    base = run(strengths())
+    assert set(base) >= {"adversarial", "diagnostic", "apgd", "square", *BASE_CORRUPTIONS}
+    for change, moved in CHANGES:
+        out = run(strengths(**change))
+        differs = sorted(k for k in base if out[k] != base[k])
+        own = {moved, *{"diagnostic": ["p_diagnostic"], "adversarial": ["p_adv"]}.get(moved, [])}
+        assert own <= set(differs) <= own | {"worst"}, (change, differs)
