@@ -152,7 +152,7 @@ CHANGES = [
 ]
 
 
-@pytest.mark.slow  # one evaluate, then each change's one pass (the others read back from the cache): ~40 s
+@pytest.mark.slow  # one evaluate, then each change's one pass (the rest from the cache): 131 s, loaded 2 cores
 def test_each_attack_and_corruption_strength_changes_what_evaluate_reports(graded_model, test_set, tmp_path) -> None:
     # Evaluate on the graded model (its labels move under attack and corruption) with every attack and corruption,
     # then with one strength changed at a time: the figures of the set it belongs to must change, and only those. An
