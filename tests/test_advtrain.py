@@ -174,7 +174,7 @@ def _run_stage(script: str, overrides: list[str], monkeypatch) -> None:
     main()
 
 
-@pytest.mark.slow  # train and advtrain in this process on 88 images: 118-228 s on a loaded 2-core machine
+@pytest.mark.slow  # train and advtrain in this process on 88 images: 54-228 s on a shared 2-core machine
 def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tmp_path: Path, monkeypatch,
                                                                             mlflow_store) -> None:
     # The test split has its labels swapped, so a threshold or an epoch picked on it differs from one picked on

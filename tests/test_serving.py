@@ -278,3 +278,50 @@ def test_the_server_under_load_and_hostile_requests_answers_every_record(served:
             assert r["ok"] and r["still_serving"], r
         # a refused 20 MiB body is not kept: the process grows by less than a few copies of it
         assert server.rss_mib() - rss_before < 500, (rss_before, results)
+
+
+@pytest.mark.slow  # the server imports TensorFlow and loads the model: ~20-40 s
+def test_mlflow_models_serve_labels_at_the_versions_stored_threshold(mlflow_store, graded_model, graded_model_file,
+                                                                     tmp_path: Path) -> None:
+    # The served version keeps a threshold at which the graded model's labels differ from 0.5's: a server that
+    # answered at 0.5 (or at the signature's default param, 0) unless asked gives other labels. A request's own
+    # threshold still decides.
+    from tests.conftest import cue_images, threshold_that_matters
+
+    images = cue_images(12, seed=3)[0]
+    p = model.predict_proba(graded_model.model, images)
+    stored = threshold_that_matters(p)
+    with mlflow.start_run():
+        info = serving.log_version(graded_model_file, {**SETTINGS, "threshold": stored}, "model", NAME)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri, "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (the server keeps it)
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                               f"models:/{NAME}/{info['version']}", "--env-manager", "local", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+
+        def labels(**extra) -> list[str]:
+            body = {"dataframe_records": [{"pixels": img.tolist()} for img in images], **extra}
+            request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return [a["label"] for a in json.loads(r.read())["predictions"]]
+
+        assert labels() == predicting.labels(p, stored) != predicting.labels(p, 0.5)
+        assert labels(params={"threshold": 0.5}) == predicting.labels(p, 0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
