@@ -115,16 +115,17 @@ def test_adversarial_training_repairs_what_the_attack_breaks(graded_model_file) 
     assert after >= 0.7 and after - before >= 0.3, (before, after)
     # The training step's attack, validation's and the judge's ran on one compiled gradient, traced once.
     assert margin_and_gradient(m).experimental_get_tracing_count() == 1
-    # A weaker training attack gives a measurably weaker model: at 2/255 the lines cue (flipped at 8/255) still
-    # answers the training images, so the head keeps leaning on it. Measured here (AMD, seed 0): PGD-10 0.85 after
-    # training at 8/255, 0.71 at 2/255. At 4/255 it was 0.84, with one step instead of three 0.84: too near to tell
-    # apart, which test_each_training_attack_parameter_changes_the_weights_advtrain_trains covers instead.
+    # A weaker training attack gives a measurably weaker model: at 1/255 the lines cue (flipped only at 8/255)
+    # still answers every attacked training image, so the head keeps leaning on it. At 2/255 (PGD-10 0.71-0.80
+    # against 0.85-0.87 at 8/255, AMD Zen 4, by what ran before in the process: TensorFlow's op seeds follow the
+    # ops created before) the gap was too near its noise; one step instead of three too (0.84 against 0.85), which
+    # test_each_training_attack_parameter_changes_the_weights_advtrain_trains covers instead.
     weak = model.load(graded_model_file)
-    weak_cfg, _ = advtrain_cfg(epochs=3, batch_size=32, adv_ratio=1.0, **{"attack.epsilon": 2})
+    weak_cfg, _ = advtrain_cfg(epochs=3, batch_size=32, adv_ratio=1.0, **{"attack.epsilon": 1})
     training.adversarial_finetune(weak, training.Arrays(x, y, x_val, y_val), weak_cfg, evaluate, 0,
                                   before={"val_robust_score": -1.0})
     weaker = attacked_balanced_accuracy(weak, x_test, y_test, judge)
-    assert after - weaker >= 0.07, {8: after, 2: weaker}
+    assert after - weaker >= 0.15, {8: after, 1: weaker}
 
 
 def test_the_threshold_is_chosen_under_evaluates_diagnostic(graded_model) -> None:
