@@ -61,7 +61,7 @@ def logits_of(thresholds: tuple[float, ...]) -> np.ndarray:
     return np.log(t / (1.0 - t))
 
 
-class Standing:
+class Unfooled:
     """Which images an attack with ``stop_at`` still works on: each leaves once its margin -(2y - 1)·z has been beyond
     every one of the logit ``cuts`` (its label wrong at each threshold) for SETTLE iterates in a row."""
 
@@ -115,14 +115,14 @@ class Attacker:
 
     def _pgd_until_fooled(self, x: tf.Tensor, y: tf.Tensor, x_adv: tf.Tensor, eps: tf.Tensor,
                           step: tf.Tensor) -> tf.Tensor:
-        """PGD's steps on the images still standing: each leaves with the iterate at which it had been fooled
+        """PGD's steps on the images not yet fooled: each leaves with the iterate at which it had been fooled
         SETTLE times in a row (the margin the gradient pass returns comes free with each step)."""
         x, y, out = x.numpy(), y.numpy(), x_adv.numpy()
-        standing = Standing(y, self.cuts)
-        active = standing.indices()
+        unfooled = Unfooled(y, self.cuts)
+        active = unfooled.indices()
         for _ in range(self.attack.steps):
             margin, grad = self._gradient(tf.constant(out[active]), tf.constant(y[active]))
-            stay = standing.update(active, margin.numpy())
+            stay = unfooled.update(active, margin.numpy())
             active, grad = active[stay], grad.numpy()[stay]
             if not len(active):
                 break
@@ -331,21 +331,21 @@ class APGD:
         eps = np.float32((self.epsilon if epsilon is None else epsilon) / 255.0)
         rng = np.random.default_rng(self.seed) if rng is None else rng
 
-        standing = None if self.cuts is None else Standing(_labels(y), self.cuts)
+        unfooled = None if self.cuts is None else Unfooled(_labels(y), self.cuts)
         margin_at, grad_at = np.zeros(len(x)), np.zeros_like(x)
         spent = np.zeros(len(x), np.int64)  # gradient passes per image
 
         def objective_and_gradient(xb):
-            if standing is None:
+            if unfooled is None:
                 spent[:] += 1
                 margin, grad = self._pass(tf.constant(xb), yt)
                 return margin.numpy(), grad.numpy()
-            active = standing.indices()
+            active = unfooled.indices()
             spent[active] += 1
             if len(active):
                 margin, grad = self._pass(tf.constant(xb[active]), tf.gather(yt, active))
                 margin_at[active], grad_at[active] = margin.numpy(), grad.numpy()
-                standing.update(active, margin_at[active])
+                unfooled.update(active, margin_at[active])
             return margin_at.copy(), grad_at.copy()
 
         best, best_margin = None, None
