@@ -89,7 +89,7 @@ def attacked_balanced_accuracy(m, x: np.ndarray, y: np.ndarray, attack: config.A
 SEPARATED = ((40, 120), (136, 216))
 
 
-@pytest.mark.slow  # two adversarial trainings of 3 epochs (8/255 and 2/255)
+@pytest.mark.slow  # two adversarial trainings of 3 epochs (8/255 and 1/255)
 def test_adversarial_training_repairs_what_the_attack_breaks(graded_model_file) -> None:
     # The graded model leans on a cue that any attack above 4/255 flips (conftest.cue_images); brightness, which
     # it also sees, survives 8/255. Trained on attacked images the head must move to it; trained on clean ones,
@@ -100,6 +100,9 @@ def test_adversarial_training_repairs_what_the_attack_breaks(graded_model_file) 
     # on clean images instead (adv_ratio 0, the mutation this test must catch): 0.52.
     from tests.conftest import cue_images
 
+    import keras
+
+    keras.utils.set_random_seed(0)  # each training starts from one global state, whatever ran before in the process
     m = model.load(graded_model_file)
     x, y = cue_images(128, seed=0, levels=SEPARATED)
     x_val, y_val = cue_images(32, seed=1, levels=SEPARATED)  # picks the epoch
@@ -116,16 +119,18 @@ def test_adversarial_training_repairs_what_the_attack_breaks(graded_model_file) 
     # The training step's attack, validation's and the judge's ran on one compiled gradient, traced once.
     assert margin_and_gradient(m).experimental_get_tracing_count() == 1
     # A weaker training attack gives a measurably weaker model: at 1/255 the lines cue (flipped only at 8/255)
-    # still answers every attacked training image, so the head keeps leaning on it. At 2/255 (PGD-10 0.71-0.80
-    # against 0.85-0.87 at 8/255, AMD Zen 4, by what ran before in the process: TensorFlow's op seeds follow the
-    # ops created before) the gap was too near its noise; one step instead of three too (0.84 against 0.85), which
+    # still answers every attacked training image, so the head keeps leaning on it: PGD-10 0.73 against 0.87 at
+    # 8/255 (AMD Zen 4), 0.87 against 0.87 when advtrain ignores its epsilon. Both trainings start from one seeded
+    # state: unseeded, TensorFlow's op seeds followed what ran before in the process and 1/255 gave 0.51-0.73.
+    # At 2/255 the gap was too near that noise (0.06); one step instead of three too (0.84 against 0.85), which
     # test_each_training_attack_parameter_changes_the_weights_advtrain_trains covers instead.
+    keras.utils.set_random_seed(0)
     weak = model.load(graded_model_file)
     weak_cfg, _ = advtrain_cfg(epochs=3, batch_size=32, adv_ratio=1.0, **{"attack.epsilon": 1})
     training.adversarial_finetune(weak, training.Arrays(x, y, x_val, y_val), weak_cfg, evaluate, 0,
                                   before={"val_robust_score": -1.0})
     weaker = attacked_balanced_accuracy(weak, x_test, y_test, judge)
-    assert after - weaker >= 0.15, {8: after, 1: weaker}
+    assert after - weaker >= 0.05, {8: after, 1: weaker}
 
 
 def test_the_threshold_is_chosen_under_evaluates_diagnostic(graded_model) -> None:
