@@ -100,7 +100,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-# ResNet50 + head forward at 32x32 as the pipeline computes it (forward_gflop of pipeline.model.compute_twin): the
+# ResNet50 + head forward at 32x32 as the pipeline computes it (forward_gflop of pipeline.model.twin.compute_twin): the
 # multiply-adds x2 of its matrix products. The plain graph's convolutions also multiply the zero padding of the
 # 2x2 and 1x1 maps: 0.158.
 GFLOP_PER_IMAGE_32 = 0.130
@@ -112,7 +112,7 @@ def forward_gflop(model) -> float:
     import keras
     import numpy as np
 
-    from pipeline.model import TwinConv, compute_twin
+    from pipeline.model.twin import TwinConv, compute_twin
 
     def walk(m):
         for layer in m.layers:
@@ -200,10 +200,12 @@ def copy_repo(dst: Path, values: dict[tuple[str, ...], object]) -> None:
 
 
 def sample_data(train_per_class: int, test_per_class: int, seed: int = 42) -> tuple[Path, Path, float]:
-    """The built-in sample (``pipeline.sample.write_sample``) and its arrays (``pipeline.data.preprocess`` with
+    """The built-in sample (``pipeline.data.sample.write_sample``) and its arrays
+    (``pipeline.data.preprocess.preprocess`` with
     params.yaml's preprocess settings) under SCRATCH, made once and reused. Returns (raw, processed, seconds spent
     making them now; 0 when reused)."""
-    from pipeline import config, data, sample
+    from pipeline import config
+    from pipeline.data import preprocess, sample
 
     root = SCRATCH / f"sample-{train_per_class}-{test_per_class}-seed{seed}"
     if root.exists():
@@ -212,7 +214,8 @@ def sample_data(train_per_class: int, test_per_class: int, seed: int = 42) -> tu
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")  # renamed into place whole: a parallel run may race
     sample.write_sample(tmp / "raw", config.Sample(train_per_class=train_per_class, test_per_class=test_per_class,
                                                    jpeg_quality=95), seed, progress=False)
-    data.preprocess(tmp / "raw", tmp / "processed", config.load(ROOT / "params.yaml").preprocess, seed, progress=False)
+    preprocess.preprocess(tmp / "raw", tmp / "processed", config.load(ROOT / "params.yaml").preprocess, seed,
+                          progress=False)
     try:
         tmp.rename(root)
     except OSError:  # another process finished first: keep its copy
@@ -221,7 +224,8 @@ def sample_data(train_per_class: int, test_per_class: int, seed: int = 42) -> tu
 
 
 def tiny_model(seed: int = 0):
-    """A small random classifier with the interface of ``pipeline.model.build_model``'s (pixels in [0, 1] -> pooled
+    """A small random classifier with the interface of ``pipeline.model.network.build_model``'s
+    (pixels in [0, 1] -> pooled
     features at the layer ``gap`` -> a logit -> P(FAKE) at the float32 sigmoid layer ``prob``) for the smoke runs:
     its graphs trace in about a second where ResNet50's take tens of seconds, and a smoke run checks a script's
     code, not the model's speed."""

@@ -1,4 +1,4 @@
-"""Near-duplicate detection (pipeline.duplicates) on the built-in sample: recall on planted copies, false matches.
+"""Near-duplicate detection (pipeline.data.duplicates) on the built-in sample: recall on planted copies, false matches.
 
     python bench/duplicates.py [--processed data/processed] [--planted 1000]
     python bench/duplicates.py --smoke      # a 16 + 8 image sample, 8 planted: checks the script runs
@@ -22,8 +22,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.common import emit, loadavg, sample_data  # noqa: E402
-from pipeline import config, duplicates  # noqa: E402
-from pipeline.data import load_split  # noqa: E402
+from pipeline import config  # noqa: E402
+from pipeline.data import duplicates  # noqa: E402
+from pipeline.data.splits import load_split  # noqa: E402
 
 
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:

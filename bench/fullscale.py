@@ -117,9 +117,9 @@ def epochs_run(repo: Path, p) -> dict[str, int]:
     if (repo / "metrics" / "tune.json").exists():
         import optuna
 
-        from pipeline import tuning
+        from pipeline.fit import studies
         study = optuna.load_study(study_name=json.loads((repo / "metrics" / "tune.json").read_text())["study"],
-                                  storage=tuning.storage(p.tune.storage.replace(":///", f":///{repo}/", 1)))
+                                  storage=studies.storage(p.tune.storage.replace(":///", f":///{repo}/", 1)))
         runs["tune"] = sum(len(t.intermediate_values) for t in study.trials)
     return runs
 

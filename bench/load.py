@@ -228,7 +228,8 @@ def load_figures(tally: Tally, seconds: float) -> dict:
     done = sum(len(v) for v in tally.latencies.values())
     return {"requests": done, "seconds": round(seconds, 2), "requests_per_s": round(done / seconds, 2),
             "images_per_s": round(tally.images / seconds, 1), "errors": len(tally.errors),
-            "first_errors": tally.errors[:3], "latency": {k: percentiles(v) for k, v in sorted(tally.latencies.items())}}
+            "first_errors": tally.errors[:3],
+            "latency": {k: percentiles(v) for k, v in sorted(tally.latencies.items())}}
 
 
 def soak(server: Server, seconds: float, pool: list[Payload], clients: int = 4, every_s: float = 5.0) -> dict:
@@ -310,19 +311,20 @@ def hostile(server: Server, big_mib: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- main
 
 
-def register(store: Path, smoke: bool) -> str:
-    """A fresh scratch store holding the benchmark model as version 1 @champion; returns its tracking URI."""
+def register(folder: Path, smoke: bool) -> str:
+    """A fresh scratch store in ``folder`` holding the benchmark model as version 1 @champion; its tracking URI."""
     import mlflow
 
-    from pipeline import config, model, serving
+    from pipeline import config
+    from pipeline.model import network, serving, store
 
-    shutil.rmtree(store, ignore_errors=True)
-    store.mkdir(parents=True)
-    mlflow.set_tracking_uri(uri := f"sqlite:///{store}/mlflow.db")
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", (store / "artifacts").as_uri()))
-    params, keras_file = config.load(ROOT / "params.yaml"), store / "model.keras"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    mlflow.set_tracking_uri(uri := f"sqlite:///{folder}/mlflow.db")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", (folder / "artifacts").as_uri()))
+    params, keras_file = config.load(ROOT / "params.yaml"), folder / "model.keras"
     cfg = params.model.model_copy(update={"trainable_from": None, "weights": "none", "image_size": 32})
-    model.save(tiny_model() if smoke else model.build_model(cfg, 0.0, seed=42), keras_file)
+    store.save(tiny_model() if smoke else network.build_model(cfg, 0.0, seed=42), keras_file)
     with mlflow.start_run():
         info = serving.log_version(keras_file, serving.settings(0.5, params.preprocess), "model", NAME)
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", info["version"])

@@ -7,13 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 declare -A SCOPE=(
-  [metrics]="pipeline.metrics.*"
-  [corruptions]="pipeline.corruptions.*"
-  [registry]="pipeline.registry.x_should_promote__* pipeline.registry.xǁStandingǁtags__*"
-  [predicting]="pipeline.predicting.x_labels__* pipeline.predicting.x_resolve_threshold__*"
-  [training]="pipeline.training.x_choose_threshold__*"
-  [attacks]="pipeline.attacks.x__project__* pipeline.attacks.x_to_uint8__* pipeline.attacks.x_apgd_checkpoints__* pipeline.attacks.x_square_p__*"
-  [tuning]="pipeline.tuning.x_best__* pipeline.tuning.xǁObjectiveǁ_scores__*"
+  [metrics]="pipeline.judge.metrics.*"
+  [corruptions]="pipeline.judge.corruptions.*"
+  [registry]="pipeline.judge.registry.x_should_promote__* pipeline.judge.registry.xǁStandingǁtags__*"
+  [predicting]="pipeline.use.predicting.x_labels__* pipeline.model.serving.x_resolve_threshold__*"
+  [training]="pipeline.fit.training.x_choose_threshold__*"
+  [attacks]="pipeline.judge.attacks.x__project__* pipeline.judge.attacks.x_to_uint8__* pipeline.judge.attacks.x_apgd_checkpoints__* pipeline.judge.attacks.x_square_p__*"
+  [tuning]="pipeline.fit.tuning.x_best__* pipeline.fit.tuning.xǁObjectiveǁ_scores__*"
 )
 ORDER=(metrics corruptions registry predicting training attacks tuning)
 modules=("$@")

@@ -22,7 +22,7 @@ AUC and the share called FAKE:
   towards the other class): what an attacker who knows the sample does;
 * ``worst``: per image, the worst of these and of the pipeline's own two attacks.
 
-Written independently of pipeline.attacks (its own loop, losses and schedule), so a bug or a masked gradient
+Written independently of pipeline.judge.attacks (its own loop, losses and schedule), so a bug or a masked gradient
 there does not hide here. If ``worst`` is far below the pipeline's ``diagnostic`` figure, the pipeline's PGD is
 too weak.
 """
@@ -47,12 +47,12 @@ from bench.common import SCRATCH, emit, sample_data, tiny_model  # noqa: E402
 def smoke_overrides() -> list[str]:
     """What --smoke runs on: ``bench.common.tiny_model`` (saved with its threshold, as the stages save a model)
     standing in for both models, and a 16 + 8 image sample."""
-    from pipeline import model
+    from pipeline.model import store
 
     _, processed, _ = sample_data(16, 8)
     path = SCRATCH / "robustness-smoke" / "model.keras"
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(tiny_model(), path)
+    store.save(tiny_model(), path)
     path.with_suffix(".json").write_text(json.dumps({"threshold": 0.5}))
     info = path.with_suffix(".json")
     return [f"paths.processed={processed}", f"paths.model={path}", f"paths.model_info={info}",
@@ -74,10 +74,12 @@ def main() -> None:
     import tensorflow as tf
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-    from pipeline import config, metrics, sample
-    from pipeline import model as modellib
-    from pipeline.attacks import Attacker, to_uint8
-    from pipeline.data import load_split, stratified_subset
+    from pipeline import config
+    from pipeline.data import sample
+    from pipeline.data.splits import load_split, stratified_subset
+    from pipeline.judge import metrics
+    from pipeline.judge.attacks import Attacker, to_uint8
+    from pipeline.model import inference, store, twin
 
     params = config.load(ROOT / "params.yaml", [*smoke_overrides(), *args.overrides] if args.smoke else args.overrides)
     if args.smoke:
@@ -90,8 +92,8 @@ def main() -> None:
 
     made_on_baseline: dict[float, np.ndarray] = {}
     for name, path in (("baseline", params.paths.model), ("advtrained", params.paths.model_adv)):
-        model = modellib.load(path)
-        logits = modellib.logits_model(model)
+        model = store.load(path)
+        logits = twin.logits_model(model)
         threshold = json.loads(Path(path).with_suffix(".json").read_text())["threshold"]
         cut = float(np.log(threshold / (1 - threshold)))  # the logit at the stored threshold
 
@@ -109,11 +111,11 @@ def main() -> None:
             return tape.gradient(loss, x)
 
         def probs(x: np.ndarray) -> np.ndarray:
-            return modellib.predict_proba(model, x)
+            return inference.predict_proba(model, x)
 
         def margin(x: np.ndarray) -> np.ndarray:
             """> 0 while the image is still called right at the stored threshold."""
-            return (2.0 * y - 1.0) * (modellib.batched(modellib.forward_fn(logits), x, 256)[:, 0] - cut)
+            return (2.0 * y - 1.0) * (inference.batched(inference.forward_fn(logits), x, 256)[:, 0] - cut)
 
         def pgd(eps: float, steps: int, step: float, kind: str, restarts: int, seed: int) -> tuple:
             rng = np.random.default_rng(seed)
@@ -153,7 +155,7 @@ def main() -> None:
                     r, q = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
                     img[r:r + side, q:q + side] = np.clip(
                         x[active[j], r:r + side, q:q + side] + rng.choice([-eps, eps], (1, 1, c)), 0.0, 1.0)
-                z = modellib.batched(modellib.forward_fn(logits), to_uint8(trial), 256)[:, 0]
+                z = inference.batched(inference.forward_fn(logits), to_uint8(trial), 256)[:, 0]
                 new_margin = (2.0 * y[active] - 1.0) * (z - cut)
                 better = new_margin < best_margin[active]
                 best[active[better]] = trial[better]

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import OUT, emit  # noqa: E402
-from pipeline import config, sample  # noqa: E402
+from pipeline import config  # noqa: E402
+from pipeline.data import sample  # noqa: E402
 
 
 def main() -> None:

@@ -45,20 +45,22 @@ def images(n: int) -> tuple[Path, Path]:
     return folder, tiny
 
 
-def register(store: Path, smoke: bool) -> str:
-    """A fresh scratch store holding the benchmark model (with ``smoke``, ``bench.common.tiny_model``) as version 1
+def register(folder: Path, smoke: bool) -> str:
+    """A fresh scratch store in ``folder`` holding the benchmark model (with ``smoke``,
+    ``bench.common.tiny_model``) as version 1
     @champion; returns its tracking URI."""
     import mlflow
 
-    from pipeline import config, model, serving
+    from pipeline import config
+    from pipeline.model import network, serving, store
 
-    shutil.rmtree(store, ignore_errors=True)
-    store.mkdir(parents=True)
-    mlflow.set_tracking_uri(uri := f"sqlite:///{store}/mlflow.db")
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", (store / "artifacts").as_uri()))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    mlflow.set_tracking_uri(uri := f"sqlite:///{folder}/mlflow.db")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", (folder / "artifacts").as_uri()))
     params, keras_file = config.load(ROOT / "params.yaml"), OUT / "spark-model.keras"
     cfg = params.model.model_copy(update={"trainable_from": None, "weights": "none", "image_size": 32})
-    model.save(tiny_model() if smoke else model.build_model(cfg, 0.0, seed=42), keras_file)
+    store.save(tiny_model() if smoke else network.build_model(cfg, 0.0, seed=42), keras_file)
     with mlflow.start_run():
         info = serving.log_version(keras_file, serving.settings(0.5, params.preprocess), "model", NAME)
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", info["version"])

@@ -9,17 +9,17 @@ head's training loop. bench/fullscale.py times the stages end to end; these say 
 One JSON line per figure, the pipeline's own code with params.yaml's settings:
 
 * ``matmul``: ``tf.linalg.matmul`` 4096² float32 GFLOP/s (median of 5), the ceiling the parts below are read against.
-* ``features``: the runner ``pipeline.features.extract`` uses (params.yaml's ``inference`` engine) on 4,096 random
+* ``features``: the runner ``pipeline.fit.features.extract`` uses (params.yaml's ``inference`` engine) on 4,096 random
   images after a first batch (conversion or tracing, given apart): images/s against matmul GFLOP/s ÷ ResNet50's
   ``common.GFLOP_PER_IMAGE_32`` an image at 32×32 (the compute twin's multiply-adds ×2; they scale with the
   image's area).
-* ``attacks``: ``pipeline.attacks.Attacker.perturb`` with ``evaluate.attack`` and ``evaluate.diagnostic`` on 2,048
+* ``attacks``: ``pipeline.judge.attacks.Attacker.perturb`` with ``evaluate.attack`` and ``evaluate.diagnostic`` on 2,048
   images after one untimed batch (tracing): images/s and input-gradient passes/s.
-* ``twin``: the plain graph against ``pipeline.model.compute_twin`` (the convolutions on 2x2 and 1x1 maps as matrix
+* ``twin``: the plain graph against ``pipeline.model.twin.compute_twin`` (the convolutions on 2x2 and 1x1 maps as matrix
   products), 2,048 images at ``evaluate.batch_size`` after an untimed pass: TensorFlow's forward pass and input
   gradient, OpenVINO's forward pass (float32); images/s of each graph, the largest difference in logit and the
   gradient signs' agreement.
-* ``head``: one ``pipeline.training.HeadTrainer`` (as tune shares one among its trials) on 80,000 × 2,048 random
+* ``head``: one ``pipeline.fit.training.HeadTrainer`` (as tune shares one among its trials) on 80,000 × 2,048 random
   features (20,000 validation), 2 fits of 4 epochs at ``tune.batch_size``: seconds an epoch after the first, against
   the floor, the epoch's matrix FLOPs (forward 2·(2048·256 + 256·64 + 64) a row, backward twice that, the validation
   pass) at the matmul rate; the rest is memory-bound work (batch norm, dropout, Adam, gathers).
@@ -44,9 +44,9 @@ PARTS = ("features", "attacks", "head", "twin")
 
 
 def features(params, built, x: np.ndarray, gflops: float) -> None:
-    from pipeline import inference, model
+    from pipeline.model import inference, network
 
-    extractor, bs = model.feature_extractor(built), params.model.batch_size
+    extractor, bs = network.feature_extractor(built), params.model.batch_size
     first_s, _ = timed(lambda: inference.runner(extractor, params.inference)(x[:bs], bs))  # converts or traces
     run = inference.runner(extractor, params.inference)  # the same runner: kept on the model
     load = loadavg()
@@ -59,7 +59,7 @@ def features(params, built, x: np.ndarray, gflops: float) -> None:
 
 
 def attacks(params, built, x: np.ndarray, y: np.ndarray) -> None:
-    from pipeline.attacks import Attacker
+    from pipeline.judge.attacks import Attacker
 
     bs = params.evaluate.batch_size
     for attack in (params.evaluate.attack, params.evaluate.diagnostic):
@@ -78,17 +78,19 @@ def twin(params, built, x: np.ndarray, y: np.ndarray) -> None:
     import keras
     import tensorflow as tf
 
-    from pipeline import attacks, inference, model
+    from pipeline.judge import attacks
+    from pipeline.model import inference
+    from pipeline.model.twin import logits_model
 
     bs, yb = params.evaluate.batch_size, tf.constant(y[:, None].astype(np.float32))
     # A Sequential around a model hides its graph from compute_twin: the plain convolutions, for TF and OpenVINO.
     plain = keras.Model(built.input, built.get_layer("prob").input)
-    logits = {"twin": model.logits_model(built), "plain": keras.Sequential([keras.Input((32, 32, 3)), plain])}
+    logits = {"twin": logits_model(built), "plain": keras.Sequential([keras.Input((32, 32, 3)), plain])}
     spec = [tf.TensorSpec((None, 32, 32, 3), tf.float32), tf.TensorSpec((None, 1), tf.float32)]
     out: dict[tuple[str, str], np.ndarray] = {}
 
     def batches(fn) -> np.ndarray:
-        return np.concatenate([fn(tf.constant(model.to_unit(x[i:i + bs])), yb[i:i + bs]).numpy()
+        return np.concatenate([fn(tf.constant(inference.to_unit(x[i:i + bs])), yb[i:i + bs]).numpy()
                                for i in range(0, len(x), bs)])
 
     for graph, net in logits.items():
@@ -118,7 +120,7 @@ def twin(params, built, x: np.ndarray, y: np.ndarray) -> None:
 def head(params, n: int, epochs: int, gflops: float) -> None:
     import keras
 
-    from pipeline import training
+    from pipeline.fit import training
 
     rng, nv, batch = np.random.default_rng(0), n // 4, params.tune.batch_size
     data = training.Arrays(rng.standard_normal((n, 2048), dtype=np.float32), (rng.random(n) < 0.5).astype(np.uint8),
@@ -153,14 +155,15 @@ def main() -> None:
         parser.error(f"unknown part(s) {sorted(unknown)}: choose from {', '.join(PARTS)}")
     parts = args.parts or PARTS
 
-    from pipeline import config, model
+    from pipeline import config
+    from pipeline.model import network
 
     params = config.load(ROOT / "params.yaml", args.overrides)
     load = loadavg()
     gflops = matmul_gflops(512 if args.smoke else 4096)
     emit("matmul", load, n=512 if args.smoke else 4096, dtype="float32", gflops=round(gflops, 1))
     if {"features", "attacks", "twin"} & set(parts):
-        built = tiny_model() if args.smoke else model.build_model(params.model, 0.0, params.base.seed)
+        built = tiny_model() if args.smoke else network.build_model(params.model, 0.0, params.base.seed)
         x = np.random.default_rng(0).integers(0, 256, (16 if args.smoke else 4096, 32, 32, 3), dtype=np.uint8)
         if "features" in parts:
             features(params, built, x, gflops)

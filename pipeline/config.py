@@ -97,11 +97,11 @@ class Sample(Section):
     train_per_class: PositiveInt
     test_per_class: PositiveInt
     jpeg_quality: Annotated[int, Field(ge=1, le=100)]
-    # The robust cue (pipeline/sample.py): tiers of images, each with its range of amplitudes (8-bit units) and its
+    # The robust cue (pipeline/data/sample.py): tiers of images, each with its range of amplitudes (8-bit units) and its
     # share of the REAL and of the FAKE images; each class's shares sum to 1. A single number is one tier: that
     # amplitude on every image.
     mark: tuple[MarkTier, ...] = Field(default=(MarkTier(amplitude=(12.0, 12.0), real=1.0, fake=1.0),), min_length=1)
-    # Amplitude of the non-robust cue (pipeline/sample.py), the same on every image; 0: none.
+    # Amplitude of the non-robust cue (pipeline/data/sample.py), the same on every image; 0: none.
     lines: Amplitude = 0.0
 
     @field_validator("mark", mode="before")
@@ -182,7 +182,8 @@ class Attack(Section):
 
 
 class ExtraAttack(Section):
-    """An attack evaluate adds beside the mission's and the diagnostic (pipeline/attacks.py), on a seeded, stratified
+    """An attack evaluate adds beside the mission's and the diagnostic (pipeline/judge/attacks.py), on a seeded,
+    stratified
     subset of ``images`` of the diagnostic images (null: all of them): ``apgd`` (APGD-CE, white-box: ``steps``,
     ``restarts``), ``square`` (black-box, scores only: ``queries``, ``p_init``) or ``transfer`` (the undefended
     model's images under the mission's attack replayed on the defended one: no budget of its own)."""
@@ -205,7 +206,7 @@ class ExtraAttack(Section):
 
 
 class Corruption(Section):
-    """A change without an attacker (pipeline/corruptions.py): jpeg (amount = quality), downscale (by amount and
+    """A change without an attacker (pipeline/judge/corruptions.py): jpeg (amount = quality), downscale (by amount and
     back), blur (Gaussian sigma in pixels), noise (Gaussian sigma in 1/255 units)."""
 
     kind: Literal["jpeg", "downscale", "blur", "noise"]

@@ -16,7 +16,8 @@ PACKAGE = "pipeline"
 
 
 def module_file(name: str) -> Path:
-    """``pipeline.model`` -> <repo>/pipeline/model.py (``pipeline`` -> its ``__init__.py``)."""
+    """``pipeline.model.store`` -> <repo>/pipeline/model/store.py (a package, ``pipeline.model`` -> its
+    ``__init__.py``)."""
     parts = name.split(".")
     path = ROOT.joinpath(*parts)
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
@@ -30,10 +31,12 @@ def _imports(path: Path) -> frozenset[str]:
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
-            for alias in node.names:  # `from pipeline import model` imports a module; `from pipeline.x import f` not
+            for alias in node.names:  # `from pipeline.model import store`: a module; `from pipeline.x.y import f` not
                 sub = f"{node.module}.{alias.name}"
                 found.add(sub if module_file(sub).is_file() else node.module)
-    return frozenset(found | {PACKAGE} if found else found)
+    # Importing pipeline.model.store runs pipeline/__init__.py and pipeline/model/__init__.py first.
+    parts = [name.split(".") for name in found]
+    return frozenset(".".join(p[:i]) for p in parts for i in range(1, len(p) + 1))
 
 
 def closure(*entries: Path) -> list[Path]:

@@ -8,10 +8,12 @@ from pathlib import Path
 # a worktree, a second clone): DVC hashed this code as the stage's dependency.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cli, reporting, serving, tracking, training
-from pipeline import model as modellib
-from pipeline.data import load_split, stratified_subset
+from pipeline import cli, tracking
+from pipeline.data.splits import load_split, stratified_subset
+from pipeline.fit import training
 from pipeline.io import write_json
+from pipeline.judge import reporting
+from pipeline.model import network, serving, store
 
 
 def main() -> None:
@@ -23,8 +25,8 @@ def main() -> None:
     with tracking.stage_run("advtrain", params) as run:
         import mlflow
 
-        model = modellib.load(params.paths.model)
-        modellib.set_trainable(modellib.backbone_of(model), cfg.trainable_from)
+        model = store.load(params.paths.model)
+        network.set_trainable(network.backbone_of(model), cfg.trainable_from)
         train, val = (load_split(params.paths.processed, n) for n in ("train", "val"))
         tracking.log_splits(params.paths.processed, "train", "val")
         pick = stratified_subset(val.y, cfg.val_images, params.base.seed)
@@ -40,10 +42,10 @@ def main() -> None:
             summary.update(training.diagnostic_scores(val.y[pick], p_val, params.evaluate))
         summary["threshold"] = training.choose_threshold(params.threshold, params.evaluate, val.y[pick], *p_val)
         mlflow.log_metrics({k: v for k, v in summary.items() if v is not None})
-        modellib.save(model, params.paths.model_adv)
+        store.save(model, params.paths.model_adv)
         write_json(params.paths.model_adv_info, {"threshold": summary["threshold"]})  # agrees even if logging fails
         # the deliverable's usual name, in Keras's HDF5 format, with its threshold inside
-        modellib.save(model, params.paths.model_h5, threshold=summary["threshold"])
+        store.save(model, params.paths.model_h5, threshold=summary["threshold"])
         settings = serving.settings(summary["threshold"], params.preprocess)
         info = serving.log_version(params.paths.model_adv, settings, "model", params.mlflow.model_name,
                                    val.x[0])

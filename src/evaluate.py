@@ -12,9 +12,13 @@ from pathlib import Path
 # a worktree, a second clone): DVC hashed this code as the stage's dependency.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cli, config, evaluation, explain, metrics, predicting, registry, reporting, sample, tracking
-from pipeline.data import load_split
+from pipeline import cli, config, tracking
+from pipeline.data import bounds
+from pipeline.data.splits import load_split
 from pipeline.io import read_json, shared_cache, write_json
+from pipeline.judge import evaluation, metrics, registry, reporting
+from pipeline.model import serving
+from pipeline.use import explain
 
 EXPLAINED = 4  # test images of each class in the explanations grid
 
@@ -33,8 +37,8 @@ def main() -> None:
     protocol_id = evaluation.protocol_id(protocol)
 
     def evaluate(path, name: str, transfer_from=None) -> tuple:
-        model, stored = predicting.load_with_threshold(str(path))
-        threshold = predicting.resolve_threshold(None, stored, params.threshold.fixed)
+        model, stored = serving.load_with_threshold(str(path))
+        threshold = serving.resolve_threshold(None, stored, params.threshold.fixed)
         result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name, params.inference,
                                      transfer_from, cache)
         calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
@@ -52,20 +56,20 @@ def main() -> None:
         evaluation.write_png_set(final.x_adv, test.names, paths.adversarial)
         tracking.log_splits(paths.processed, "test")
         tracking.log_dataset(paths.adversarial, "testing-attacked", name="Test_dataset_2")
-        # What the built-in sample's construction proves about any detector (pipeline/sample.py): the measured
+        # What the built-in sample's construction proves about any detector (pipeline/data/bounds.py): the measured
         # balanced accuracies under attack read against these. On the diagnostic images, where PGD is measured:
         # the exact bound is a flow over every conflicting FAKE/REAL pair, gigabytes over all of CIFAKE's test set.
         epsilons = [*cfg.epsilons, cfg.attack.epsilon, cfg.diagnostic.epsilon]
         on = final.diagnosed
-        bounds = sample.bounds_by_epsilon(test.x[on], test.y[on], epsilons) if params.data.source == "sample" else {}
+        proven = bounds.bounds_by_epsilon(test.x[on], test.y[on], epsilons) if params.data.source == "sample" else {}
         summary = {**final_summary, "baseline": base_summary, "reference": reference,
-                   **({"sample_bounds": bounds} if bounds else {}),
+                   **({"sample_bounds": proven} if proven else {}),
                    "gain": {"weighted_f1": final.weighted_f1 - base.weighted_f1,
                             "robust_score": final.robust_score - base.robust_score},
                    "protocol": {**protocol, "id": protocol_id}, "n_test": len(test)}
         write_json(paths.metrics / "evaluate.json", summary)
         figures = reporting.evaluation_plots(test.y, {"clean": final.p_clean, "adversarial": final.p_adv},
-                                             final.curve + base.curve, threshold, paths.plots, bounds)
+                                             final.curve + base.curve, threshold, paths.plots, proven)
         by_model = {name: r.corruption_rows(name) for name, r in (("advtrained", final), ("baseline", base))}
         for name, rows in by_model.items():  # declared outputs: a header alone when evaluate.corruptions is empty
             reporting.write_csv(rows, paths.plots / f"corruptions_{name}.csv", evaluation.CORRUPTION_COLUMNS)

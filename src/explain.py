@@ -17,9 +17,12 @@ import csv
 
 from PIL import Image
 
-from pipeline import cli, explain, filetree, images, predicting, tracking
+from pipeline import cli, tracking
+from pipeline.data import filetree, images
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_path
+from pipeline.model import serving
+from pipeline.use import explain, predicting
 
 
 def main() -> None:
@@ -50,8 +53,8 @@ def main() -> None:
         parts = predicting.decode_chunks(listing, pre.resize, pre.max_pixels, chunk=512)
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
-    model, stored = predicting.load_with_threshold(args.model or str(params.paths.model_adv))
-    threshold = predicting.resolve_threshold(args.threshold, stored, params.threshold.fixed)
+    model, stored = serving.load_with_threshold(args.model or str(params.paths.model_adv))
+    threshold = serving.resolve_threshold(args.threshold, stored, params.threshold.fixed)
     layer = explain.resolve_layer(model, args.layer)  # a wrong --layer fails before anything is written
     rows, bad = [], []
     for part in parts:

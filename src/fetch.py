@@ -11,7 +11,8 @@ from pathlib import Path
 # a worktree, a second clone): DVC hashed this code as the stage's dependency.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cli, sources
+from pipeline import cli
+from pipeline.data import sources
 
 log = cli.log
 

@@ -15,9 +15,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from pipeline import cli, predicting, tracking
+from pipeline import cli, tracking
 from pipeline.errors import ConfigError
-from pipeline.inference import checked_probabilities
+from pipeline.model import serving
+from pipeline.model.inference import checked_probabilities
+from pipeline.use import predicting
 
 
 def main() -> None:
@@ -41,8 +43,8 @@ def main() -> None:
     listings = [predicting.list_images(folder, under) for folder, under, _ in jobs]
     if args.model and args.model.startswith(("models:/", "runs:/")):
         tracking.setup(params.mlflow)
-    model, stored = predicting.load_with_threshold(args.model or str(params.paths.model_adv))
-    threshold = predicting.resolve_threshold(args.threshold, stored, params.threshold.fixed)
+    model, stored = serving.load_with_threshold(args.model or str(params.paths.model_adv))
+    threshold = serving.resolve_threshold(args.threshold, stored, params.threshold.fixed)
     def p_fake(x):
         p, how = checked_probabilities(model, x, params.inference, threshold, params.base.seed,
                                        params.predict.batch_size)

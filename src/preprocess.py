@@ -12,14 +12,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from pipeline import cli, data, io
+from pipeline import cli, io
+from pipeline.data import preprocess
 
 
 def main() -> None:
     args = cli.stage_parser(__doc__.splitlines()[0]).parse_args()
     params = cli.load_params(args)
     cli.seed_everything(params.base.seed)
-    report = data.preprocess(
+    report = preprocess.preprocess(
         params.paths.raw, params.paths.processed, params.preprocess, params.base.seed, progress=sys.stderr.isatty()
     )
     io.write_json(params.paths.preprocess_report, report)

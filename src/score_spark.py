@@ -11,9 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pipeline/
 
-from pipeline import cli, registry, tracking
-from pipeline import spark as spark_scoring
+from pipeline import cli, tracking
 from pipeline.errors import ConfigError
+from pipeline.judge import registry
+from pipeline.use import spark as spark_scoring
 
 
 def main() -> None:

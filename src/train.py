@@ -11,10 +11,12 @@ from pathlib import Path
 # a worktree, a second clone): DVC hashed this code as the stage's dependency.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cli, features, metrics, reporting, serving, tracking, training
-from pipeline import model as modellib
-from pipeline.data import load_split
+from pipeline import cli, tracking
+from pipeline.data.splits import load_split
+from pipeline.fit import features, training
 from pipeline.io import read_json, write_json
+from pipeline.judge import metrics, reporting
+from pipeline.model import inference, network, serving, store
 
 
 def main() -> None:
@@ -27,21 +29,21 @@ def main() -> None:
     with tracking.stage_run("train", params) as run:
         tracking.log_params({"dropout": hp["dropout"], "learning_rate": hp["learning_rate"]})
         tracking.log_splits(params.paths.processed, "train", "val")
-        model = modellib.build_model(m, hp["dropout"], params.base.seed)
+        model = network.build_model(m, hp["dropout"], params.base.seed)
         callbacks = [training.early_stopping(t.patience), training.MlflowEpochLogger()]
         val = load_split(params.paths.processed, "val")
         if m.frozen:
             data = features.for_head(model, params)
             head, history = training.fit_head(data, hp["dropout"], hp["learning_rate"], m.l2, t.epochs, t.batch_size,
                                               callbacks, verbose=2, seed=params.base.seed)
-            model = modellib.assemble(modellib.backbone_of(model), head, m.image_size)
-            p_val = modellib.predict_proba(modellib.head_classifier(head), data.x_val, 4096)  # the cached features
+            model = network.assemble(network.backbone_of(model), head, m.image_size)
+            p_val = inference.predict_proba(network.head_classifier(head), data.x_val, 4096)  # the cached features
         else:
             train = load_split(params.paths.processed, "train")
             data = training.Arrays(train.x, train.y, val.x, val.y)
             history = training.fit_model(model, data, hp["learning_rate"], t.epochs, t.batch_size,
                                          params.base.seed, callbacks, verbose=2)
-            p_val = modellib.predict_proba(model, val.x, m.batch_size)
+            p_val = inference.predict_proba(model, val.x, m.batch_size)
         threshold = training.choose_threshold(params.threshold, params.evaluate, val.y, p_val)
         scores = metrics.classification(val.y, p_val, threshold)
         summary = {"epochs_run": len(history["loss"]), "threshold": threshold,
@@ -50,7 +52,7 @@ def main() -> None:
 
         mlflow.log_metrics(summary)
         mlflow.log_figure(reporting.training_curves(history), "training_curves.png")
-        modellib.save(model, params.paths.model)
+        store.save(model, params.paths.model)
         write_json(params.paths.model_info, {"threshold": threshold})  # the pair agrees even if logging fails
         settings = serving.settings(threshold, params.preprocess)
         info = serving.log_version(params.paths.model, settings, "model", params.mlflow.model_name, val.x[0])

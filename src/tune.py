@@ -24,11 +24,12 @@ import gc
 import subprocess
 import zlib
 
-from pipeline import cli, features, tracking, tuning
-from pipeline.data import load_split
+from pipeline import cli, tracking
+from pipeline.data.splits import load_split
+from pipeline.fit import features, studies, tuning
+from pipeline.fit.training import Arrays
 from pipeline.io import write_json
-from pipeline.model import backbone_of, build_model
-from pipeline.training import Arrays
+from pipeline.model.network import backbone_of, build_model
 
 PARENT_ATTR = "mlflow_parent_run_id"
 
@@ -50,8 +51,8 @@ def objective(params) -> tuning.Objective:
 def join(params, worker: int | None) -> None:
     tracking.setup(params.mlflow)
     if worker is None:  # a worker started by hand, here or elsewhere: its own sampler seed from where it runs
-        worker = 1 + zlib.crc32(tuning.WORKER.encode())
-    study = tuning.join_study(params, features.data_key(params), worker)
+        worker = 1 + zlib.crc32(studies.WORKER.encode())
+    study = studies.join_study(params, features.data_key(params), worker)
     trials = objective(params)
     trials.parent_run_id = study.user_attrs.get(PARENT_ATTR)
     ran = tuning.optimize(study, trials, params.tune.n_trials, wait=False)
@@ -74,7 +75,7 @@ def main() -> None:
 
         tracking.log_splits(params.paths.processed, "train", "val")
         trials = objective(params)  # fills the feature cache before any worker needs it
-        study = tuning.make_study(params, features.data_key(params))  # created here, once, before the workers
+        study = studies.make_study(params, features.data_key(params))  # created here, once, before the workers
         study.set_user_attr(PARENT_ATTR, run.info.run_id)
         mlflow.set_tag("mlflow.runName", f"tune {study.study_name}")
         workers = [subprocess.Popen([sys.executable, __file__, "--join", "--worker", str(i), "--params", args.params,

@@ -120,19 +120,20 @@ class TinyModel:
 def tiny_model() -> TinyModel:
     """Built and trained once per worker: ~10 s (frozen backbone, head on cached features)."""
 
-    from pipeline import features, model, training
+    from pipeline.fit import features, training
+    from pipeline.model import inference, network
 
     cfg = config.load(PARAMS_FILE, ["model.trainable_from=null"]).model
     x, y = separable_images(64)
-    built = model.build_model(cfg, dropout=0.0, seed=SEED)
+    built = network.build_model(cfg, dropout=0.0, seed=SEED)
     feats = features.extract(built, x, 128)
     # The head's own seed (initial weights, shuffling): where its boundary falls between dark and bright is chance,
     # and the Grad-CAM tests want one that leaves some grey images unsaturated and reads the bright patch as the
     # evidence. Small batches, enough steps for the head's BatchNormalization moving statistics to settle.
     head, _ = training.fit_head(training.Arrays(feats, y, feats, y), dropout=0.0, learning_rate=3e-3, l2=cfg.l2,
                                 epochs=12, batch_size=8, seed=HEAD_SEED)
-    full = model.assemble(model.backbone_of(built), head, cfg.image_size)
-    p = model.predict_proba(full, x)
+    full = network.assemble(network.backbone_of(built), head, cfg.image_size)
+    p = inference.predict_proba(full, x)
     assert ((p >= 0.5) == y).mean() == 1.0, "the tiny model did not learn bright vs dark"
     return TinyModel(full, head, cfg, x, y, feats)
 
@@ -144,7 +145,7 @@ def cue_images(n_per_class: int, seed: int = 0, lines: float = 4.0,
     predictive (REAL and FAKE ``levels`` overlap between 106 and 150), and the sample's line pattern with the
     class's sign, fully predictive but flipped by any attack of 2 x ``lines``/255. A model trained on clean images
     leans on the lines, so attacks flip it; P(FAKE) spreads over the brightness overlap."""
-    from pipeline.sample import LINES
+    from pipeline.data.sample import LINES
 
     rng = np.random.default_rng(seed)
     y = np.repeat(np.array([0, 1], np.uint8), n_per_class)
@@ -171,18 +172,19 @@ def graded_model() -> TinyModel:
     """A tiny model whose answers are not all 0 or 1 and that attacks can flip: a head trained on clean
     :func:`cue_images` (a random frozen ResNet50 below it). Thresholds, attacks and defences change its labels, so
     tests of them can fail. Built once per worker: ~10 s."""
-    from pipeline import features, model, training
+    from pipeline.fit import features, training
+    from pipeline.model import inference, network
 
     cfg = config.load(PARAMS_FILE, ["model.trainable_from=null"]).model
     x, y = cue_images(128)
-    built = model.build_model(cfg, dropout=0.0, seed=SEED)
+    built = network.build_model(cfg, dropout=0.0, seed=SEED)
     feats = features.extract(built, x, 128)
     # A short fit: trained to the end, the head turns the lines into certainties and P(FAKE) into 0 or 1.
     head, _ = training.fit_head(training.Arrays(feats, y, feats, y), dropout=0.0, learning_rate=1e-3, l2=cfg.l2,
                                 epochs=8, batch_size=32, seed=HEAD_SEED)
-    full = model.assemble(model.backbone_of(built), head, cfg.image_size)
+    full = network.assemble(network.backbone_of(built), head, cfg.image_size)
     fresh, labels = cue_images(64, seed=2)
-    p = model.predict_proba(full, fresh)
+    p = inference.predict_proba(full, fresh)
     assert ((p >= 0.5) == labels).mean() >= 0.85, "the graded model did not learn its cues"
     assert ((p > 0.05) & (p < 0.95)).mean() >= 0.05, "the graded model's P(FAKE) saturated"
     return TinyModel(full, head, cfg, x, y, feats)
@@ -204,14 +206,15 @@ def model_with_stored_threshold(tmp_path: Path, graded: TinyModel, graded_file: 
 
     from PIL import Image
 
-    from pipeline import model, predicting
+    from pipeline.model import inference
+    from pipeline.use import predicting
 
     folder = tmp_path / "graded"
     folder.mkdir()
     for i, img in enumerate(cue_images(n_per_class, seed=3)[0]):
         Image.fromarray(img).save(folder / f"{i:02d}.png")
     pre = config.load(PARAMS_FILE).preprocess
-    p = model.predict_proba(graded.model, predicting.read_folder(folder, pre.resize, pre.max_pixels).x)
+    p = inference.predict_proba(graded.model, predicting.read_folder(folder, pre.resize, pre.max_pixels).x)
     stored = threshold_that_matters(p)
     mine = tmp_path / "mine.keras"
     shutil.copy(graded_file, mine)
@@ -221,20 +224,20 @@ def model_with_stored_threshold(tmp_path: Path, graded: TinyModel, graded_file: 
 
 @pytest.fixture(scope="session")
 def graded_model_file(graded_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline import model
+    from pipeline.model import store
 
     path = tmp_path_factory.mktemp("graded-model") / "model.keras"
-    model.save(graded_model.model, path)
+    store.save(graded_model.model, path)
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_model_file(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model saved with :func:`pipeline.model.save` (~100 MB, once per worker)."""
-    from pipeline import model
+    """The tiny model saved with :func:`pipeline.model.store.save` (~100 MB, once per worker)."""
+    from pipeline.model import store
 
     path = tmp_path_factory.mktemp("tiny-model") / "model.keras"
-    model.save(tiny_model.model, path)
+    store.save(tiny_model.model, path)
     return path
 
 

@@ -1,4 +1,4 @@
-"""pipeline.training.adversarial_finetune: it trains, it keeps the epoch with the best robust_score, and it never
+"""pipeline.fit.training.adversarial_finetune: it trains, it keeps the epoch with the best robust_score, and it never
 keeps a worse model."""
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import config, model, training
-from pipeline.attacks import Attacker, margin_and_gradient
+from pipeline import config
+from pipeline.fit import training
+from pipeline.judge.attacks import Attacker, margin_and_gradient
+from pipeline.model import inference, serving, store
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -24,7 +26,7 @@ def advtrain_cfg(**over) -> tuple[config.AdvTrain, config.Evaluate]:
 def fresh(tiny_model, tiny_model_file):
     """A private copy of the tiny model (fine-tuning must not touch the session's fixture) and its data."""
     x, y = tiny_model.x, tiny_model.y
-    return model.load(tiny_model_file), training.Arrays(x, y, x, y)
+    return store.load(tiny_model_file), training.Arrays(x, y, x, y)
 
 
 def test_measures_the_incoming_model_as_epoch_zero(fresh) -> None:
@@ -77,11 +79,11 @@ def test_a_batch_with_no_attacked_share_trains_on_its_clean_images(fresh) -> Non
 
 
 def attacked_balanced_accuracy(m, x: np.ndarray, y: np.ndarray, attack: config.Attack) -> float:
-    from pipeline import metrics
-    from pipeline.attacks import to_uint8
+    from pipeline.judge import metrics
+    from pipeline.judge.attacks import to_uint8
 
     x_adv = to_uint8(Attacker(m, attack, 0).perturb(x, y, 64))
-    return metrics.measure(y, model.predict_proba(m, x_adv))
+    return metrics.measure(y, inference.predict_proba(m, x_adv))
 
 
 # Brightness that separates the classes by more than 2 x 8/255 (conftest.cue_images overlaps them): here a model can
@@ -98,12 +100,12 @@ def test_adversarial_training_repairs_what_the_attack_breaks(graded_model_file) 
     # the outcome spread 0.48-0.66 over seeds here and fell to 0.41 on another CPU: too near the data's ceiling
     # (~0.73) to tell training from luck. Here (seeds 0, 1, 3; AMD Zen 3): 0.41 before, 0.84-0.87 after; trained
     # on clean images instead (adv_ratio 0, the mutation this test must catch): 0.52.
-    from tests.conftest import cue_images
-
     import keras
 
+    from tests.conftest import cue_images
+
     keras.utils.set_random_seed(0)  # each training starts from one global state, whatever ran before in the process
-    m = model.load(graded_model_file)
+    m = store.load(graded_model_file)
     x, y = cue_images(128, seed=0, levels=SEPARATED)
     x_val, y_val = cue_images(32, seed=1, levels=SEPARATED)  # picks the epoch
     x_test, y_test = cue_images(64, seed=2, levels=SEPARATED)  # judges
@@ -125,7 +127,7 @@ def test_adversarial_training_repairs_what_the_attack_breaks(graded_model_file) 
     # At 2/255 the gap was too near that noise (0.06); one step instead of three too (0.84 against 0.85), which
     # test_each_training_attack_parameter_changes_the_weights_advtrain_trains covers instead.
     keras.utils.set_random_seed(0)
-    weak = model.load(graded_model_file)
+    weak = store.load(graded_model_file)
     weak_cfg, _ = advtrain_cfg(epochs=3, batch_size=32, adv_ratio=1.0, **{"attack.epsilon": 1})
     training.adversarial_finetune(weak, training.Arrays(x, y, x_val, y_val), weak_cfg, evaluate, 0,
                                   before={"val_robust_score": -1.0})
@@ -136,16 +138,16 @@ def test_adversarial_training_repairs_what_the_attack_breaks(graded_model_file) 
 def test_the_threshold_is_chosen_under_evaluates_diagnostic(graded_model) -> None:
     # advtrain's threshold must be judged as evaluate will judge it: under evaluate.diagnostic (PGD-20), not under
     # advtrain's own weaker attack, nor the mission's FGSM.
-    from pipeline.attacks import to_uint8
+    from pipeline.judge.attacks import to_uint8
 
     cfg, evaluate = advtrain_cfg()
     m, x, y = graded_model.model, graded_model.x[:48], graded_model.y[:48]
     p_clean, p_attacked = training.probabilities_under_diagnostic(m, evaluate, x, y, seed=3, batch_size=16)
 
     def under(attack: config.Attack) -> np.ndarray:
-        return model.predict_proba(m, to_uint8(Attacker(m, attack, 3).perturb(x, y, 16)))
+        return inference.predict_proba(m, to_uint8(Attacker(m, attack, 3).perturb(x, y, 16)))
 
-    np.testing.assert_allclose(p_clean, model.predict_proba(m, x), atol=1e-6)
+    np.testing.assert_allclose(p_clean, inference.predict_proba(m, x), atol=1e-6)
     np.testing.assert_allclose(p_attacked, under(evaluate.diagnostic), atol=1e-6)
     for other in (evaluate.attack, cfg.attack):  # FGSM and the training attack give other probabilities
         assert not np.allclose(p_attacked, under(other), atol=1e-3)
@@ -156,7 +158,7 @@ def test_each_training_attack_parameter_changes_the_weights_advtrain_trains(grad
     # One epoch from the same weights and seed, the training attack changed in one parameter at a time: the attacked
     # share of each batch differs, so the weights it trains to differ. An attack that ignored a parameter (a fixed
     # one-step attack, no random start, another epsilon) trains the same weights for both.
-    m = model.load(graded_model_file)
+    m = store.load(graded_model_file)
     start = m.get_weights()
     x, y = graded_model.x[::16], graded_model.y[::16]  # 8 of each class: one batch
     data = training.Arrays(x, y, x[[0, -1]], y[[0, -1]])
@@ -198,8 +200,8 @@ def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tm
     # validation (checked below before anything else): a stage that read test instead of val gives other numbers.
     import json
 
-    from pipeline import predicting
-    from pipeline.data import stratified_subset
+    from pipeline.data.splits import stratified_subset
+    from pipeline.model import store
     from tests.conftest import cue_images, tmp_overrides
 
     overrides = tmp_overrides(tmp_path) + [
@@ -220,17 +222,17 @@ def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tm
     (x_val, y_val), (x_test, y_test) = splits["val"], splits["test"]
 
     _run_stage("train.py", overrides, monkeypatch)
-    trained = model.load(params.paths.model)
+    trained = store.load(params.paths.model)
     stored = json.loads(params.paths.model_info.read_text())["threshold"]
 
     def best(x, y) -> float:
-        return training.choose_threshold(params.threshold, params.evaluate, y, model.predict_proba(trained, x))
+        return training.choose_threshold(params.threshold, params.evaluate, y, inference.predict_proba(trained, x))
 
     assert abs(best(x_test, y_test) - best(x_val, y_val)) > 0.01  # the split matters here
     assert stored == pytest.approx(best(x_val, y_val), abs=1e-4)
 
     _run_stage("advtrain.py", overrides, monkeypatch)
-    kept = model.load(params.paths.model_adv)
+    kept = store.load(params.paths.model_adv)
     summary = json.loads((params.paths.metrics / "advtrain.json").read_text())
     pick = stratified_subset(y_val, params.advtrain.val_images, params.base.seed)
     cfg, ev, seed = params.advtrain, params.evaluate, params.base.seed
@@ -252,9 +254,9 @@ def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tm
     assert summary["threshold"] == pytest.approx(threshold(x_val[pick], y_val[pick]), abs=1e-4)
     # and every copy of the model carries that threshold: the JSON beside it, the .h5 export, the MLflow version
     info = json.loads(params.paths.model_adv_info.read_text())
-    assert info["threshold"] == summary["threshold"] == model.stored_threshold(params.paths.model_h5)
+    assert info["threshold"] == summary["threshold"] == store.stored_threshold(params.paths.model_h5)
     version = f"models:/{info['registered_model']}/{info['version']}"
-    assert predicting.load_with_threshold(version)[1] == summary["threshold"]
+    assert serving.load_with_threshold(version)[1] == summary["threshold"]
 
 
 def metrics_rows(path: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""pipeline.attacks: FGSM/PGD budgets, strength on a trained model, logit gradients, 8-bit PNG round trip."""
+"""pipeline.judge.attacks: FGSM/PGD budgets, strength on a trained model, logit gradients, 8-bit PNG round trip."""
 from __future__ import annotations
 
 import io
@@ -10,8 +10,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import config, evaluation, filetree, model
-from pipeline.attacks import Attacker, to_uint8
+from pipeline import config
+from pipeline.data import filetree
+from pipeline.judge import evaluation
+from pipeline.judge.attacks import Attacker, to_uint8
+from pipeline.model import network, twin
 
 
 def attack(name: str, epsilon: float, **kw) -> config.Attack:
@@ -19,7 +22,7 @@ def attack(name: str, epsilon: float, **kw) -> config.Attack:
 
 
 def logits(m: keras.Model, x: np.ndarray) -> np.ndarray:
-    return np.asarray(model.logits_model(m)(x, training=False), np.float64)[:, 0]
+    return np.asarray(twin.logits_model(m)(x, training=False), np.float64)[:, 0]
 
 
 def margin(m: keras.Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -118,7 +121,7 @@ def test_gradient_goes_through_the_logit_when_the_sigmoid_saturates(tiny_model, 
     logit = head.get_layer("logit")
     kernel, bias = logit.get_weights()
     logit.set_weights([kernel * 1e3, bias * 1e3])
-    saturated = model.assemble(model.backbone_of(tiny_model.model), head, 32)
+    saturated = network.assemble(network.backbone_of(tiny_model.model), head, 32)
     x, y = batch
     p = np.asarray(saturated(x, training=False))[:, 0]
     assert np.all((p == 1.0) | (p == 0.0)) and np.array_equal(p == 1.0, y == 1)
@@ -205,7 +208,7 @@ def test_pgd_sweep_runs_the_attack_at_each_epsilon(attackers, batch) -> None:
 
 def test_to_uint8_gives_8_bit_pixels_and_project_keeps_the_ball_and_the_pixel_range() -> None:
     assert to_uint8(np.array([0.5])).dtype == np.uint8
-    from pipeline.attacks import _project
+    from pipeline.judge.attacks import _project
 
     x = np.array([0.99, 0.01, 0.5, 0.5], np.float32)
     v = np.array([1.5, -0.5, 0.1, 0.9], np.float32)

@@ -84,10 +84,11 @@ def test_nothing_in_bench_takes_a_module_name() -> None:
 
 def test_the_floor_counts_the_arithmetic_the_pipeline_runs() -> None:
     from bench import common
-    from pipeline import config, model
+    from pipeline import config
+    from pipeline.model import network
 
     cfg = config.load(ROOT / "params.yaml").model
-    assert common.forward_gflop(model.build_model(cfg, 0.0, 0)) == pytest.approx(common.GFLOP_PER_IMAGE_32, abs=5e-4)
+    assert common.forward_gflop(network.build_model(cfg, 0.0, 0)) == pytest.approx(common.GFLOP_PER_IMAGE_32, abs=5e-4)
 
 
 def test_the_floor_counts_each_stages_passes() -> None:

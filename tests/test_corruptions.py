@@ -1,11 +1,12 @@
-"""pipeline.corruptions: each corruption changes the images as named, deterministically, and keeps shape and type;
+"""pipeline.judge.corruptions: each corruption changes the images as named, deterministically, and keeps shape and type;
 evaluate reports them beside the attacks."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import config, corruptions
+from pipeline import config
+from pipeline.judge import corruptions
 
 
 def images(n: int = 8, seed: int = 0) -> np.ndarray:

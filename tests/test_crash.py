@@ -14,7 +14,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import config, data, model, sample
+from pipeline import config
+from pipeline.data import preprocess, sample
+from pipeline.model import store
 from tests.conftest import PARAMS_FILE, tmp_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +29,7 @@ def test_advtrain_killed_while_saving_leaves_no_model_and_reruns_cleanly(tmp_pat
     params = config.load(PARAMS_FILE, overrides)
     raw = tmp_path / "raw.zip"
     sample.write_sample(raw, config.Sample(train_per_class=16, test_per_class=4, jpeg_quality=95), 0, progress=False)
-    data.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
+    preprocess.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
     params.paths.model.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(tiny_model_file, params.paths.model)
     args = [sys.executable, "src/advtrain.py", *(a for o in overrides for a in ("-S", o))]
@@ -52,11 +54,11 @@ def test_advtrain_killed_while_saving_leaves_no_model_and_reruns_cleanly(tmp_pat
     assert [r.info.status for r in runs] == ["RUNNING"]  # SIGKILL: nothing could close it
     # The model already written and the threshold beside it belong together: predict on it now judges it at its own.
     stored = json.loads(params.paths.model_adv_info.read_text())["threshold"]
-    assert stored == pytest.approx(runs[0].data.metrics["threshold"]) and model.load(params.paths.model_adv)
+    assert stored == pytest.approx(runs[0].data.metrics["threshold"]) and store.load(params.paths.model_adv)
 
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert model.load(target) is not None and (params.paths.metrics / "advtrain.json").exists()
+    assert store.load(target) is not None and (params.paths.metrics / "advtrain.json").exists()
     runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "bench/README.md")
 # Where pointers live: the library, the stage scripts, the benchmarks, the tests, the configuration and the docs.
 SOURCES = ("README.md", "bench/README.md", "params.yaml", "dvc.yaml", "pyproject.toml", "requirements*.txt",
-           "pipeline/*.py", "src/*.py", "bench/*.py", "tests/**/*.py", ".ci/*")
+           "pipeline/**/*.py", "src/*.py", "bench/*.py", "tests/**/*.py", ".ci/*")
 POINTER = re.compile(r"(?<![\w/.-])((?:bench/)?README\.md)#([\w-]+)")
 OWN_LINK = re.compile(r"\]\(#([\w-]+)\)")
 # The older forms, a quoted heading or a bare "section": they cannot be checked, so they are not used.

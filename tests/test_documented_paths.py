@@ -15,7 +15,10 @@ import numpy as np
 import optuna
 import pytest
 
-from pipeline import config, data, model, sample, tracking, training, tuning
+from pipeline import config, tracking
+from pipeline.data import preprocess, sample
+from pipeline.fit import training, tuning
+from pipeline.model import inference, network, store
 from tests.conftest import PARAMS_FILE, separable_images, tmp_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,27 +37,27 @@ def test_backbone_loads_the_legacy_notop_h5_that_users_download(tmp_path: Path) 
     from keras.src.legacy.saving import legacy_h5_format
 
     cfg = model_cfg()
-    saved = model.build_backbone(cfg)
+    saved = network.build_backbone(cfg)
     rng = np.random.default_rng(5)
     saved.set_weights([w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in saved.get_weights()])
     path = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     with h5py.File(path, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, saved)
         assert "layer_names" in f.attrs and "conv1_conv" in f  # the legacy layout, not Keras 3's .weights.h5
-    loaded = model.build_backbone(model_cfg(weights=str(path)))
+    loaded = network.build_backbone(model_cfg(weights=str(path)))
     for a, b in zip(loaded.get_weights(), saved.get_weights()):
         np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])  # float16: what a GPU runs fastest
 def test_mixed_precision_model_predicts_float32_probabilities_and_is_attackable(precision: str) -> None:
-    from pipeline.attacks import Attacker
+    from pipeline.judge.attacks import Attacker
 
     try:
-        m = model.build_model(model_cfg(precision=precision), dropout=0.0, seed=1)
+        m = network.build_model(model_cfg(precision=precision), dropout=0.0, seed=1)
         assert m.get_layer("preprocess").compute_dtype == precision.removeprefix("mixed_")
         x, y = separable_images(4)
-        p = model.predict_proba(m, x)
+        p = inference.predict_proba(m, x)
         assert p.dtype == np.float32 and p.shape == (8,) and np.all((p >= 0) & (p <= 1))
         x_adv = Attacker(m, config.Attack(name="fgsm", epsilon=8), 0).perturb(x, y, 8)
         assert np.abs(x_adv - x / 255.0).max() <= 8 / 255 + 1e-6 and np.abs(x_adv - x / 255.0).max() > 0
@@ -63,9 +66,9 @@ def test_mixed_precision_model_predicts_float32_probabilities_and_is_attackable(
 
 
 def test_fit_model_trains_the_unfrozen_layers_on_images() -> None:
-    m = model.build_model(model_cfg(trainable_from=LAST_CONV), dropout=0.0, seed=2)
+    m = network.build_model(model_cfg(trainable_from=LAST_CONV), dropout=0.0, seed=2)
     x, y = separable_images(16)
-    backbone = model.backbone_of(m)
+    backbone = network.backbone_of(m)
     frozen_before = backbone.get_layer("conv1_conv").get_weights()[0].copy()
     open_before = backbone.get_layer(LAST_CONV).get_weights()[0].copy()
     history = training.fit_model(m, training.Arrays(x, y, x, y), 1e-3, epochs=1, batch_size=8, seed=0)
@@ -93,7 +96,7 @@ def test_train_stage_with_an_unfrozen_backbone(tmp_path: Path) -> None:
     params = config.load(PARAMS_FILE, overrides)
     raw = tmp_path / "raw"
     sample.write_sample(raw, config.Sample(train_per_class=10, test_per_class=4, jpeg_quality=95), 0, progress=False)
-    data.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
+    preprocess.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
     params.paths.best_params.parent.mkdir(parents=True, exist_ok=True)
     params.paths.best_params.write_text(json.dumps({"dropout": 0.1, "learning_rate": 1e-3}))
     sets = [arg for o in overrides + [f"model.trainable_from={LAST_CONV}", "train.epochs=1", "train.batch_size=8"]
@@ -103,10 +106,10 @@ def test_train_stage_with_an_unfrozen_backbone(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "src/train.py", *sets], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    trained = model.load(params.paths.model)
-    fresh = model.build_model(model_cfg(trainable_from=LAST_CONV), dropout=0.1, seed=params.base.seed)
+    trained = store.load(params.paths.model)
+    fresh = network.build_model(model_cfg(trainable_from=LAST_CONV), dropout=0.1, seed=params.base.seed)
     def kernel(m, layer):
-        return model.backbone_of(m).get_layer(layer).get_weights()[0]
+        return network.backbone_of(m).get_layer(layer).get_weights()[0]
 
     assert np.array_equal(kernel(trained, "conv1_conv"), kernel(fresh, "conv1_conv"))  # frozen: the seeded init
     assert not np.array_equal(kernel(trained, LAST_CONV), kernel(fresh, LAST_CONV))  # unfrozen: trained

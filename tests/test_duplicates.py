@@ -1,4 +1,5 @@
-"""Near-duplicates across splits (pipeline.duplicates, preprocess.duplicates): planted exact, re-encoded and mirrored
+"""Near-duplicates across splits (pipeline.data.duplicates, preprocess.duplicates): planted exact, re-encoded and
+mirrored
 copies are found, distinct images are not, and `drop` removes the leaked images from the training side only."""
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import config, data, duplicates
+from pipeline import config
+from pipeline.data import duplicates, preprocess, splits
 
 
 def textured(n: int, seed: int) -> np.ndarray:
@@ -74,14 +76,14 @@ def test_preprocess_reports_and_drops_planted_leaks(tmp_path: Path, action: str)
     write_raw(tmp_path / "raw", train, test)
     cfg = config.Preprocess(val_fraction=0.2, resize="resize", max_bad_fraction=0.0, max_pixels=4096,
                             duplicates=action, duplicate_similarity=0.99)
-    report = data.preprocess(tmp_path / "raw", tmp_path / "out", cfg, seed=0, progress=False)
+    report = preprocess.preprocess(tmp_path / "raw", tmp_path / "out", cfg, seed=0, progress=False)
     leaks = report["near_duplicates"]
     # the five leaked train images sit in train or val, depending on the seeded split; none in test twice
     assert leaks["train_in_test"] + leaks["val_in_test"] == 5
     assert leaks["train_in_val"] == 0
-    test_names = data.load_split(tmp_path / "out", "test").names
+    test_names = splits.load_split(tmp_path / "out", "test").names
     assert len(test_names) == 20  # test is never touched
-    kept = {s: data.load_split(tmp_path / "out", s) for s in ("train", "val")}
+    kept = {s: splits.load_split(tmp_path / "out", s) for s in ("train", "val")}
     leaked = {f"{'FAKE' if i % 2 else 'REAL'}/{i:04d}.png" for i in range(5)}
     left = leaked & (set(kept["train"].names) | set(kept["val"].names))
     if action == "report":

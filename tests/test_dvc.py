@@ -44,9 +44,10 @@ def test_code_deps_are_the_import_closure_of_the_stage_script(stage: str) -> Non
 
 
 def test_closure_follows_lazy_imports_inside_functions() -> None:
-    # features.for_head imports pipeline.data and pipeline.training inside the function body
-    found = {p.name for p in provenance.closure(ROOT / "pipeline" / "features.py")}
-    assert {"data.py", "training.py", "model.py", "config.py"} <= found
+    # fit/features.py imports pipeline.data.splits and pipeline.fit.training inside a function body
+    found = {p.as_posix() for p in provenance.closure(ROOT / "pipeline" / "fit" / "features.py")}
+    assert {"pipeline/data/splits.py", "pipeline/fit/training.py", "pipeline/model/network.py",
+            "pipeline/config.py", "pipeline/data/__init__.py"} <= found
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -68,17 +69,17 @@ def test_every_params_key_is_read_by_some_stage_or_is_deliberately_none() -> Non
 
 def test_code_digest_changes_with_the_code(tmp_path, monkeypatch) -> None:
     root = tmp_path / "repo"
-    (root / "pipeline").mkdir(parents=True)
-    for name in ("__init__.py", "model.py", "config.py", "errors.py", "io.py", "tuning.py"):
-        src = ROOT / "pipeline" / name
-        text = src.read_text() if name != "tuning.py" else "from pipeline import model\n"
-        (root / "pipeline" / name).write_text(text)
+    for name in ("__init__.py", "config.py", "errors.py", "io.py", "model/__init__.py", "model/network.py",
+                 "model/store.py", "fit/__init__.py"):
+        (root / "pipeline" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "pipeline" / name).write_text((ROOT / "pipeline" / name).read_text())
+    (root / "pipeline" / "fit" / "tuning.py").write_text("from pipeline.model import store\n")
     monkeypatch.setattr(provenance, "ROOT", root)
     provenance._imports.cache_clear()
-    before = provenance.code_digest("pipeline.tuning")
+    before = provenance.code_digest("pipeline.fit.tuning")
     with open(root / "pipeline" / "io.py", "a") as f:  # a module two imports away
         f.write("\n# changed\n")
-    assert provenance.code_digest("pipeline.tuning") != before
+    assert provenance.code_digest("pipeline.fit.tuning") != before
     provenance._imports.cache_clear()
 
 
@@ -90,7 +91,7 @@ def test_a_stage_runs_the_code_of_its_own_checkout(tmp_path: Path):
     for checkout in (own, other):
         for folder in ("pipeline", "src"):
             shutil.copytree(repo / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(own / "pipeline" / "sources.py", "a") as f:
+    with open(own / "pipeline" / "data" / "sources.py", "a") as f:
         f.write("\nraise SystemExit('imported the own checkout')\n")
     env = {**os.environ, "PYTHONPATH": str(other)}
     out = subprocess.run([sys.executable, str(own / "src" / "fetch.py")], cwd=tmp_path, env=env,

@@ -194,14 +194,18 @@ def test_predictions_and_figures_are_the_evaluated_models_at_its_stored_threshol
     # it (not at 0.5), and evaluate's figures and Brier scores are those of the same answers.
     from PIL import Image
 
-    from pipeline import config, data, inference, metrics, model, predicting
+    from pipeline import config
+    from pipeline.data import splits
+    from pipeline.judge import metrics
+    from pipeline.model import inference, store
+    from pipeline.use import predicting
 
     root = repo.root
     params = config.load(root / "params.yaml")
     threshold = json.loads((root / "models/model_adv.json").read_text())["threshold"]
     m = json.loads((root / "metrics/evaluate.json").read_text())
-    adv = model.load(root / "models/model_adv.keras")
-    test = data.load_split(root / "data/processed", "test")
+    adv = store.load(root / "models/model_adv.keras")
+    test = splits.load_split(root / "data/processed", "test")
     with zipfile.ZipFile(root / "data/Test_dataset_2.zip") as zf:
         attacked = np.stack([np.asarray(Image.open(zf.open(Path(n).with_suffix(".png").as_posix())))
                              for n in test.names])
@@ -216,7 +220,7 @@ def test_predictions_and_figures_are_the_evaluated_models_at_its_stored_threshol
         at_half += predicting.labels(p, 0.5) != predicting.labels(p, threshold)
     assert at_half, "no test image is labelled otherwise at 0.5: the stored threshold is not seen by this test"
     # the baseline's stored threshold decides too: evaluate judged it there, and at 0.5 it labels otherwise
-    base = model.load(root / "models/model.keras")
+    base = store.load(root / "models/model.keras")
     base_threshold = json.loads((root / "models/model.json").read_text())["threshold"]
     p = inference.probabilities(base, test.x, params.inference)
     assert m["baseline"]["clean"]["balanced_accuracy"] == pytest.approx(
@@ -227,7 +231,7 @@ def test_predictions_and_figures_are_the_evaluated_models_at_its_stored_threshol
 def test_the_deliverables_beside_the_metrics(repo):
     from PIL import Image
 
-    from pipeline import model
+    from pipeline.model import inference, store
 
     root = repo.root
     with Image.open(root / "plots/explanations.png") as grid:  # 4 + 4 test images, clean and attacked
@@ -236,7 +240,8 @@ def test_the_deliverables_beside_the_metrics(repo):
         assert (root / f"plots/calibration_{split}.csv").read_text().startswith("set,bin,mean_predicted")
     h5, keras_file = root / "models/ResNet50_CIFAKE_best.h5", root / "models/model_adv.keras"
     x = (np.arange(2 * 32 * 32 * 3) % 251).astype(np.uint8).reshape(2, 32, 32, 3)
-    assert np.array_equal(model.predict_proba(model.load(h5), x), model.predict_proba(model.load(keras_file), x))
+    assert np.array_equal(inference.predict_proba(store.load(h5), x),
+                          inference.predict_proba(store.load(keras_file), x))
 
 
 def test_dvc_plots_show_makes_one_page_that_needs_no_network(repo, tmp_path):
@@ -372,7 +377,7 @@ def test_editing_each_module_reruns_exactly_the_stages_that_import_it(repo):
     from pipeline import provenance
 
     closures = {s: {p.as_posix() for p in provenance.closure(REPO / "src" / f"{s}.py")} for s in _stages(root)}
-    for module in sorted((root / "pipeline").glob("*.py")):
+    for module in sorted((root / "pipeline").rglob("*.py")):
         rel = module.relative_to(root).as_posix()
         original = module.read_text()
         try:

@@ -1,4 +1,4 @@
-"""evaluate's pass cache (pipeline/memo.py): a rerun on the same weights and images reads every pass back and
+"""evaluate's pass cache (pipeline/judge/cache.py): a rerun on the same weights and images reads every pass back and
 computes no forward pass, gives the same figures, recomputes exactly the pass whose settings changed, and never
 reads another model's, other images' or a damaged entry."""
 from __future__ import annotations
@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import config, evaluation, inference, memo
-from pipeline.attacks import Attacker, to_uint8
+from pipeline import config
+from pipeline.judge import cache, evaluation
+from pipeline.judge.attacks import Attacker, to_uint8
+from pipeline.model import inference
 from tests.conftest import PARAMS_FILE, SEED, cue_images
 
 TF = config.Inference(engine="tensorflow")
@@ -104,32 +106,32 @@ def test_the_attacks_that_stop_at_the_threshold_run_again_under_another(graded_m
 
 def test_the_key_changes_with_the_weights_the_images_the_seed_and_the_engine(graded_model, test_set):
     model, (x, y) = graded_model.model, test_set
-    key = memo.model_key(model, x, y, SEED, TF, 64)
-    assert memo.model_key(model, x, y, SEED, TF, 64) == key
-    assert memo.model_key(model, np.clip(x.astype(int) + 1, 0, 255).astype(np.uint8), y, SEED, TF, 64) != key
-    assert memo.model_key(model, x, 1 - y, SEED, TF, 64) != key
-    assert memo.model_key(model, x, y, SEED + 1, TF, 64) != key
-    assert memo.model_key(model, x, y, SEED, config.Inference(engine="openvino"), 64) != key
+    key = cache.model_key(model, x, y, SEED, TF, 64)
+    assert cache.model_key(model, x, y, SEED, TF, 64) == key
+    assert cache.model_key(model, np.clip(x.astype(int) + 1, 0, 255).astype(np.uint8), y, SEED, TF, 64) != key
+    assert cache.model_key(model, x, 1 - y, SEED, TF, 64) != key
+    assert cache.model_key(model, x, y, SEED + 1, TF, 64) != key
+    assert cache.model_key(model, x, y, SEED, config.Inference(engine="openvino"), 64) != key
     weight = model.trainable_weights[-1]  # the same model, one weight changed (a fine-tuned copy: same layers, names)
     saved = weight.numpy()
     try:
         weight.assign(saved + 0.5)
-        assert memo.model_key(model, x, y, SEED, TF, 64) != key
+        assert cache.model_key(model, x, y, SEED, TF, 64) != key
     finally:
         weight.assign(saved)
 
 
 def test_only_the_newest_models_entries_are_kept(tmp_path):
-    for i in range(memo.KEEP + 2):
-        memo.PassCache(tmp_path, f"model{i}")("clean", {}, lambda: {"p": np.zeros(2)})
+    for i in range(cache.KEEP + 2):
+        cache.PassCache(tmp_path, f"model{i}")("clean", {}, lambda: {"p": np.zeros(2)})
     kept = sorted(p.name for p in tmp_path.iterdir())
-    assert len(kept) == memo.KEEP and "model0" not in kept and f"model{memo.KEEP + 1}" in kept
+    assert len(kept) == cache.KEEP and "model0" not in kept and f"model{cache.KEEP + 1}" in kept
 
 
 def test_square_queries_the_inference_engine_and_it_answers_as_tensorflow(graded_model, test_set):
     # Square's queries are forward passes, so they run where every other forward pass runs (OpenVINO on a CPU);
     # the logits it reads must be TensorFlow's, or its accept/reject steps would follow another model.
-    from pipeline.attacks import logit_forward
+    from pipeline.judge.attacks import logit_forward
 
     x = test_set[0].astype(np.float32) / 255.0
     ov = evaluation.square_forward(graded_model.model, config.Inference(engine="openvino"))
@@ -169,5 +171,5 @@ def test_each_pass_says_the_precision_it_ran_in_and_a_rerun_reads_that_back(grad
     assert len(again.cached) == len(PASSES) and again.precisions == first.precisions
     # Under another threshold the check could decide otherwise: its passes are kept apart (a float32 run's are not).
     key = [graded_model.model, *test_set, SEED]
-    assert memo.model_key(*key, checked, 64, 0.5) != memo.model_key(*key, checked, 64, 0.6)
-    assert memo.model_key(*key, TF, 64, 0.5) == memo.model_key(*key, TF, 64, 0.6)
+    assert cache.model_key(*key, checked, 64, 0.5) != cache.model_key(*key, checked, 64, 0.6)
+    assert cache.model_key(*key, TF, 64, 0.5) == cache.model_key(*key, TF, 64, 0.6)

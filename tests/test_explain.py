@@ -1,4 +1,5 @@
-"""Grad-CAM (pipeline.explain, src/explain.py): computed on the served graph, pointing at the evidence, following the
+"""Grad-CAM (pipeline.use.explain, src/explain.py): computed on the served graph, pointing at the evidence,
+following the
 predicted class, and the tool's files and one-line errors.
 
 The tiny model tells bright noise (FAKE) from dark noise (REAL) on a random ResNet50 (image_size 32)."""
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import config, explain, model, predicting
+from pipeline import config
 from pipeline.errors import ModelError
+from pipeline.model import inference, twin
+from pipeline.use import explain, predicting
 
 ROOT = Path(__file__).resolve().parents[1]
 PREPROCESS = config.load(ROOT / "params.yaml").preprocess
@@ -50,10 +53,10 @@ def test_the_rebuilt_path_computes_the_served_models_probability_and_logit(tiny_
     grey = np.stack([noise(1, lo, lo + 100, lo)[0] for lo in range(104, 128, 2)])
     x = np.concatenate([tiny_model.x[::8], grey])
     maps, p = explain.gradcam_and_proba(m, x, batch_size=5)  # batches that do not divide N
-    np.testing.assert_allclose(p, model.predict_proba(m, x), atol=1e-5)
+    np.testing.assert_allclose(p, inference.predict_proba(m, x), atol=1e-5)
     assert ((p > 1e-3) & (p < 1 - 1e-3)).any(), "no unsaturated probability: the check would be weak"
     _, _, logit = explain._gradcam_fn(m, DEFAULT_LAYER)(x.astype(np.float32) / 255.0, np.float32(0.5))
-    want = np.asarray(model.logits_model(m)(x.astype(np.float32) / 255.0, training=False))[:, 0]
+    want = np.asarray(twin.logits_model(m)(x.astype(np.float32) / 255.0, training=False))[:, 0]
     np.testing.assert_allclose(np.asarray(logit), want, rtol=1e-4, atol=1e-3)
     assert maps.shape == (len(x), 4, 4)
 
@@ -206,7 +209,7 @@ def test_the_tool_writes_one_overlay_per_image_and_the_csv(folder: Path, tmp_pat
     assert [r[1] for r in rows[1:]] == ["Fake", "Real", "Fake", "Real", "Fake"]
     # The saved model, loaded in another process, through the rebuilt path: the served model's probabilities.
     found = predicting.read_folder(folder, PREPROCESS.resize, PREPROCESS.max_pixels)
-    np.testing.assert_allclose([float(r[2]) for r in rows[1:]], model.predict_proba(tiny_model.model, found.x),
+    np.testing.assert_allclose([float(r[2]) for r in rows[1:]], inference.predict_proba(tiny_model.model, found.x),
                                atol=1e-5)
     assert "corrupt.jpg" in proc.stderr and "notes.txt" not in proc.stderr
     assert "explain: 5 images (3 Fake, 1 skipped)" in proc.stdout

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import config, corruptions, evaluation, metrics, model, training
+from pipeline import config
+from pipeline.fit import training
+from pipeline.judge import corruptions, evaluation, metrics
+from pipeline.model import inference, network, store
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -18,7 +21,7 @@ PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 def separable_features(n: int, seed: int = 0) -> training.Arrays:
     rng = np.random.default_rng(seed)
     y = (np.arange(n) % 2).astype(np.uint8)
-    x = rng.standard_normal((n, model.FEATURE_DIM), dtype=np.float32)
+    x = rng.standard_normal((n, network.FEATURE_DIM), dtype=np.float32)
     x[:, :8] += 3.0 * (2.0 * y[:, None] - 1.0)  # the class shifts 8 of the 2048 features
     return training.Arrays(x, y, x[: n // 2], y[: n // 2])
 
@@ -35,7 +38,7 @@ def test_head_fit_learns_and_reports_like_a_keras_fit() -> None:
     assert {"loss", "accuracy", "val_loss", "val_f1", "val_balanced_accuracy", "val_macro_f1"} <= set(history)
     assert all(len(v) == 4 for v in history.values())
     assert history["loss"][-1] < history["loss"][0]
-    p = model.predict_proba(model.head_classifier(head), data.x_val, 64)
+    p = inference.predict_proba(network.head_classifier(head), data.x_val, 64)
     assert metrics.measure(data.y_val, p) == 1.0
     assert history["val_loss"][-1] == pytest.approx(metrics.log_loss(data.y_val, p) + float(sum(head.losses)),
                                                     rel=1e-4)
@@ -122,7 +125,7 @@ def test_advtrain_draws_images_per_epoch_afresh_each_epoch(tiny_model_file, tiny
     monkeypatch.setattr(training, "image_dataset", spy)
     params = config.load(PARAMS_FILE, ["advtrain.trainable_from=null", "advtrain.batch_size=16",
                                        "advtrain.epochs=2", "advtrain.images_per_epoch=40"])
-    m = model.load(tiny_model_file)
+    m = store.load(tiny_model_file)
     x, y = tiny_model.x, tiny_model.y
     result = training.adversarial_finetune(m, training.Arrays(x, y, x[:20], y[:20]), params.advtrain,
                                            params.evaluate, 0)

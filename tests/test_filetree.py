@@ -1,4 +1,4 @@
-"""pipeline.filetree: folders and zips read alike, written atomically and byte-stably, unsafe zips refused."""
+"""pipeline.data.filetree: folders and zips read alike, written atomically and byte-stably, unsafe zips refused."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import filetree
+from pipeline.data import filetree
 from pipeline.errors import DataError
 
 FILES = {"b.JPG": b"1", "a.png": b"2", "sub/g.jpg": b"3", ".hidden": b"4", "notes.txt": b"5"}

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import filetree, sources
+from pipeline.data import filetree, sources
 from pipeline.errors import DataError
 from tests.test_sources import make_tree, params_for
 

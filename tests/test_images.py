@@ -1,4 +1,4 @@
-"""pipeline.images: every mode to RGB uint8, size policies, and refusal of bad or dangerous files."""
+"""pipeline.data.images: every mode to RGB uint8, size policies, and refusal of bad or dangerous files."""
 from __future__ import annotations
 
 import io
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline import images
-from pipeline.images import BadImage, decode, decode_with_info
+from pipeline.data import images
+from pipeline.data.images import BadImage, decode, decode_with_info
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

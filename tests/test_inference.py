@@ -1,4 +1,4 @@
-"""pipeline.inference: OpenVINO gives TensorFlow's answers (labels and probabilities, features to float32 noise),
+"""pipeline.model.inference: OpenVINO gives TensorFlow's answers (labels and probabilities, features to float32 noise),
 whatever the batch split; the engine is chosen and keyed as documented; a process that used it exits cleanly."""
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import config, features, inference
-from pipeline.model import batched, feature_extractor, forward_fn
+from pipeline import config
+from pipeline.fit import features
+from pipeline.model import inference
+from pipeline.model.inference import batched, forward_fn
+from pipeline.model.network import feature_extractor
 
 REPO = Path(__file__).resolve().parents[1]
 OPENVINO = config.Inference(engine="openvino", precision="f32")
@@ -110,8 +113,9 @@ def test_a_process_that_ran_openvino_exits_cleanly(tiny_model_file) -> None:
     # callback was still referenced: this runs the way the stages do, several times.
     script = textwrap.dedent(f"""
         import numpy as np
-        from pipeline import config, inference, model
-        m = model.load({str(tiny_model_file)!r})
+        from pipeline import config
+        from pipeline.model import inference, store
+        m = store.load({str(tiny_model_file)!r})
         p = inference.probabilities(m, np.zeros((300, 32, 32, 3), np.uint8), config.Inference(engine="openvino"))
         print("ok", p.shape)
     """)
@@ -146,7 +150,7 @@ def test_checked_falls_back_to_float32_and_warns_where_bf16_moves_labels(graded_
     p_f32 = inference.probabilities(m, x, OPENVINO)
     threshold = float(np.median(p_f32))
     _with_bf16(monkeypatch, m, threshold - float(np.quantile(p_f32, 0.45)) + 1e-6)  # flips 5 % of the labels
-    with caplog.at_level("WARNING", logger="pipeline.inference"):
+    with caplog.at_level("WARNING", logger="pipeline.model.inference"):
         p, how = inference.checked_probabilities(m, x, CHECKED, threshold, seed=0)
     assert how.startswith("f32: bf16 labels agreed on") and "below 99.90%" in how
     assert np.array_equal(p, p_f32)  # exactly the float32 pass, not a mix
@@ -158,7 +162,7 @@ def test_checked_takes_bf16_where_its_labels_agree(graded_model, monkeypatch, ca
     p_f32 = inference.probabilities(m, x, OPENVINO)
     _with_bf16(monkeypatch, m, 1e-7)  # moves scores, keeps every label at this threshold
     threshold = float(np.median(p_f32)) + 1e-3
-    with caplog.at_level("WARNING", logger="pipeline.inference"):
+    with caplog.at_level("WARNING", logger="pipeline.model.inference"):
         p, how = inference.checked_probabilities(m, x, CHECKED, threshold, seed=0)
     assert how == "bf16: labels agree with f32 on 100.00% of 64 images"
     assert not np.array_equal(p, p_f32) and np.array_equal(p >= threshold, p_f32 >= threshold)

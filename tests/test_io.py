@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import features, io
+from pipeline import io
+from pipeline.fit import features
 
 
 def _aged(path: Path, age_s: int) -> Path:

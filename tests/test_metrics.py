@@ -1,4 +1,4 @@
-"""pipeline.metrics and the confusion rows: checked against numbers worked out by hand. FAKE (1) is positive."""
+"""pipeline.judge.metrics and the confusion rows: checked against numbers worked out by hand. FAKE (1) is positive."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import config, metrics, reporting
+from pipeline import config
+from pipeline.judge import metrics, reporting
 
 # 10 images. Truth: 4 FAKE, 6 REAL. At threshold 0.5 the model says FAKE for images 0, 1, 2 (FAKE) and 4, 5 (REAL).
 Y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -94,7 +95,7 @@ def test_confusion_rows_label_real_and_fake() -> None:
 
 
 def test_subset_is_stratified_seeded_and_all_when_unbounded():
-    from pipeline.data import stratified_subset as subset
+    from pipeline.data.splits import stratified_subset as subset
 
     y = np.array([0] * 300 + [1] * 100)
     idx = subset(y, 40, seed=7)

@@ -1,4 +1,5 @@
-"""pipeline.model: the pixel contract, preprocessing, freezing, weights, save/load and batched inference."""
+"""pipeline.model (network, twin, store, inference): the pixel contract, preprocessing, freezing, weights,
+save/load and batched inference."""
 from __future__ import annotations
 
 import zipfile
@@ -9,8 +10,11 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import config, features, model
+from pipeline import config
 from pipeline.errors import ModelError
+from pipeline.fit import features
+from pipeline.model import inference, network, serving, store
+from pipeline.model.twin import TwinConv, compute_twin, logits_model
 
 SEED = 42
 
@@ -39,31 +43,31 @@ def test_pixels_in_unit_range_give_one_probability_per_image(tiny_model) -> None
     assert p.shape == (5, 1) and p.dtype == np.float32
     assert np.all((p >= 0) & (p <= 1))
     # uint8 input is scaled to [0, 1] by the library's entry point, never fed as 0..255
-    np.testing.assert_allclose(model.predict_proba(m, tiny_model.x[:4]),
+    np.testing.assert_allclose(inference.predict_proba(m, tiny_model.x[:4]),
                                np.asarray(m(tiny_model.x[:4].astype(np.float32) / 255, training=False))[:, 0],
                                rtol=1e-5, atol=1e-6)
 
 
 def test_pixel_preprocess_is_resnet50_caffe_preprocessing() -> None:
     x = pixels(4, seed=1)
-    got = np.asarray(model.PixelPreprocess(32)(x))
+    got = np.asarray(network.PixelPreprocess(32)(x))
     want = keras.applications.resnet50.preprocess_input(x * 255.0)
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6, atol=1e-4)
 
 
 def test_pixel_preprocess_resizes_to_image_size() -> None:
     x = np.ones((2, 32, 32, 3), np.float32) * 0.5
-    out = np.asarray(model.PixelPreprocess(64)(x))
+    out = np.asarray(network.PixelPreprocess(64)(x))
     assert out.shape == (2, 64, 64, 3)
     # a flat image stays flat: 127.5 minus the BGR means, channel order flipped
     np.testing.assert_allclose(out[0, 10, 20], 127.5 - np.array([103.939, 116.779, 123.68]), atol=1e-3)
-    assert model.PixelPreprocess(64).get_config()["image_size"] == 64
+    assert network.PixelPreprocess(64).get_config()["image_size"] == 64
 
 
 def test_model_at_image_size_64_still_takes_32_pixel_input(cfg) -> None:
-    m = model.build_model(with_(cfg, image_size=64), dropout=0.0, seed=SEED)
+    m = network.build_model(with_(cfg, image_size=64), dropout=0.0, seed=SEED)
     assert tuple(m.input_shape) == (None, 32, 32, 3)
-    assert tuple(model.backbone_of(m).input_shape) == (None, 64, 64, 3)
+    assert tuple(network.backbone_of(m).input_shape) == (None, 64, 64, 3)
     assert np.asarray(m(pixels(2), training=False)).shape == (2, 1)
 
 
@@ -71,8 +75,8 @@ def test_model_at_image_size_64_still_takes_32_pixel_input(cfg) -> None:
 
 
 def test_frozen_backbone_does_not_change_in_training(cfg) -> None:
-    m = model.build_model(cfg, dropout=0.2, seed=SEED)
-    backbone = model.backbone_of(m)
+    m = network.build_model(cfg, dropout=0.2, seed=SEED)
+    backbone = network.backbone_of(m)
     assert backbone.trainable_weights == []
     before = [w.copy() for w in backbone.get_weights()]  # kernels and BatchNormalization moving statistics
     head_before = [w.copy() for w in m.get_layer("head").get_weights()]
@@ -89,7 +93,7 @@ def test_frozen_backbone_does_not_change_in_training(cfg) -> None:
 
 
 def test_trainable_from_unfreezes_only_from_that_layer_on_and_keeps_batch_norm_frozen(cfg) -> None:
-    backbone = model.build_backbone(with_(cfg, trainable_from="conv5_block3_1_conv"))
+    backbone = network.build_backbone(with_(cfg, trainable_from="conv5_block3_1_conv"))
     names = [layer.name for layer in backbone.layers]
     start = names.index("conv5_block3_1_conv")
     for i, layer in enumerate(backbone.layers):
@@ -108,7 +112,7 @@ def test_trainable_from_unfreezes_only_from_that_layer_on_and_keeps_batch_norm_f
 
 def test_unknown_trainable_from_names_the_layer(cfg) -> None:
     with pytest.raises(ModelError, match="conv9_block1_1_conv"):
-        model.build_backbone(with_(cfg, trainable_from="conv9_block1_1_conv"))
+        network.build_backbone(with_(cfg, trainable_from="conv9_block1_1_conv"))
 
 
 # ------------------------------------------------------------------------------------ cached-feature head
@@ -116,8 +120,8 @@ def test_unknown_trainable_from_names_the_layer(cfg) -> None:
 
 def test_cached_feature_head_equals_the_assembled_model(tiny_model) -> None:
     feats = features.extract(tiny_model.model, tiny_model.x, 32)
-    via_features = np.asarray(model.head_classifier(tiny_model.head)(feats, training=False))
-    full = model.predict_proba(tiny_model.model, tiny_model.x, 32)
+    via_features = np.asarray(network.head_classifier(tiny_model.head)(feats, training=False))
+    full = inference.predict_proba(tiny_model.model, tiny_model.x, 32)
     np.testing.assert_allclose(via_features[:, 0], full, rtol=1e-5, atol=1e-6)
     # the fixture cached its features from the model it was built from: the same numbers
     np.testing.assert_allclose(feats, tiny_model.features, rtol=1e-5, atol=1e-5)
@@ -125,7 +129,7 @@ def test_cached_feature_head_equals_the_assembled_model(tiny_model) -> None:
 
 def test_logits_model_returns_the_sigmoid_input(tiny_model) -> None:
     x = tiny_model.x[:6].astype(np.float32) / 255
-    logits = np.asarray(model.logits_model(tiny_model.model)(x, training=False))
+    logits = np.asarray(logits_model(tiny_model.model)(x, training=False))
     probs = np.asarray(tiny_model.model(x, training=False))
     np.testing.assert_allclose(1 / (1 + np.exp(-logits.astype(np.float64))), probs, rtol=1e-5, atol=1e-6)
 
@@ -134,21 +138,21 @@ def test_logits_model_returns_the_sigmoid_input(tiny_model) -> None:
 
 
 def test_same_seed_gives_the_same_random_backbone(cfg) -> None:
-    a = model.backbone_of(model.build_model(cfg, dropout=0.0, seed=7)).get_weights()
-    b = model.backbone_of(model.build_model(cfg, dropout=0.0, seed=7)).get_weights()
-    c = model.backbone_of(model.build_model(cfg, dropout=0.0, seed=8)).get_weights()
+    a = network.backbone_of(network.build_model(cfg, dropout=0.0, seed=7)).get_weights()
+    b = network.backbone_of(network.build_model(cfg, dropout=0.0, seed=7)).get_weights()
+    c = network.backbone_of(network.build_model(cfg, dropout=0.0, seed=8)).get_weights()
     for wa, wb in zip(a, b):
         np.testing.assert_array_equal(wa, wb)
     assert not np.array_equal(a[0], c[0])
 
 
 def test_backbone_weights_load_from_a_file(cfg, tmp_path: Path) -> None:
-    saved = model.build_backbone(cfg)
+    saved = network.build_backbone(cfg)
     rng = np.random.default_rng(3)
     saved.set_weights([w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in saved.get_weights()])
     path = tmp_path / "bb.weights.h5"
     saved.save_weights(path)
-    loaded = model.build_backbone(with_(cfg, weights=str(path)))
+    loaded = network.build_backbone(with_(cfg, weights=str(path)))
     for a, b in zip(loaded.get_weights(), saved.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert loaded.trainable_weights == []  # freezing still applies to loaded weights
@@ -156,7 +160,7 @@ def test_backbone_weights_load_from_a_file(cfg, tmp_path: Path) -> None:
 
 def test_missing_weights_file_is_a_model_error(cfg, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"model\.weights: no weights file at .*nope\.weights\.h5"):
-        model.build_backbone(with_(cfg, weights=str(tmp_path / "nope.weights.h5")))
+        network.build_backbone(with_(cfg, weights=str(tmp_path / "nope.weights.h5")))
 
 
 @pytest.mark.parametrize("name", ["garbage.weights.h5", "garbage.h5", "garbage.bin"])
@@ -164,7 +168,7 @@ def test_garbage_weights_file_is_a_model_error(cfg, tmp_path: Path, name: str) -
     path = tmp_path / name
     path.write_bytes(b"this is not HDF5 at all" * 100)
     with pytest.raises(ModelError, match="does not hold ResNet50 backbone weights"):
-        model.build_backbone(with_(cfg, weights=str(path)))
+        network.build_backbone(with_(cfg, weights=str(path)))
 
 
 def test_imagenet_offline_points_to_the_local_weights_file(cfg, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,7 +177,7 @@ def test_imagenet_offline_points_to_the_local_weights_file(cfg, monkeypatch: pyt
 
     monkeypatch.setattr(keras.applications, "ResNet50", offline)
     with pytest.raises(ModelError) as err:
-        model.build_backbone(with_(cfg, weights="imagenet"))
+        network.build_backbone(with_(cfg, weights="imagenet"))
     msg = str(err.value)
     assert "model.weights" in msg and "URL fetch failure" in msg
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg and "model.weights: none" in msg
@@ -184,17 +188,17 @@ def test_imagenet_offline_points_to_the_local_weights_file(cfg, monkeypatch: pyt
 
 def test_save_load_round_trip_without_optimizer_state(cfg, tmp_path: Path) -> None:
     # Most of the backbone trainable and Adam built: with its state the file would be ~265 MiB, without ~93.
-    m = model.build_model(with_(cfg, trainable_from="conv2_block1_1_conv"), dropout=0.3, seed=SEED)
+    m = network.build_model(with_(cfg, trainable_from="conv2_block1_1_conv"), dropout=0.3, seed=SEED)
     m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
     m.optimizer.build(m.trainable_variables)
     path = tmp_path / "out" / "model.keras"
-    model.save(m, path)
+    store.save(m, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.keras"]  # no temporary file left behind
     assert path.stat().st_size < 150 * 2**20
     with zipfile.ZipFile(path) as z, z.open("model.weights.h5") as f, h5py.File(f, "r") as h5:
         assert "optimizer" not in h5
     assert m.optimizer is not None  # the caller's model keeps its optimizer
-    loaded = model.load(path)
+    loaded = store.load(path)
     assert getattr(loaded, "optimizer", None) is None
     assert [layer.name for layer in loaded.layers] == [layer.name for layer in m.layers]
     x = pixels(6, seed=4)
@@ -205,7 +209,7 @@ def test_save_load_round_trip_without_optimizer_state(cfg, tmp_path: Path) -> No
 def test_save_replaces_an_existing_file(tmp_path: Path, tiny_model) -> None:
     path = tmp_path / "model.keras"
     path.write_text("old")
-    model.save(tiny_model.model, path)
+    store.save(tiny_model.model, path)
     assert zipfile.is_zipfile(path) and [p.name for p in tmp_path.iterdir()] == ["model.keras"]
 
 
@@ -230,7 +234,7 @@ def _damaged(kind: str, good: Path, target: Path) -> Path:
 def test_load_gives_one_clear_error_for_a_bad_file(tiny_model_file: Path, tmp_path: Path, kind: str) -> None:
     path = _damaged(kind, tiny_model_file, tmp_path)
     with pytest.raises(ModelError) as err:
-        model.load(path)
+        store.load(path)
     msg = str(err.value)
     assert str(path) in msg and "\n" not in msg
     assert any(hint in msg for hint in ("dvc repro", "re-run"))
@@ -240,41 +244,42 @@ def test_load_gives_one_clear_error_for_a_bad_file(tiny_model_file: Path, tmp_pa
 
 
 def test_forward_fn_and_batched_handle_empty_and_ragged_batches(tiny_model) -> None:
-    fn = model.forward_fn(tiny_model.model)
-    empty = model.batched(fn, np.zeros((0, 32, 32, 3), np.uint8), 4)
+    fn = inference.forward_fn(tiny_model.model)
+    empty = inference.batched(fn, np.zeros((0, 32, 32, 3), np.uint8), 4)
     assert empty.shape == (0, 1) and empty.dtype == np.float32
     x = tiny_model.x[::13]  # 10 images: batches of 4, 4, 2
     assert len(x) % 4 != 0
-    got = model.batched(fn, x, 4)
+    got = inference.batched(fn, x, 4)
     want = np.asarray(tiny_model.model(x.astype(np.float32) / 255, training=False))
     assert got.shape == (len(x), 1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # one trace serves every batch size
     assert fn.experimental_get_tracing_count() == 1
-    assert model.predict_proba(tiny_model.model, x[:0]).shape == (0,)
+    assert inference.predict_proba(tiny_model.model, x[:0]).shape == (0,)
 
 
 def test_to_unit_scales_uint8_and_keeps_floats() -> None:
     u = np.array([[0, 255, 51]], np.uint8)
-    np.testing.assert_allclose(model.to_unit(u), [[0.0, 1.0, 0.2]])
+    np.testing.assert_allclose(inference.to_unit(u), [[0.0, 1.0, 0.2]])
     f = np.array([0.25], np.float32)
-    assert model.to_unit(f) is f
+    assert inference.to_unit(f) is f
 
 
 def test_hdf5_export_loads_back_with_identical_predictions(tiny_model, tmp_path: Path) -> None:
     """models/ResNet50_CIFAKE_best.h5, the deliverable's usual name: Keras's HDF5 format, same answers."""
-    from pipeline import predicting
+    from pipeline.model import store
 
     target = tmp_path / "ResNet50_CIFAKE_best.h5"
-    model.save(tiny_model.model, target, threshold=0.37)
+    store.save(tiny_model.model, target, threshold=0.37)
     assert h5py.is_hdf5(target)
-    again = model.load(target)
-    assert np.array_equal(model.predict_proba(again, tiny_model.x), model.predict_proba(tiny_model.model, tiny_model.x))
+    again = store.load(target)
+    assert np.array_equal(inference.predict_proba(again, tiny_model.x),
+                          inference.predict_proba(tiny_model.model, tiny_model.x))
     # It carries its threshold (no JSON beside it): predict, explain and evaluate judge it there, not at 0.5.
     assert not target.with_suffix(".json").exists()
-    assert predicting.load_with_threshold(str(target))[1] == 0.37
-    model.save(tiny_model.model, target)
-    assert model.stored_threshold(target) is None
+    assert serving.load_with_threshold(str(target))[1] == 0.37
+    store.save(tiny_model.model, target)
+    assert store.stored_threshold(target) is None
 
 
 # ------------------------------------------------------------------------------------------ the compute twin
@@ -300,7 +305,7 @@ def small_map_net(seed: int = 0) -> keras.Model:
 def swapped(twin: keras.Model) -> list[str]:
     def walk(m):
         for layer in m.layers:
-            if isinstance(layer, model.TwinConv) and layer.matmul:
+            if isinstance(layer, TwinConv) and layer.matmul:
                 yield layer.conv.name
             elif isinstance(layer, keras.Model):
                 yield from walk(layer)
@@ -325,7 +330,7 @@ def assert_same_function(twin: keras.Model, net: keras.Model, x: np.ndarray) -> 
 
 def test_compute_twin_computes_the_same_function_with_small_map_convolutions_as_matrix_products() -> None:
     net = small_map_net()
-    twin = model.compute_twin(net)
+    twin = compute_twin(net)
     assert swapped(twin) == ["k1_on_1x1", "k1_stride2", "k2_on_2x2", "k3_on_1x1", "k3_on_2x2"]
     x = pixels(16, size=4)
     assert_same_function(twin, net, x)
@@ -335,7 +340,7 @@ def test_compute_twin_trains_the_models_own_variables() -> None:
     import tensorflow as tf
 
     net = small_map_net(seed=1)
-    twin = model.compute_twin(net)
+    twin = compute_twin(net)
     x = pixels(16, size=4)
     before = np.asarray(net(x))
     with tf.GradientTape() as tape:
@@ -376,12 +381,12 @@ def norm_net(seed: int = 0) -> keras.Model:
 
 
 def folded(twin: keras.Model) -> list[str]:
-    return sorted(layer.bn.name for layer in twin.layers if isinstance(layer, model.TwinConv) and layer.bn is not None)
+    return sorted(layer.bn.name for layer in twin.layers if isinstance(layer, TwinConv) and layer.bn is not None)
 
 
 def test_compute_twin_folds_each_frozen_batch_norm_into_the_convolution_it_reads() -> None:
     net = norm_net()
-    twin = model.compute_twin(net)
+    twin = compute_twin(net)
     assert folded(twin) == ["bn_2x2", "bn_8x8"]
     assert not any(isinstance(layer, keras.layers.BatchNormalization) and layer.name in ("bn_2x2", "bn_8x8")
                    for layer in twin.layers)
@@ -393,7 +398,7 @@ def test_a_trainable_batch_norm_in_training_is_not_folded() -> None:
     import tensorflow as tf
 
     net = norm_net(seed=1)
-    twin = model.compute_twin(net)
+    twin = compute_twin(net)
     for layer in net.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = True
@@ -409,15 +414,15 @@ def test_a_trainable_batch_norm_in_training_is_not_folded() -> None:
 
 
 def test_resnet50_twin_rewrites_the_last_stages_and_keeps_the_function(cfg) -> None:
-    built = model.build_model(cfg, dropout=0.0, seed=SEED)
-    twin = model.compute_twin(built)
+    built = network.build_model(cfg, dropout=0.0, seed=SEED)
+    twin = compute_twin(built)
     names = swapped(twin)
     # at 32x32, conv4 runs on 2x2 maps and conv5 on 1x1 (and its first 1x1 convolutions read conv4's 2x2)
     assert names and all(n.startswith(("conv4_", "conv5_")) for n in names), names
     assert "conv5_block3_2_conv" in names and "conv3_block4_2_conv" not in names
     x = pixels(8, seed=3)
-    logits, twin = model.logits_model(built), model.compute_twin(built)
-    assert model.logits_model(built) is logits  # built once per model
+    logits, twin = logits_model(built), compute_twin(built)
+    assert logits_model(built) is logits  # built once per model
     np.testing.assert_allclose(np.asarray(twin(x)), np.asarray(built(x)), rtol=1e-4, atol=1e-6)
     assert swapped(logits) == names
 
@@ -425,12 +430,12 @@ def test_resnet50_twin_rewrites_the_last_stages_and_keeps_the_function(cfg) -> N
 def test_compute_twin_leaves_models_without_small_maps_alone() -> None:
     seq = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
                             keras.layers.Dense(1)])
-    assert model.compute_twin(seq) is seq
+    assert compute_twin(seq) is seq
     pixels_in = keras.Input((32, 32, 3))
     big = keras.Model(pixels_in, keras.layers.Conv2D(2, 3, padding="same")(pixels_in))
-    assert model.compute_twin(big) is big
+    assert compute_twin(big) is big
 
 
 def test_compute_twin_is_built_once_per_model() -> None:
     net = small_map_net(seed=2)
-    assert model.compute_twin(net) is model.compute_twin(net)
+    assert compute_twin(net) is compute_twin(net)

@@ -14,7 +14,10 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import config, model, predicting, registry, tracking
+from pipeline import config, tracking
+from pipeline.judge import registry
+from pipeline.model import inference, serving
+from pipeline.use import predicting
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ["Image Name", "Predicted Label"]
@@ -70,7 +73,7 @@ def test_read_folder_decodes_every_usable_image_and_reports_the_rest(messy_folde
 
 
 def test_a_zip_reads_like_the_folder_and_under_picks_a_part(messy_folder: Path, tmp_path: Path) -> None:
-    from pipeline import filetree
+    from pipeline.data import filetree
 
     archive = tmp_path / "images.zip"
     with filetree.writer(archive) as put:
@@ -93,7 +96,7 @@ def damage(archive: Path, payload: bytes) -> None:
 
 
 def test_a_damaged_entry_in_a_zip_is_skipped_and_named_not_fatal(messy_folder: Path, tmp_path: Path) -> None:
-    from pipeline import filetree
+    from pipeline.data import filetree
 
     archive = tmp_path / "images.zip"
     with filetree.writer(archive) as put:
@@ -111,14 +114,14 @@ def test_streaming_in_chunks_writes_what_one_pass_would(messy_folder: Path, tmp_
 
     def predict(x: np.ndarray) -> np.ndarray:
         seen.append(len(x))
-        return model.predict_proba(tiny_model.model, x)
+        return inference.predict_proba(tiny_model.model, x)
 
     listing = predicting.list_images(messy_folder)
     done = predicting.predict_to_csv(predict, listing, PREPROCESS.resize, PREPROCESS.max_pixels, 0.5,
                                      tmp_path / "streamed.csv", chunk=2)
     assert max(seen) <= 2 and sum(seen) == len(USABLE)  # never more than one chunk in memory
     found = predicting.read_folder(messy_folder, PREPROCESS.resize, PREPROCESS.max_pixels)
-    want = predicting.labels(model.predict_proba(tiny_model.model, found.x), 0.5)
+    want = predicting.labels(inference.predict_proba(tiny_model.model, found.x), 0.5)
     assert read_csv(tmp_path / "streamed.csv") == [HEADER, *map(list, zip(USABLE, want))]
     assert done.images == len(USABLE) and done.fake == want.count("Fake")
     assert [name for name, _ in done.bad] == ["corrupt.jpg"]
@@ -138,7 +141,7 @@ def test_predict_cli_writes_the_csv_contract(messy_folder: Path, tmp_path: Path,
     assert "notes.txt" not in out.read_text() and "\\" not in out.read_text()
     # the tool says what the library says
     found = predicting.read_folder(messy_folder, PREPROCESS.resize, PREPROCESS.max_pixels)
-    want = predicting.labels(model.predict_proba(tiny_model.model, found.x), 0.5)
+    want = predicting.labels(inference.predict_proba(tiny_model.model, found.x), 0.5)
     assert [label for _, label in body] == want
     assert dict(body)["good.jpg"] == "Fake" and dict(body)["UPPER.JPG"] == "Real"  # bright vs dark, as trained
 
@@ -167,7 +170,7 @@ def test_missing_model_is_a_one_line_error(messy_folder: Path, tmp_path: Path) -
 @pytest.mark.slow  # logs a ~100 MB model, then a subprocess loads it through MLflow: ~20-35 s here
 def test_predict_from_the_registry_champion(messy_folder: Path, tmp_path: Path, params, mlflow_store,
                                             tiny_model, tiny_model_file) -> None:
-    from pipeline import serving
+    from pipeline.model import serving
 
     tracking.setup(params.mlflow)
     with mlflow.start_run():
@@ -181,7 +184,7 @@ def test_predict_from_the_registry_champion(messy_folder: Path, tmp_path: Path, 
     assert proc.returncode == 0, proc.stderr
     rows = read_csv(out)
     found = predicting.read_folder(messy_folder, PREPROCESS.resize, PREPROCESS.max_pixels)
-    want = predicting.labels(model.predict_proba(tiny_model.model, found.x), 0.5)
+    want = predicting.labels(inference.predict_proba(tiny_model.model, found.x), 0.5)
     assert rows == [HEADER, *map(list, zip(USABLE, want))]
 
 
@@ -190,7 +193,7 @@ def test_the_threshold_stored_beside_the_model_is_used_unless_overridden(tmp_pat
     from tests.conftest import model_with_stored_threshold
 
     case = model_with_stored_threshold(tmp_path, graded_model, graded_model_file)
-    assert predicting.load_with_threshold(str(case.model))[1] == case.threshold
+    assert serving.load_with_threshold(str(case.model))[1] == case.threshold
     for threshold, extra in ((case.threshold, []), (0.5, ["--threshold", "0.5"])):
         out = tmp_path / f"{threshold}.csv"
         proc = run_predict("--input", str(case.folder), "--output", str(out), "--model", str(case.model), *extra)
@@ -205,15 +208,15 @@ def test_labels_call_fake_at_or_above_the_threshold() -> None:
 def test_resolve_threshold_takes_the_override_then_the_stored_one_then_the_fallback(caplog) -> None:
     from pipeline.errors import ModelError
 
-    assert predicting.resolve_threshold(0.2, 0.7, 0.5) == 0.2
-    assert predicting.resolve_threshold(None, 0.7, 0.5) == 0.7
+    assert serving.resolve_threshold(0.2, 0.7, 0.5) == 0.2
+    assert serving.resolve_threshold(None, 0.7, 0.5) == 0.7
     assert not caplog.records
-    assert predicting.resolve_threshold(None, None, 0.5) == 0.5
+    assert serving.resolve_threshold(None, None, 0.5) == 0.5
     assert [r.getMessage() for r in caplog.records] == [
         "no threshold is stored with this model: using threshold.fixed = 0.5"]
     for bad, source in ((0.0, "--threshold"), (1.0, "--threshold"), (-0.1, "--threshold")):
         with pytest.raises(ModelError, match=f"^{source} must lie in \\(0, 1\\) \\(got {bad}\\)$"):
-            predicting.resolve_threshold(bad, 0.7, 0.5)
+            serving.resolve_threshold(bad, 0.7, 0.5)
     with pytest.raises(ModelError, match="^the model's calibrated threshold must lie in \\(0, 1\\) \\(got 1.5\\)$"):
-        predicting.resolve_threshold(None, 1.5, 0.5)
-    assert type(predicting.resolve_threshold(None, np.float32(0.25), 0.5)) is float
+        serving.resolve_threshold(None, 1.5, 0.5)
+    assert type(serving.resolve_threshold(None, np.float32(0.25), 0.5)) is float

@@ -1,4 +1,4 @@
-"""pipeline.registry: the champion moves by robust_score under one protocol, never below the always-FAKE
+"""pipeline.judge.registry: the champion moves by robust_score under one protocol, never below the always-FAKE
 reference, re-scores a champion measured under another protocol, and treats registry errors as errors."""
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline import config, evaluation, inference, registry, tracking
+from pipeline import config, tracking
 from pipeline.errors import TrackingError
+from pipeline.judge import evaluation, registry
+from pipeline.model import inference
 
 NAME = "cifake-test"
 ROOT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -114,7 +116,7 @@ def test_protocol_covers_attack_settings_test_set_threshold_and_inference() -> N
 
 def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store, graded_model,
                                                                            graded_model_file) -> None:
-    from pipeline import serving
+    from pipeline.model import serving
     from tests.conftest import cue_images, threshold_that_matters
 
     # every kind of attack, at budgets that keep it seconds (the defaults' Square alone took minutes here)
@@ -168,7 +170,7 @@ def test_a_contender_holding_the_lock_longer_than_the_staleness_bound_keeps_it(s
 
 CONTENDER = """
 import sys, time, mlflow
-from pipeline import registry
+from pipeline.judge import registry
 uri, name, version, score = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 mlflow.set_tracking_uri(uri)
 def rescore(v):  # slow on purpose: without the lock, both contenders would judge against the same stale champion

@@ -1,4 +1,4 @@
-"""evaluate's attack list (pipeline/evaluation.py): APGD-CE, Square and a transfer attack each lower an undefended
+"""evaluate's attack list (pipeline/judge/evaluation.py): APGD-CE, Square and a transfer attack each lower an undefended
 model's balanced accuracy and enter the per-image worst case, and the gradient-masking flag fires on a model that
 hides its gradients behind a rounding step while staying quiet on one whose gradients are honest."""
 from __future__ import annotations
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from keras import ops
 
-from pipeline import config, evaluation, metrics
-from pipeline.attacks import Attacker, to_uint8
+from pipeline import config
+from pipeline.judge import evaluation, metrics
+from pipeline.judge.attacks import Attacker, to_uint8
 from tests.conftest import HEAD_SEED, PARAMS_FILE, SEED, TinyModel, cue_images
 
 TF = config.Inference(engine="tensorflow")  # the rounding Lambda is a test model, not one OpenVINO must convert
@@ -32,17 +33,18 @@ def rounding_model(graded_model: TinyModel) -> keras.Model:
     """The graded model's backbone behind a rounding step whose gradient is exactly 0 (connected, so attacks run,
     but every gradient step is empty), with a head trained on what the rounding leaves: gradient masking by
     construction. Rounding at 2 x epsilon leaves a black-box attack room to push pixels across a step."""
-    from pipeline import features, model, training
+    from pipeline.fit import features, training
+    from pipeline.model import network
 
     quantize = keras.layers.Lambda(lambda t: 0.0 * t + ops.stop_gradient(ops.round(t / STEP) * STEP), name="round")
-    backbone = keras.Sequential([keras.Input(model.backbone_of(graded_model.model).input.shape[1:]), quantize,
-                                 model.backbone_of(graded_model.model)])
-    untrained = model.assemble(backbone, graded_model.head, graded_model.model_cfg.image_size)
+    backbone = keras.Sequential([keras.Input(network.backbone_of(graded_model.model).input.shape[1:]), quantize,
+                                 network.backbone_of(graded_model.model)])
+    untrained = network.assemble(backbone, graded_model.head, graded_model.model_cfg.image_size)
     feats = features.extract(untrained, graded_model.x, 128)
     head, _ = training.fit_head(training.Arrays(feats, graded_model.y, feats, graded_model.y), dropout=0.0,
                                 learning_rate=1e-3, l2=graded_model.model_cfg.l2, epochs=8, batch_size=32,
                                 seed=HEAD_SEED)
-    return model.assemble(backbone, head, graded_model.model_cfg.image_size)
+    return network.assemble(backbone, head, graded_model.model_cfg.image_size)
 
 
 def test_each_attack_lowers_an_undefended_models_balanced_accuracy_and_the_worst_case(graded_model, test_set):

@@ -15,7 +15,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import config, sample
+from pipeline import config
+from pipeline.data import bounds, sample
 
 SMALL = config.Sample(train_per_class=12, test_per_class=5, jpeg_quality=95)
 
@@ -145,17 +146,17 @@ def test_fakes_are_learnable_but_not_by_global_statistics(tmp_path: Path) -> Non
     assert learned - global_stats >= 0.15
     # The robust cue: the reference classifier is right with a margin above 8/255 on (nearly) every image, so no
     # attack within 8/255 can flip it; at 16/255, beyond the mark, nothing is certified.
-    assert sample.certified_accuracy(xte, yte, 8.0) >= 0.99
-    assert sample.certified_accuracy(xte, yte, 16.0) < 0.05
+    assert bounds.certified_accuracy(xte, yte, 8.0) >= 0.99
+    assert bounds.certified_accuracy(xte, yte, 16.0) < 0.05
 
 
 def test_mark_score_moves_at_most_epsilon_under_any_linf_change() -> None:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (64, 32, 32, 3))
     delta = rng.choice([-8.0, 8.0], x.shape)
-    assert np.abs(sample.mark_score(x + delta) - sample.mark_score(x)).max() <= 8.0 + 1e-9
+    assert np.abs(bounds.mark_score(x + delta) - bounds.mark_score(x)).max() <= 8.0 + 1e-9
     worst = -8.0 * sample.CHECKERBOARD  # the attack aimed at the mark itself reaches the bound
-    assert np.allclose(sample.mark_score(x + worst) - sample.mark_score(x), -8.0)
+    assert np.allclose(bounds.mark_score(x + worst) - bounds.mark_score(x), -8.0)
 
 
 def test_mark_has_the_class_sign_and_never_clips() -> None:
@@ -164,7 +165,7 @@ def test_mark_has_the_class_sign_and_never_clips() -> None:
     for label, sign in ((1, 1.0), (0, -1.0)):
         marked = sample.add_mark(x, label, 12.0, 12.0)
         assert marked.min() >= 0.0 and marked.max() <= 255.0
-        assert np.allclose(sample.mark_score(marked), sign * 12.0)
+        assert np.allclose(bounds.mark_score(marked), sign * 12.0)
 
 
 def test_decoder_is_fitted_to_real_crops() -> None:
@@ -194,13 +195,13 @@ def test_bounds_follow_the_cues_an_attack_can_move() -> None:
     # mark still holds.
     x = np.concatenate([image(1, 3.5), image(0, 4.4)])
     y = np.array([1, 0])
-    assert sample.robustness_bounds(x, y, 3.0) == {"epsilon": 3.0, "lower": 1.0, "upper": 1.0}
-    assert sample.robustness_bounds(x, y, 4.0) == {"epsilon": 4.0, "lower": 0.5, "upper": 0.5}
+    assert bounds.robustness_bounds(x, y, 3.0) == {"epsilon": 3.0, "lower": 1.0, "upper": 1.0}
+    assert bounds.robustness_bounds(x, y, 4.0) == {"epsilon": 4.0, "lower": 0.5, "upper": 0.5}
     # A FAKE with the REAL phase but FAKE lines, beside a REAL with both REAL cues: the lines tell them apart
     # (8 apart), until an attack of more than 4 moves the lines halfway each.
     x = np.concatenate([image(1, -12.0, 4.0), image(0, 12.0, 4.0)])
-    assert sample.robustness_bounds(x, y, 3.9)["upper"] == 1.0
-    assert sample.robustness_bounds(x, y, 4.1) == {"epsilon": 4.1, "lower": 0.5, "upper": 0.5}  # the mark rule
+    assert bounds.robustness_bounds(x, y, 3.9)["upper"] == 1.0
+    assert bounds.robustness_bounds(x, y, 4.1) == {"epsilon": 4.1, "lower": 0.5, "upper": 0.5}  # the mark rule
     # is certainly wrong on the FAKE
 
 
@@ -219,6 +220,6 @@ def test_conflicting_pairs_are_found_block_by_block_as_in_the_whole_table() -> N
     fake, real = rng.normal(0, 6, (37, 2)), rng.normal(3, 6, (29, 2))
     whole = np.nonzero(np.abs(fake[:, None] - real[None]).sum(-1) <= 2 * 4.0)
     for block in (1, 29, 100, 1 << 22):  # a row at a time, one row exactly, several rows, everything at once
-        f, r = sample._conflicts(fake, real, 4.0, block)
+        f, r = bounds._conflicts(fake, real, 4.0, block)
         assert np.array_equal(f, whole[0]) and np.array_equal(r, whole[1]), block
     assert len(whole[0]) > 0

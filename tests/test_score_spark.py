@@ -1,4 +1,4 @@
-"""Scoring on Spark (``src/score_spark.py``, :mod:`pipeline.spark`): in local mode, on the messy folder predict's
+"""Scoring on Spark (``src/score_spark.py``, :mod:`pipeline.use.spark`): in local mode, on the messy folder predict's
 tests use, every label and P(FAKE) equals ``src/predict.py``'s for the same registered version, a broken file gets
 its reason, the request's threshold reaches the model, and the model loads once per Python worker. Skips, saying
 why, where Java 17+ or pyspark is missing."""
@@ -16,9 +16,12 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import config, predicting, registry, serving
-from pipeline import spark as spark_scoring
+from pipeline import config
 from pipeline.errors import ConfigError, DataError
+from pipeline.judge import registry
+from pipeline.model import serving
+from pipeline.use import predicting
+from pipeline.use import spark as spark_scoring
 from tests.test_predict import messy_folder, noise, read_csv  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +73,7 @@ def folder(messy_folder: Path) -> Path:  # noqa: F811
 @pytest.mark.slow  # predict and Spark (a JVM, TensorFlow in two Spark workers) in subprocesses: ~60-90 s
 def test_spark_answers_like_predict_and_the_request_threshold_reaches_the_model(
         folder: Path, tmp_path: Path, params, mlflow_store, graded_model, graded_model_file) -> None:
-    from pipeline.inference import probabilities
+    from pipeline.model.inference import probabilities
     from tests.conftest import threshold_that_matters
 
     found = predicting.read_folder(folder, PREPROCESS.resize, PREPROCESS.max_pixels)

@@ -22,7 +22,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from pipeline import config, model, predicting, registry, serving
+from pipeline import config
+from pipeline.judge import registry
+from pipeline.model import inference, serving
+from pipeline.use import predicting
 from tests.conftest import free_port
 from tests.test_predict import messy_folder, noise, read_csv, run_predict  # noqa: F401 (fixture)
 
@@ -68,7 +71,7 @@ def test_every_image_format_and_pixel_arrays_answer_like_the_predict_tool(served
 
     decoded = [predicting.images.decode(base64.b64decode(r["image"]), 32, PREPROCESS.resize, PREPROCESS.max_pixels)
                for r in rows]
-    p = model.predict_proba(tiny_model.model, np.stack(decoded))
+    p = inference.predict_proba(tiny_model.model, np.stack(decoded))
     assert list(answer.columns) == ["label", "p_fake", "error"]
     assert (answer["error"] == "").all(), answer["error"].tolist()
     np.testing.assert_allclose(answer["p_fake"].astype(float), p, atol=1e-6)
@@ -92,7 +95,7 @@ def test_a_version_answers_at_its_own_stored_threshold(mlflow_store, graded_mode
 
     images = cue_images(12, seed=3)[0]
     rows = pd.DataFrame([{"pixels": img.tolist()} for img in images])
-    p = model.predict_proba(graded_model.model, images)
+    p = inference.predict_proba(graded_model.model, images)
     stored = threshold_that_matters(p)  # labels otherwise than 0.5 on at least two images
     answers = {}
     for threshold in (stored, 0.5):
@@ -116,9 +119,9 @@ def test_a_version_logged_through_a_tracking_server_comes_back_from_it(mlflow_st
         info = serving.log_version(tiny_model_file, {**SETTINGS, "threshold": 0.25}, "model", NAME)
     assert MlflowClient().get_model_version(NAME, info["version"]).source == f"models:/{info['model_id']}"
     assert MlflowClient().get_logged_model(info["model_id"]).artifact_location.startswith("mlflow-artifacts:")
-    loaded, threshold = predicting.load_with_threshold(f"models:/{NAME}/{info['version']}")
-    want = model.predict_proba(tiny_model.model, tiny_model.x)
-    assert threshold == 0.25 and np.array_equal(model.predict_proba(loaded, tiny_model.x), want)
+    loaded, threshold = serving.load_with_threshold(f"models:/{NAME}/{info['version']}")
+    want = inference.predict_proba(tiny_model.model, tiny_model.x)
+    assert threshold == 0.25 and np.array_equal(inference.predict_proba(loaded, tiny_model.x), want)
 
 
 def test_a_broken_record_gets_its_own_error_and_the_rest_their_answers(served: str) -> None:
@@ -138,10 +141,10 @@ def test_a_broken_record_gets_its_own_error_and_the_rest_their_answers(served: s
 
 
 def test_the_keras_model_comes_back_out_of_the_version(served: str, tiny_model) -> None:
-    want = model.predict_proba(tiny_model.model, tiny_model.x)
-    assert np.array_equal(model.predict_proba(serving.load_classifier(served).model, tiny_model.x), want)
-    loaded, threshold = predicting.load_with_threshold(served)
-    assert np.array_equal(model.predict_proba(loaded, tiny_model.x), want) and threshold == SETTINGS["threshold"]
+    want = inference.predict_proba(tiny_model.model, tiny_model.x)
+    assert np.array_equal(inference.predict_proba(serving.load_classifier(served).model, tiny_model.x), want)
+    loaded, threshold = serving.load_with_threshold(served)
+    assert np.array_equal(inference.predict_proba(loaded, tiny_model.x), want) and threshold == SETTINGS["threshold"]
 
 
 @pytest.mark.slow  # the server imports TensorFlow and loads the model: ~20-40 s
@@ -213,9 +216,9 @@ def test_a_version_logged_in_keras_own_flavour_still_loads(mlflow_store, tiny_mo
 
     with mlflow.start_run():
         info = mlflow.keras.log_model(tiny_model.model, name="model", registered_model_name="cifake-legacy")
-    loaded, threshold = predicting.load_with_threshold(f"models:/cifake-legacy/{info.registered_model_version}")
-    want = model.predict_proba(tiny_model.model, tiny_model.x)
-    assert threshold is None and np.array_equal(model.predict_proba(loaded, tiny_model.x), want)
+    loaded, threshold = serving.load_with_threshold(f"models:/cifake-legacy/{info.registered_model_version}")
+    want = inference.predict_proba(tiny_model.model, tiny_model.x)
+    assert threshold is None and np.array_equal(inference.predict_proba(loaded, tiny_model.x), want)
 
 
 def test_records_without_an_image_get_an_error_never_silence(served: str) -> None:
@@ -289,7 +292,7 @@ def test_mlflow_models_serve_labels_at_the_versions_stored_threshold(mlflow_stor
     from tests.conftest import cue_images, threshold_that_matters
 
     images = cue_images(12, seed=3)[0]
-    p = model.predict_proba(graded_model.model, images)
+    p = inference.predict_proba(graded_model.model, images)
     stored = threshold_that_matters(p)
     with mlflow.start_run():
         info = serving.log_version(graded_model_file, {**SETTINGS, "threshold": stored}, "model", NAME)

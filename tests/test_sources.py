@@ -13,7 +13,8 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline import config, filetree, sample, sources
+from pipeline import config
+from pipeline.data import filetree, sample, sources
 from pipeline.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,7 +233,7 @@ def test_stage_script_writes_the_tree_and_fails_cleanly(tmp_path: Path) -> None:
 
 
 def test_fetch_to_a_zip_is_byte_stable_and_preprocesses_like_the_folder(tmp_path: Path) -> None:
-    from pipeline import data
+    from pipeline.data import preprocess
 
     small = ["sample.train_per_class=6", "sample.test_per_class=3"]
     params = params_for(tmp_path, *small)
@@ -247,7 +248,7 @@ def test_fetch_to_a_zip_is_byte_stable_and_preprocesses_like_the_folder(tmp_path
         assert all(zf.read(p.relative_to(folder).as_posix()) == p.read_bytes() for p in folder.rglob("*.jpg"))
     cfg = params.preprocess
     for name, raw in (("zip", first), ("folder", folder)):
-        data.preprocess(raw, tmp_path / f"out-{name}", cfg, seed=0, progress=False)
+        preprocess.preprocess(raw, tmp_path / f"out-{name}", cfg, seed=0, progress=False)
     for split in ("train", "val", "test"):
         for f in ("x.npy", "y.npy", "names.json"):
             assert (tmp_path / "out-zip" / split / f).read_bytes() == (tmp_path / "out-folder" / split / f).read_bytes()

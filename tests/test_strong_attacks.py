@@ -1,4 +1,5 @@
-"""pipeline.attacks, APGD-CE and Square: budgets, reproducibility, strength on the graded tiny model, APGD's step-size
+"""pipeline.judge.attacks, APGD-CE and Square: budgets, reproducibility, strength on the graded tiny model, APGD's
+step-size
 schedule on scripted losses, Square against adversarial-robustness-toolbox's SquareAttack, and the threshold."""
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import pytest
 import tensorflow as tf
 
 from pipeline import config
-from pipeline.attacks import APGD, ApgdTrace, Attacker, SquareAttack, apgd, apgd_checkpoints, logit_forward, square_p
+from pipeline.judge.attacks import (
+    APGD,
+    ApgdTrace,
+    Attacker,
+    SquareAttack,
+    apgd,
+    apgd_checkpoints,
+    logit_forward,
+    square_p,
+)
 from tests.conftest import threshold_that_matters
 
 EPS = 8  # 1/255 units

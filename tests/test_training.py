@@ -1,11 +1,13 @@
-"""pipeline.training.choose_threshold: the decision threshold a trained model is stored with."""
+"""pipeline.fit.training.choose_threshold: the decision threshold a trained model is stored with."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import config, metrics, training
+from pipeline import config
+from pipeline.fit import training
+from pipeline.judge import metrics
 
 
 def test_choose_threshold_fixed_or_by_the_selection_rule_on_clean_and_attacked_scores() -> None:

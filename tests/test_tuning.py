@@ -1,4 +1,4 @@
-"""pipeline.tuning: the Optuna objective, nested MLflow runs, study naming, resuming and the best trial."""
+"""pipeline.fit.tuning: the Optuna objective, nested MLflow runs, study naming, resuming and the best trial."""
 from __future__ import annotations
 
 import mlflow
@@ -6,9 +6,11 @@ import numpy as np
 import optuna
 import pytest
 
-from pipeline import config, metrics, tracking, tuning
-from pipeline.model import backbone_of
-from pipeline.training import Arrays
+from pipeline import config, tracking
+from pipeline.fit import studies, tuning
+from pipeline.fit.training import Arrays
+from pipeline.judge import metrics
+from pipeline.model.network import backbone_of
 
 FIXED = {"dropout": 0.3, "learning_rate": 1e-3}
 
@@ -77,7 +79,7 @@ def test_objective_robust_attacks_the_validation_images(tune_params, mlflow_stor
 
 
 def test_study_logs_one_parent_and_a_nested_run_per_trial(tune_params, mlflow_store) -> None:
-    study = tuning.make_study(tune_params, "data0")
+    study = studies.make_study(tune_params, "data0")
     with tracking.stage_run("tune", tune_params, run_name="tune") as parent:
         assert tuning.optimize(study, tuning.Objective(tune_params, random_features()), 2) == 2
     runs = child_runs(mlflow_store.experiment)
@@ -90,19 +92,19 @@ def test_study_logs_one_parent_and_a_nested_run_per_trial(tune_params, mlflow_st
 
 
 def test_study_name_follows_the_search_space_not_the_trial_count(tune_params) -> None:
-    name = tuning.study_name(tune_params, "data0")
+    name = studies.study_name(tune_params, "data0")
     assert name.startswith("cifake-head-")
-    assert tuning.study_name(with_tune(tune_params, n_trials=50), "data0") == name
-    assert tuning.study_name(with_tune(tune_params, storage="sqlite:///elsewhere.db"), "data0") == name
+    assert studies.study_name(with_tune(tune_params, n_trials=50), "data0") == name
+    assert studies.study_name(with_tune(tune_params, storage="sqlite:///elsewhere.db"), "data0") == name
     wider = tune_params.tune.dropout.model_copy(update={"high": 0.45})
-    assert tuning.study_name(with_tune(tune_params, dropout=wider), "data0") != name
-    assert tuning.study_name(with_tune(tune_params, epochs=3), "data0") != name
-    assert tuning.study_name(tune_params, "other-data") != name
+    assert studies.study_name(with_tune(tune_params, dropout=wider), "data0") != name
+    assert studies.study_name(with_tune(tune_params, epochs=3), "data0") != name
+    assert studies.study_name(tune_params, "other-data") != name
     # the trials read cached features: another precision for them is another study, not a complete old one
     bf16 = tune_params.model_copy(update={"inference": tune_params.inference.model_copy(update={"precision": "bf16"})})
-    assert tuning.study_name(bf16, "data0") != name
+    assert studies.study_name(bf16, "data0") != name
     less = tune_params.model_copy(update={"inference": tune_params.inference.model_copy(update={"check_images": 10})})
-    assert tuning.study_name(less, "data0") == name  # the bf16 check of evaluate and predict: not the features'
+    assert studies.study_name(less, "data0") == name  # the bf16 check of evaluate and predict: not the features'
 
 
 def test_optimize_resumes_and_best_returns_the_best_trial(tune_params, mlflow_store, tmp_path) -> None:
@@ -110,9 +112,9 @@ def test_optimize_resumes_and_best_returns_the_best_trial(tune_params, mlflow_st
     objective = tuning.Objective(tune_params, random_features())
     assert tune_params.tune.storage == f"sqlite:///{tmp_path}/optuna/study.db"
     with mlflow.start_run(run_name="first"):
-        assert tuning.optimize(tuning.make_study(tune_params, "data0"), objective, 2) == 2
+        assert tuning.optimize(studies.make_study(tune_params, "data0"), objective, 2) == 2
     # A new process would reopen the study from storage: the finished trials count, none are run again.
-    study = tuning.make_study(tune_params, "data0")
+    study = studies.make_study(tune_params, "data0")
     with mlflow.start_run(run_name="again"):
         assert tuning.optimize(study, objective, 2) == 0
         assert tuning.optimize(study, objective, 3) == 1
@@ -122,7 +124,7 @@ def test_optimize_resumes_and_best_returns_the_best_trial(tune_params, mlflow_st
     best = tuning.best(study)
     assert best["dropout"] == top.params["dropout"] and best["learning_rate"] == top.params["learning_rate"]
     assert best["value"] == top.value and best["trial"] == top.number and best["clean"] == top.value
-    assert best["study"] == tuning.study_name(tune_params, "data0")
+    assert best["study"] == studies.study_name(tune_params, "data0")
     lo, hi = tune_params.tune.dropout.low, tune_params.tune.dropout.high
     assert lo <= best["dropout"] <= hi
 
@@ -133,7 +135,7 @@ def test_the_best_trial_by_its_objective_is_handed_over_when_trials_differ(tune_
     tracking.setup(tune_params.mlflow)
     params = with_tune(tune_params, n_trials=6, learning_rate=tune_params.tune.learning_rate.model_copy(
         update={"low": 1e-5, "high": 1e-1}), pruner="none", patience=None)
-    study = tuning.make_study(params, "data0")
+    study = studies.make_study(params, "data0")
     with mlflow.start_run(run_name="study"):
         tuning.optimize(study, tuning.Objective(params, random_features(n_train=96, n_val=64)), 6)
     trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])

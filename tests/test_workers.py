@@ -15,7 +15,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from pipeline import config, tuning
+from pipeline import config
+from pipeline.fit import studies, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES = os.environ.get("CIFAKE_TEST_POSTGRES_URL")
@@ -25,10 +26,11 @@ FAST = config.Heartbeat(interval_s=1, grace_s=3)
 # are under test here, not Keras) that sleeps ``delay`` seconds per trial.
 WORKER = """
 import sys, time, optuna
-from pipeline import config, tuning
+from pipeline import config
+from pipeline.fit import studies, tuning
 url, name, n, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-study = optuna.load_study(study_name=name, storage=tuning.storage(url, config.Heartbeat(interval_s=1, grace_s=3)))
+study = optuna.load_study(study_name=name, storage=studies.storage(url, config.Heartbeat(interval_s=1, grace_s=3)))
 def objective(trial):
     x = trial.suggest_float("x", 0.0, 1.0)
     print("started", trial.number, flush=True)
@@ -58,13 +60,13 @@ def _create_schema_once(url: str) -> None:
 
     with open(Path(tempfile.gettempdir()) / "cifake-optuna-schema.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        tuning.storage(url, FAST)
+        studies.storage(url, FAST)
 
 
 def new_study(url: str) -> str:
     """Created here, once, before any worker starts (creating a fresh store from several processes breaks it)."""
     name = f"test-{uuid.uuid4().hex[:10]}"
-    optuna.create_study(study_name=name, storage=tuning.storage(url, FAST), direction="maximize")
+    optuna.create_study(study_name=name, storage=studies.storage(url, FAST), direction="maximize")
     return name
 
 
@@ -75,7 +77,7 @@ def start_worker(url: str, name: str, n: int, delay: float) -> subprocess.Popen:
 
 
 def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=tuning.storage(url, FAST)).get_trials(deepcopy=False)
+    return optuna.load_study(study_name=name, storage=studies.storage(url, FAST)).get_trials(deepcopy=False)
 
 
 @pytest.mark.parametrize("kind", URLS)
@@ -99,13 +101,14 @@ def test_two_workers_reach_exactly_n_trials(tmp_path: Path, kind: str) -> None:
 # with the sampler the pipeline gives it; all start together, as local workers do.
 SEEDED_WORKER = """
 import sys, time, optuna
-from pipeline import config, tuning
+from pipeline import config
+from pipeline.fit import studies, tuning
 url, seed, n, worker = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 params = config.load("params.yaml", [f"tune.storage={url}", f"base.seed={seed}", "tune.heartbeat.interval_s=1",
                                      "tune.heartbeat.grace_s=3"])
-study = tuning.make_study(params, "data0") if worker == 0 else tuning.join_study(params, "data0", worker)
-print("as", tuning.WORKER, flush=True)
+study = studies.make_study(params, "data0") if worker == 0 else studies.join_study(params, "data0", worker)
+print("as", studies.WORKER, flush=True)
 def objective(trial):
     time.sleep(0.3)
     return sum(tuning.suggest(trial, params.tune).values())
@@ -121,19 +124,19 @@ def test_workers_sharing_a_seeded_study_each_explore(tmp_path: Path, kind: str) 
     url = url_for(kind, tmp_path)
     seed = uuid.uuid4().int % 10**6  # the study's name follows the seed: a fresh study on a shared PostgreSQL too
     params = config.load(ROOT / "params.yaml", [f"tune.storage={url}", f"base.seed={seed}"])
-    tuning.make_study(params, "data0")  # created once, before the workers
+    studies.make_study(params, "data0")  # created once, before the workers
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     workers = [subprocess.Popen([sys.executable, "-c", SEEDED_WORKER, url, str(seed), "10", str(w)], cwd=ROOT,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in (0, 1)]
     outs = [w.communicate(timeout=240) for w in workers]
     assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outs]
     assert all(int(out.split("ran ")[-1]) > 0 for out, _ in outs)  # both took part
-    done = [t for t in trials(url, tuning.study_name(params, "data0")) if t.state == optuna.trial.TrialState.COMPLETE]
+    done = [t for t in trials(url, studies.study_name(params, "data0")) if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 10
     assert len({tuple(sorted(t.params.items())) for t in done}) == len(done), [t.params for t in done]
     # each process's seed is on record in the study, under the name its trials carry (system attr and MLflow tag)
-    recorded = optuna.load_study(study_name=tuning.study_name(params, "data0"),
-                                 storage=tuning.storage(url, FAST)).user_attrs
+    recorded = optuna.load_study(study_name=studies.study_name(params, "data0"),
+                                 storage=studies.storage(url, FAST)).user_attrs
     coordinator, worker = (recorded[f"sampler_seed:{out.split('as ')[1].split()[0]}"] for out, _ in outs)
     assert coordinator != worker  # base.seed for the coordinator when it opened the fresh study before any trial
 
@@ -147,8 +150,8 @@ def test_a_resumed_study_draws_new_trials(tmp_path: Path, kind: str) -> None:
     params = config.load(ROOT / "params.yaml", [f"tune.storage={url}", f"base.seed={seed}"])
     seeds = []
     for n in (3, 6):  # two runs of the coordinator, the second resuming the first's study
-        study = tuning.make_study(params, "data0")
-        seeds.append(study.user_attrs[f"sampler_seed:{tuning.WORKER}"])
+        study = studies.make_study(params, "data0")
+        seeds.append(study.user_attrs[f"sampler_seed:{studies.WORKER}"])
         assert tuning.optimize(study, lambda trial: sum(tuning.suggest(trial, params.tune).values()), n) == 3
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 6
@@ -171,7 +174,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried(tmp_path: Path, kind: s
 
     # The coordinator's loop (wait=True) notices the silent trial after grace_s (RDB storages), or at once that its
     # process is gone (a journal file, no heartbeats, workers on one machine), fails it and runs its retry.
-    study = optuna.load_study(study_name=name, storage=tuning.storage(url, FAST))
+    study = optuna.load_study(study_name=name, storage=studies.storage(url, FAST))
     start = time.monotonic()
     ran = tuning.optimize(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), 3, poll_s=0.2)
     assert time.monotonic() - start < 60
@@ -192,9 +195,9 @@ def test_a_trial_whose_worker_died_before_starting_it_is_retried(tmp_path: Path,
 
     url = url_for(kind, tmp_path)
     name = new_study(url)
-    orphan = optuna.load_study(study_name=name, storage=tuning.storage(url, FAST)).ask()  # created, never started
+    orphan = optuna.load_study(study_name=name, storage=studies.storage(url, FAST)).ask()  # created, never started
     orphan.suggest_float("x", 0.0, 1.0)
-    study = optuna.load_study(study_name=name, storage=tuning.storage(url, FAST))
+    study = optuna.load_study(study_name=name, storage=studies.storage(url, FAST))
     ran: list[int] = []
     coordinator = threading.Thread(daemon=True, target=lambda: ran.append(tuning.optimize(
         study, lambda trial: trial.suggest_float("x", 0.0, 1.0), 3, poll_s=0.2, unclaimed_s=2.0)))
@@ -212,12 +215,12 @@ def test_a_trial_whose_worker_died_before_starting_it_is_retried(tmp_path: Path,
 def test_a_live_trial_is_not_taken_for_an_unclaimed_one(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/study.db"
     name = new_study(url)
-    study = optuna.load_study(study_name=name, storage=tuning.storage(url, FAST))
+    study = optuna.load_study(study_name=name, storage=studies.storage(url, FAST))
     young, claimed = study.ask(), study.ask()
     study._storage.set_trial_system_attr(claimed._trial_id, "worker", "elsewhere:1")
     time.sleep(1.2)
-    assert tuning.fail_unclaimed_trials(study, older_than_s=60) == []  # nameless, but younger than the limit
-    assert tuning.fail_unclaimed_trials(study, older_than_s=1) == [young.number]  # a named one is its worker's
+    assert studies.fail_unclaimed_trials(study, older_than_s=60) == []  # nameless, but younger than the limit
+    assert studies.fail_unclaimed_trials(study, older_than_s=1) == [young.number]  # a named one is its worker's
 
 
 def test_joining_a_study_that_does_not_exist_says_to_start_the_coordinator(tmp_path: Path, params) -> None:
@@ -226,20 +229,20 @@ def test_joining_a_study_that_does_not_exist_says_to_start_the_coordinator(tmp_p
     params = params.model_copy(update={"tune": params.tune.model_copy(update={
         "storage": f"sqlite:///{tmp_path}/empty.db"})})
     with pytest.raises(TuneError, match="start the coordinator first"):
-        tuning.join_study(params, "nodata", 1)
+        studies.join_study(params, "nodata", 1)
 
 
 def test_a_storage_url_without_its_driver_or_server_is_one_clear_error(tmp_path: Path) -> None:
     from pipeline.errors import TuneError
 
     with pytest.raises(TuneError, match="tune.storage") as err:
-        tuning.storage("postgresql+psycopg://nobody:hunter2@127.0.0.1:9/none")
+        studies.storage("postgresql+psycopg://nobody:hunter2@127.0.0.1:9/none")
     assert "hunter2" not in str(err.value) and "nobody:***@127.0.0.1" in str(err.value)  # the message is shown
 
 
 @pytest.mark.slow
 def test_tune_killed_mid_study_resumes_without_losing_finished_trials(tmp_path: Path) -> None:
-    from pipeline import data, sample
+    from pipeline.data import preprocess, sample
     from tests.conftest import PARAMS_FILE, tmp_overrides
 
     overrides = tmp_overrides(tmp_path) + ["tune.n_trials=6", "tune.epochs=3", "tune.pruner=none",
@@ -247,7 +250,7 @@ def test_tune_killed_mid_study_resumes_without_losing_finished_trials(tmp_path: 
     params = config.load(PARAMS_FILE, overrides)
     raw = tmp_path / "raw.zip"
     sample.write_sample(raw, config.Sample(train_per_class=24, test_per_class=4, jpeg_quality=95), 0, progress=False)
-    data.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
+    preprocess.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
     args = [sys.executable, "src/tune.py", *(a for o in overrides for a in ("-S", o))]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -255,8 +258,8 @@ def test_tune_killed_mid_study_resumes_without_losing_finished_trials(tmp_path: 
 
     def finished() -> dict[int, float]:
         try:
-            studies = optuna.get_all_study_names(tuning.storage(url, FAST))
-            study = optuna.load_study(study_name=studies[0], storage=tuning.storage(url, FAST))
+            names = optuna.get_all_study_names(studies.storage(url, FAST))
+            study = optuna.load_study(study_name=names[0], storage=studies.storage(url, FAST))
         except (IndexError, KeyError):
             return {}
         return {t.number: t.value for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])}
@@ -283,7 +286,7 @@ def test_tune_killed_mid_study_resumes_without_losing_finished_trials(tmp_path: 
 def test_tune_stage_with_two_workers_logs_every_trial_under_one_parent(tmp_path: Path) -> None:
     import mlflow
 
-    from pipeline import data, sample
+    from pipeline.data import preprocess, sample
     from tests.conftest import PARAMS_FILE, tmp_overrides
 
     # Trials long enough (60 epochs, no pruning, no early stop: ~1 s each) that the second process, which starts
@@ -294,7 +297,7 @@ def test_tune_stage_with_two_workers_logs_every_trial_under_one_parent(tmp_path:
     params = config.load(PARAMS_FILE, overrides)
     raw = tmp_path / "raw.zip"
     sample.write_sample(raw, config.Sample(train_per_class=24, test_per_class=4, jpeg_quality=95), 0, progress=False)
-    data.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
+    preprocess.preprocess(raw, params.paths.processed, params.preprocess, 0, progress=False)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("MLFLOW_TRACKING_URI", None)
     out = subprocess.run([sys.executable, "src/tune.py", *(a for o in overrides for a in ("-S", o))], cwd=ROOT,

@@ -18,7 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import config
-from pipeline.model import INPUT_SHAPE, logits_model, to_unit
+from pipeline.model.inference import to_unit
+from pipeline.model.network import INPUT_SHAPE
+from pipeline.model.twin import logits_model
 
 
 def margin_and_gradient(model: keras.Model):
@@ -80,7 +82,7 @@ class Unfooled:
 
 
 class Attacker:
-    """Perturbs batches against ``model`` (a pixels -> P(FAKE) classifier from :mod:`pipeline.model`)."""
+    """Perturbs batches against ``model`` (a pixels -> P(FAKE) classifier from :mod:`pipeline.model.network`)."""
 
     def __init__(self, model: keras.Model, attack: config.Attack, seed: int = 0,
                  stop_at: tuple[float, ...] | None = None):
@@ -385,7 +387,7 @@ class APGD:
 def logit_forward(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
     """``model`` (pixels -> P(FAKE)) as the ``forward`` a :class:`SquareAttack` queries: [0, 1] images -> logits,
     through one compiled TensorFlow pass (no re-tracing across batch sizes)."""
-    from pipeline.model import forward_fn
+    from pipeline.model.inference import forward_fn
 
     fn = forward_fn(logits_model(model))
     return lambda x: fn(tf.constant(x, tf.float32)).numpy()[:, 0]

@@ -82,7 +82,7 @@ def roc(curves: dict[str, list[dict]], title: str = "ROC (FAKE positive)"):
 def robustness(rows: list[dict], bounds: dict[str, dict] | None = None,
                title: str = "Under attack (the mission's attack, white-box)"):
     """``rows``: dicts with ``model``, ``epsilon`` (1/255 units), ``balanced_accuracy`` and ``f1``; ``bounds``:
-    the built-in sample's proven lower bound and ceiling per epsilon (:func:`pipeline.sample.bounds_by_epsilon`),
+    the built-in sample's proven lower bound and ceiling per epsilon (:func:`pipeline.data.bounds.bounds_by_epsilon`),
     drawn as a band."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     if bounds:
@@ -149,7 +149,7 @@ def evaluation_plots(y: np.ndarray, p_by_split: dict[str, np.ndarray], curve: li
                      folder: str | Path, bounds: dict[str, dict] | None = None) -> dict:
     """The evaluate stage's DVC plots (robustness curve, confusion rows, ROC points and reliability per split) as
     CSV files; returns the matplotlib figures of the same for MLflow."""
-    from pipeline.metrics import brier, reliability, roc_points
+    from pipeline.judge.metrics import brier, reliability, roc_points
 
     folder = Path(folder)
     write_csv(curve, folder / "robustness.csv")

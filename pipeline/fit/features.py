@@ -3,7 +3,7 @@
 With a frozen backbone the pooled features do not depend on the head's hyperparameters, so every tuning trial
 and the final head training read the same cached arrays. The cache key covers everything the features depend
 on: the image bytes, the weights, the image size, the precision, the seed, the library versions and the code that
-computes them (this module and :mod:`pipeline.model` with what it imports). Only the newest ``KEEP`` entries per
+computes them (this module and :mod:`pipeline.model.network` with what it imports). Only the newest ``KEEP`` entries per
 split stay in the cache: a run never reuses a stale entry, and old ones do not pile up (each is N x 2048 float32).
 """
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import config, inference, provenance
+from pipeline import config, provenance
 from pipeline.io import atomic_path, keep_newest, shared_cache
-from pipeline.model import feature_extractor
+from pipeline.model import inference
+from pipeline.model.network import feature_extractor
 
 log = logging.getLogger(__name__)
 KEEP = 2  # entries per split: the current setting and one other (e.g. two dvc exp branches in turn)
@@ -40,7 +41,7 @@ def cache_key(x_file: Path, cfg: config.Model, seed: int, engine: config.Inferen
     h.update(f"|{cfg.weights}|{cfg.image_size}|{cfg.precision}|{cfg.batch_size}|{seed}|{keras.__version__}|"
              f"{tf.__version__}".encode())
     h.update(f"|{inference.describe(engine)}|{inference.engine_version(engine)}|".encode())
-    h.update(f"|{provenance.code_digest('pipeline.inference')}|".encode())
+    h.update(f"|{provenance.code_digest('pipeline.model.inference')}|".encode())
     h.update(Path(__file__).read_bytes())
     if cfg.weights not in ("imagenet", "none"):
         _file_digest(Path(cfg.weights), h)
@@ -57,7 +58,7 @@ def cached(model: keras.Model, x: np.ndarray, x_file: Path, cfg: config.Model, s
            name: str, engine: config.Inference = inference.AUTO) -> np.ndarray:
     """Features of ``x`` (read from ``x_file``), from ``cache_dir`` when a run with the same inputs made them.
 
-    ``model`` must have been built from ``cfg`` and ``seed`` (see :func:`pipeline.model.build_model`).
+    ``model`` must have been built from ``cfg`` and ``seed`` (see :func:`pipeline.model.network.build_model`).
     """
     target = Path(cache_dir) / f"{name}-{cache_key(Path(x_file), cfg, seed, engine)}.npy"
     if target.is_file():
@@ -81,8 +82,8 @@ def prune(cache_dir: Path, name: str, keep: int = KEEP) -> list[Path]:
 
 def for_head(model: keras.Model, params: config.Params) -> "Arrays":  # noqa: F821, UP037  (imported below)
     """Cached train/val features and labels: the head's whole training input when the backbone is frozen."""
-    from pipeline.data import load_split
-    from pipeline.training import Arrays
+    from pipeline.data.splits import load_split
+    from pipeline.fit.training import Arrays
 
     out, cache_dir = {}, shared_cache(params.paths.features_cache)
     for name in ("train", "val"):

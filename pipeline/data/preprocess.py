@@ -19,46 +19,17 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import config, duplicates, filetree, images
+from pipeline import config
 from pipeline.classes import CLASSES
+from pipeline.data import duplicates, filetree, images
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir
 
-SPLITS = ("train", "val", "test")
 RAW_SPLITS = ("train", "test")
 IMAGE_SIZE = 32  # CIFAKE's size; the model resizes itself (model.image_size)
 # Below this many files, starting worker processes costs more than it saves (bench/README.md#where-the-time-goes).
 POOL_MIN_FILES = 4000
 _CHUNK = 256  # files per worker task: amortises inter-process overhead, keeps order cheap to preserve
-
-
-@dataclass
-class Split:
-    x: np.ndarray  # uint8 N×S×S×3
-    y: np.ndarray  # uint8 N, FAKE = 1
-    names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-def load_split(processed_dir: Path, name: str, mmap: bool = True) -> Split:
-    """Read one split written by :func:`preprocess`; ``mmap`` maps ``x`` read-only instead of loading it."""
-    if name not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-    folder = Path(processed_dir) / name
-    try:
-        x = np.load(folder / "x.npy", mmap_mode="r" if mmap else None)
-        y = np.load(folder / "y.npy")
-        names = json.loads((folder / "names.json").read_text())
-    except FileNotFoundError as err:
-        missing = Path(err.filename).name
-        raise DataError(f"{folder}: missing {missing}; run the preprocess stage (dvc repro preprocess)") from None
-    if not (len(x) == len(y) == len(names)) or x.dtype != np.uint8 or x.ndim != 4:
-        raise DataError(
-            f"{folder}: inconsistent split (x {x.shape} {x.dtype}, y {y.shape}, {len(names)} names); rerun preprocess"
-        )
-    return Split(x, y, names)
 
 
 @dataclass
@@ -98,16 +69,6 @@ def _list_raw(raw: Path) -> dict[str, _Listing]:
             labels.extend([label] * len(found))
         out[split] = _Listing(str(raw), split, names, np.array(labels, dtype=np.uint8))
     return out
-
-
-def stratified_subset(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded, class-stratified subset of ``n`` images (all of them when ``n`` is None)."""
-    if n is None or n >= len(y):
-        return np.arange(len(y))
-    rng = np.random.default_rng(seed)
-    share = n / len(y)
-    parts = [rng.permutation(np.flatnonzero(y == c))[: max(1, round(share * (y == c).sum()))] for c in np.unique(y)]
-    return np.sort(np.concatenate(parts))
 
 
 def stratified_val_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -261,7 +222,7 @@ _LEAK_PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
 
 
 def _near_duplicates(folder: Path, cfg: config.Preprocess, tally: _Tally) -> dict:
-    """Count the images of each split that have a near-duplicate in a later split (:mod:`pipeline.duplicates`);
+    """Count the images of each split that have a near-duplicate in a later split (:mod:`pipeline.data.duplicates`);
     with ``cfg.duplicates == "drop"``, remove them from the earlier split, so test stays whole and comparable."""
     found: dict[str, np.ndarray] = {}
     report: dict = {"method": "cosine of 8x8 grey signatures, as is or mirrored; exact copies by hash",

@@ -4,7 +4,7 @@
 
 answers ``POST /invocations`` with ``{"dataframe_records": [{"image": "<base64 of a PNG/JPEG/WebP/BMP file>"}, …]}``
 or with pixel arrays, ``[{"pixels": [[[r, g, b], …], …]}, …]`` (H×W×3, 0–255). Every row is decoded and resized
-exactly as preprocess does (:func:`pipeline.images.decode`) and answered with ``label`` (Real/Fake), ``p_fake`` and
+exactly as preprocess does (:func:`pipeline.data.images.decode`) and answered with ``label`` (Real/Fake), ``p_fake`` and
 ``error``: a row that cannot be read gets its reason there, the other rows their answers, and the server lives on.
 Every row in gets one row out, also a row with neither field beside rows that have one. A request in which no row
 has either field (an empty request among them) is refused whole, HTTP 400: MLflow's schema check drops the fields
@@ -22,6 +22,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -31,9 +32,12 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from pipeline import config, images
+from pipeline import config
 from pipeline.classes import LABELS
+from pipeline.data import images
+from pipeline.errors import ModelError
 
+log = logging.getLogger(__name__)
 KERAS_ARTIFACT, SETTINGS_ARTIFACT = "keras_model", "settings"
 # What one request may carry. MLflow's scoring server reads and parses any body before the model sees it (it has no
 # size limit of its own), so these bound the work and memory a request causes past parsing, not the read itself.
@@ -71,16 +75,16 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     engine = config.Inference()
 
     def load_context(self, context) -> None:
-        from pipeline import model as modellib
+        from pipeline.model import store
 
-        self.model = modellib.load(context.artifacts[KERAS_ARTIFACT])
+        self.model = store.load(context.artifacts[KERAS_ARTIFACT])
         self.settings = json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text())
         self.engine = config.Inference(engine=os.environ.get("CIFAKE_INFERENCE_ENGINE") or "auto")
         self.max_records = _env_int("CIFAKE_SERVING_MAX_RECORDS", MAX_RECORDS)
         self.max_bytes = _env_int("CIFAKE_SERVING_MAX_BYTES", MAX_REQUEST_BYTES)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from pipeline.inference import probabilities
+        from pipeline.model.inference import probabilities
 
         threshold = float((params or {}).get("threshold") or self.settings["threshold"])
         if isinstance(model_input, pd.DataFrame):
@@ -234,7 +238,7 @@ def load_classifier(uri: str):
     comes back with empty settings."""
     from mlflow.exceptions import MlflowException
 
-    import pipeline.model  # noqa: F401  registers the custom preprocessing layer for deserialisation
+    import pipeline.model.network  # noqa: F401  registers the custom preprocessing layer for deserialisation
 
     loaded = mlflow.pyfunc.load_model(uri)
     try:
@@ -250,3 +254,34 @@ def load_classifier(uri: str):
 def settings(threshold: float, preprocess) -> dict:
     """What a served version needs besides its weights: its threshold, and how preprocess decodes images."""
     return {"threshold": float(threshold), "resize": preprocess.resize, "max_pixels": preprocess.max_pixels}
+
+
+def load_with_threshold(ref: str):
+    """A model and the decision threshold stored with it: a logged version's settings (``models:/…``,
+    ``runs:/…``), the JSON beside a model file (``models/model_adv.keras`` → ``models/model_adv.json``, as
+    train and advtrain write them), or the one an HDF5 export carries (``models/ResNet50_CIFAKE_best.h5``). The
+    threshold is None where none was stored."""
+    if ref.startswith(("models:/", "runs:/")):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            served = load_classifier(ref)
+        except MlflowException as err:
+            raise ModelError(f"--model {ref}: {err.message}") from None
+        return served.model, served.settings.get("threshold")
+    from pipeline.io import read_json
+    from pipeline.model.store import load, stored_threshold
+
+    model, info = load(ref), Path(ref).with_suffix(".json")
+    return model, (read_json(info).get("threshold") if info.is_file() else stored_threshold(ref))
+
+
+def resolve_threshold(override: float | None, stored: float | None, fallback: float) -> float:
+    """The threshold to use: ``--threshold``, else the model's own, else ``fallback`` (with a warning)."""
+    for value, source in ((override, "--threshold"), (stored, "the model's calibrated threshold")):
+        if value is not None:
+            if not 0.0 < value < 1.0:
+                raise ModelError(f"{source} must lie in (0, 1) (got {value})")
+            return float(value)
+    log.warning("no threshold is stored with this model: using threshold.fixed = %s", fallback)
+    return fallback

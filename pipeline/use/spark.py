@@ -1,5 +1,5 @@
 """Scoring images on Spark with a logged model: Spark's ``binaryFile`` source reads the files, the registered pyfunc
-(:mod:`pipeline.serving`) scores them through ``mlflow.pyfunc.spark_udf`` on every executor, and the answers come
+(:mod:`pipeline.model.serving`) scores them through ``mlflow.pyfunc.spark_udf`` on every executor, and the answers come
 back as ``Image Name, Predicted Label, p_fake, error`` sorted by name, as ``src/predict.py`` names and orders them.
 
 What is read: a folder (recursively), a glob, a local ``.zip`` (its image entries, refused whole if any entry could
@@ -27,9 +27,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import filetree, images, predicting
+from pipeline.data import filetree, images
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_dir, atomic_path
+from pipeline.use import predicting
 
 NAME, LABEL = predicting.COLUMNS
 COLUMNS = (NAME, LABEL, "p_fake", "error")

@@ -1,9 +1,9 @@
 """The MLflow model registry: each evaluated version's scores as tags, and the one rule that moves ``@champion``.
 
-The champion is chosen by :func:`pipeline.metrics.robust_score`, never by F1 with FAKE positive (which a model
+The champion is chosen by :func:`pipeline.judge.metrics.robust_score`, never by F1 with FAKE positive (which a model
 that calls everything FAKE wins). Two scores are compared only when they were measured under the same protocol
 (attacks and all their settings, test-set hash, weights, measure, threshold, seed: see
-:func:`pipeline.evaluation.protocol`); when the champion's score is from another protocol it is re-scored under
+:func:`pipeline.judge.evaluation.protocol`); when the champion's score is from another protocol it is re-scored under
 the current one first (white-box against itself). A version never becomes champion at or below the always-FAKE
 reference. A registry that cannot be read is an error, never "no champion". Decisions are serialised across
 processes and machines by :func:`champion_lock`, so two evaluations finishing at once cannot both move the alias
@@ -91,7 +91,8 @@ def record(name: str, version: str, tags: dict[str, object]) -> None:
 
 
 def should_promote(candidate: Standing, current: Standing | None, reference: dict[str, float]) -> tuple[bool, str]:
-    """The champion rule, as a pure function. ``reference``: :func:`pipeline.metrics.reference` on the test set."""
+    """The champion rule, as a pure function. ``reference``: :func:`pipeline.judge.metrics.reference` on the test
+    set."""
     floor_robust, floor_f1 = reference["always_fake_robust_score"], reference["always_fake_weighted_f1"]
     if not (math.isfinite(candidate.robust_score) and candidate.robust_score > floor_robust):
         return False, f"robust_score {candidate.robust_score:.4f} is not above always-FAKE's {floor_robust:.4f}"

@@ -21,7 +21,8 @@ import tensorflow as tf
 
 from pipeline.classes import LABELS
 from pipeline.errors import ModelError
-from pipeline.model import INPUT_SHAPE, backbone_of, to_unit
+from pipeline.model.inference import to_unit
+from pipeline.model.network import INPUT_SHAPE, backbone_of
 
 # ResNet50's stage outputs, deepest first: the usual Grad-CAM layers (semantic, yet still spatial).
 STAGE_OUTPUTS = ("conv5_block3_out", "conv4_block6_out", "conv3_block4_out", "conv2_block3_out")
@@ -60,7 +61,7 @@ def _gradcam_fn(model: keras.Model, layer: str):
     """The compiled pass for ``layer``: (maps, P(FAKE), logit), built once per model and layer (tracing takes
     seconds).
 
-    Kept on the model object, like :func:`pipeline.model.forward_fn`, so it lives and dies with the model.
+    Kept on the model object, like :func:`pipeline.model.inference.forward_fn`, so it lives and dies with the model.
     """
     cache = getattr(model, "_cifake_gradcam", None)
     if cache is None:
@@ -76,7 +77,7 @@ def _gradcam_fn(model: keras.Model, layer: str):
     steps = [x for x in model.layers if not isinstance(x, keras.layers.InputLayer)]
     if [x.name for x in steps][-1] != "prob" or sum(x is backbone for x in steps) != 1:
         raise ModelError(f"model {model.name!r} is not a pixels -> ... -> backbone -> ... -> prob chain "
-                         "(pipeline.model.assemble): cannot rebuild its gradient path")
+                         "(pipeline.model.network.assemble): cannot rebuild its gradient path")
 
     def run(x, threshold):
         with tf.GradientTape() as tape:

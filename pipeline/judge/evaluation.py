@@ -5,7 +5,7 @@ stronger diagnostic attack (PGD) so that gradient masking or an FGSM-only defenc
 model.
 
 Every set gets figures that count both classes (balanced accuracy, the recall of each class, ROC AUC, the share
-called FAKE) beside the mission's F1; the selection rule :func:`pipeline.metrics.robust_score` takes, per image,
+called FAKE) beside the mission's F1; the selection rule :func:`pipeline.judge.metrics.robust_score` takes, per image,
 the worst of all the attacks (``worst``). When a gradient-free attack (Square, transfer) beats the white-box ones
 by more than the bootstrap interval, the defence is reported as gradient-masked (:func:`gradient_masking`)."""
 from __future__ import annotations
@@ -24,10 +24,13 @@ import keras
 import numpy as np
 from PIL import Image
 
-from pipeline import config, corruptions, filetree, inference, memo, metrics, registry
-from pipeline.attacks import APGD, Attacker, SquareAttack, logit_forward, to_uint8
-from pipeline.data import stratified_subset
-from pipeline.model import logits_model
+from pipeline import config
+from pipeline.data import filetree
+from pipeline.data.splits import stratified_subset
+from pipeline.judge import cache, corruptions, metrics, registry
+from pipeline.judge.attacks import APGD, Attacker, SquareAttack, logit_forward, to_uint8
+from pipeline.model import inference
+from pipeline.model.twin import logits_model
 
 CORRUPTION_COLUMNS = ("model", "corruption", "balanced_accuracy", "roc_auc")  # plots/corruptions_*.csv
 
@@ -47,7 +50,7 @@ class Result:
     p_worst: np.ndarray | None = None  # per diagnosed image, the worst of every attack (p_diagnostic's order)
     masking: dict[str, dict] = field(default_factory=dict)  # gradient-free attack -> its test against white-box
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each pass: where evaluate's time goes
-    cached: list[str] = field(default_factory=list)  # the passes read back from the cache (pipeline/memo.py)
+    cached: list[str] = field(default_factory=list)  # the passes read back from the cache (pipeline/judge/cache.py)
     precisions: dict[str, str] = field(default_factory=dict)  # pass -> the precision its forward pass ran in, why
     # What this run's attack passes cost (those read back from the cache: nothing): images through the input
     # gradient, and Square's forward queries. The attacks let fooled images go, so these, not the budgets, are the
@@ -111,15 +114,15 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     subsets of it; ``transfer`` replays ``transfer_from`` (another model's attacked images of ``x``, in evaluate
     the undefended model's mission set, its ``Result.x_adv``) and is skipped without it. ``worst`` is per image the
     worst of every attack that ran on it. With ``cache_dir``, each pass is read back where the same pass ran before
-    on the same weights and images (:mod:`pipeline.memo`); the figures are computed afresh from its scores either
+    on the same weights and images (:mod:`pipeline.judge.cache`); the figures are computed afresh from its scores either
     way."""
     bs = cfg.batch_size
-    key = memo.model_key(model, x, y, seed, engine, bs, threshold) if cache_dir else ""
-    passes = memo.PassCache(cache_dir, key)
+    key = cache.model_key(model, x, y, seed, engine, bs, threshold) if cache_dir else ""
+    passes = cache.PassCache(cache_dir, key)
     precisions: dict[str, str] = {}
     cost: dict[str, dict[str, int]] = {"gradients": {}, "queries": {}}
 
-    def cache(name: str, spec: Any, compute, label: str | None = None) -> dict[str, np.ndarray]:
+    def one_pass(name: str, spec: Any, compute, label: str | None = None) -> dict[str, np.ndarray]:
         """A pass through the cache, its precision and, if computed now, its cost noted under ``label`` (default:
         its name)."""
         hits = len(passes.hits)
@@ -147,14 +150,14 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         return {"p": p, "precision": np.array(how)}
 
     laps = Laps()
-    p_clean = cache("clean", {}, lambda: scores(x, "clean"))["p"]
+    p_clean = one_pass("clean", {}, lambda: scores(x, "clean"))["p"]
     laps("clean")
     attacker = Attacker(model, cfg.attack, seed)
     # FGSM's direction, the sign of each image's input gradient, does not depend on epsilon: one gradient pass
     # serves the mission's set and every epsilon of the curve, and is kept apart from them, so an epsilon edit
     # costs forward passes only.
     fgsm = cfg.attack.name == "fgsm"
-    signs = cache("signs", [cfg.attack.name], lambda: costed(attacker, lambda: {
+    signs = one_pass("signs", [cfg.attack.name], lambda: costed(attacker, lambda: {
         "s": attacker.signs(x, y, bs, bar(cfg.attack.describe()))}))["s"] if fgsm else None
 
     def attacked(eps: float, at: np.ndarray | slice = slice(None), text: str | None = None) -> dict[str, np.ndarray]:
@@ -164,7 +167,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
             adv = to_uint8(attacker.perturb(x[at], y[at], bs, eps, progress=bar(text) if text else None))
         return {"x": adv, **scores(adv)}
 
-    out = cache("attack", cfg.attack.model_dump(mode="json"),
+    out = one_pass("attack", cfg.attack.model_dump(mode="json"),
                 lambda: costed(attacker, lambda: attacked(cfg.attack.epsilon, text=cfg.attack.describe())))
     x_adv, p_adv = out["x"], out["p"]
     laps("attack")
@@ -179,7 +182,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         return scores(to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe()))))
 
     # The threshold is part of the pass: where the attack let an image go depends on it.
-    out = cache("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images, threshold],
+    out = one_pass("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images, threshold],
                 lambda: costed(diagnostic, diagnose))
     p_diag = out["p"]
     laps("diagnostic")
@@ -192,15 +195,15 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
         # APGD lets an image go once fooled at the model's threshold, Square's loss is the margin there; a transfer
         # attack replays its source images, whatever the threshold.
         spec = [a.model_dump(mode="json"), cfg.diagnostic_images, None if a.name == "transfer" else threshold,
-                memo.digest(source) if a.name == "transfer" else None]
-        extra[a.name] = part, cache(a.name, spec, lambda a=a, part=part, source=source: _scored(scores, _attack(
+                cache.digest(source) if a.name == "transfer" else None]
+        extra[a.name] = part, one_pass(a.name, spec, lambda a=a, part=part, source=source: _scored(scores, _attack(
             a, model, x[sub][part], y[sub][part], threshold, seed, bs, bar(a.describe()), source, engine)))["p"]
         laps(a.name)
     p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag, *(_on(p_adv[sub], part, p) for part, p in extra.values()))
-    # No attacker: what a re-save, a resize, a blur or sensor noise on the way does (pipeline/corruptions.py).
+    # No attacker: what a re-save, a resize, a blur or sensor noise on the way does (pipeline/judge/corruptions.py).
     corrupted = {}
     for c in cfg.corruptions:
-        p = cache("corruption", [c.model_dump(mode="json"), cfg.diagnostic_images],
+        p = one_pass("corruption", [c.model_dump(mode="json"), cfg.diagnostic_images],
                   lambda c=c: scores(corruptions.apply(x[sub], c, seed)), f"corruption {c.describe()}")["p"]
         corrupted[c.describe()] = metrics.classification(y[sub], p, threshold)
     if corrupted:  # the same images uncorrupted, to read the others against
@@ -226,7 +229,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     swept = {}
     for eps in (e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)):
         spec = [{**cfg.attack.model_dump(mode="json"), "epsilon": eps}, cfg.curve_images]
-        swept[eps] = cache("curve", spec, lambda eps=eps: {k: v for k, v in costed(
+        swept[eps] = one_pass("curve", spec, lambda eps=eps: {k: v for k, v in costed(
             attacker, lambda: attacked(eps, idx, "robustness curve")).items() if k != "x"}, f"curve {eps:g}")["p"]
     curve = []
     for eps in cfg.epsilons:
@@ -328,7 +331,7 @@ def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.E
     """A registered version's scores under this protocol, attacked white-box against itself (the transfer attack
     replaying ``transfer_from``, as for the candidate) and judged at its own stored threshold (0.5 for a version
     that stored none): what the champion rule needs when the champion's stored scores come from another protocol."""
-    from pipeline.predicting import load_with_threshold, resolve_threshold
+    from pipeline.model.serving import load_with_threshold, resolve_threshold
 
     model, stored = load_with_threshold(f"models:/{name}/{version}")
     threshold = resolve_threshold(None, stored, 0.5)

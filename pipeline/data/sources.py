@@ -9,8 +9,9 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from pipeline import config, filetree, sample
+from pipeline import config
 from pipeline.classes import CLASSES
+from pipeline.data import filetree, sample
 from pipeline.errors import DataError
 
 CLASS_DIRS = tuple(f"{split}/{cls}" for split in sample.SPLITS for cls in CLASSES)

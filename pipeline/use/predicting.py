@@ -1,6 +1,6 @@
 """Predictions for a folder of images: ``Image Name,Predicted Label`` with ``Real``/``Fake``.
 
-Files are decoded exactly as preprocess does (:mod:`pipeline.images`); files that cannot be read are reported
+Files are decoded exactly as preprocess does (:mod:`pipeline.data.images`); files that cannot be read are reported
 and left out, and the run goes on for the rest.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import filetree, images
 from pipeline.classes import LABELS
-from pipeline.errors import DataError, ModelError
+from pipeline.data import filetree, images
+from pipeline.errors import DataError
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -107,34 +107,3 @@ def labels(p_fake: np.ndarray, threshold: float) -> list[str]:
     return [LABELS[int(p >= threshold)] for p in p_fake]
 
 
-def load_with_threshold(ref: str):
-    """A model and the decision threshold stored with it: a logged version's settings (``models:/…``,
-    ``runs:/…``), the JSON beside a model file (``models/model_adv.keras`` → ``models/model_adv.json``, as
-    train and advtrain write them), or the one an HDF5 export carries (``models/ResNet50_CIFAKE_best.h5``). The
-    threshold is None where none was stored."""
-    if ref.startswith(("models:/", "runs:/")):
-        from mlflow.exceptions import MlflowException
-
-        from pipeline import serving
-
-        try:
-            served = serving.load_classifier(ref)
-        except MlflowException as err:
-            raise ModelError(f"--model {ref}: {err.message}") from None
-        return served.model, served.settings.get("threshold")
-    from pipeline.io import read_json
-    from pipeline.model import load, stored_threshold
-
-    model, info = load(ref), Path(ref).with_suffix(".json")
-    return model, (read_json(info).get("threshold") if info.is_file() else stored_threshold(ref))
-
-
-def resolve_threshold(override: float | None, stored: float | None, fallback: float) -> float:
-    """The threshold to use: ``--threshold``, else the model's own, else ``fallback`` (with a warning)."""
-    for value, source in ((override, "--threshold"), (stored, "the model's calibrated threshold")):
-        if value is not None:
-            if not 0.0 < value < 1.0:
-                raise ModelError(f"{source} must lie in (0, 1) (got {value})")
-            return float(value)
-    log.warning("no threshold is stored with this model: using threshold.fixed = %s", fallback)
-    return fallback

@@ -4,7 +4,7 @@
 edit to ``advtrain`` leaves the undefended model's attacks as they were, a new Square budget leaves PGD's. Each pass
 (clean scores, one attack, the corruptions, the curve) is stored under a key of everything it depends on: the
 model's weights and architecture, the test images, the seed, the inference engine, the library versions, the code
-of :mod:`pipeline.evaluation` and all it imports, and the pass's own settings. A changed input makes a new key, so
+of :mod:`pipeline.judge.evaluation` and all it imports, and the pass's own settings. A changed input makes a new key, so
 a stale entry is never read; only the newest ``KEEP`` models' entries stay.
 """
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipeline import config, inference, provenance
+from pipeline import config, provenance
 from pipeline.io import atomic_path, keep_newest
+from pipeline.model import inference
 
 log = logging.getLogger(__name__)
 KEEP = 6  # models: a candidate, its baseline and a champion, for this setting and one other
@@ -41,7 +42,7 @@ def model_key(model: keras.Model, x: np.ndarray, y: np.ndarray, seed: int, engin
     h.update(f"|{seed}|{batch_size}|{inference.describe(engine)}|{inference.engine_version(engine)}|".encode())
     if engine.precision == "checked":
         h.update(f"|{engine.model_dump_json()}|{threshold}|".encode())
-    h.update(f"|{keras.__version__}|{tf.__version__}|{provenance.code_digest('pipeline.evaluation')}|".encode())
+    h.update(f"|{keras.__version__}|{tf.__version__}|{provenance.code_digest('pipeline.judge.evaluation')}|".encode())
     return h.hexdigest()[:20]
 
 

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from pipeline import config
-from pipeline.model import batched, forward_fn, to_unit
+from pipeline.model.twin import compute_twin
 
 log = logging.getLogger(__name__)
 AUTO = config.Inference()  # the default: OpenVINO on a CPU, TensorFlow on a GPU
@@ -208,3 +208,54 @@ def checked_probabilities(model: keras.Model, x: np.ndarray, cfg: config.Inferen
     log.warning("inference: bf16 labels agreed with f32 on %.2f%% of %d images, below inference.agreement "
                 "%.2f%%: this pass runs in f32", 100 * agree, n, 100 * cfg.agreement)
     return in_f32(f"bf16 labels agreed on {agree:.2%} of {n} images, below {cfg.agreement:.2%}")
+
+
+# The compiled TensorFlow forward pass, batch by batch: the engine `tensorflow` and every gradient-free pass that
+# must stay in TensorFlow (validation inside a training loop).
+def to_unit(x: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1]; float input is taken to be in [0, 1] already."""
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+
+
+def forward_fn(model: keras.Model):
+    """``model`` (its :func:`compute_twin`) as a compiled inference function with a fixed signature, so no batch
+    size re-traces it.
+
+    A compiled tf.function is much faster than ``model.predict`` on CPU
+    (bench/README.md#inference-engines-and-precision). Built once per model and reused: tracing takes a while, and
+    advtrain scores validation after every epoch.
+    """
+    fn = getattr(model, "_cifake_forward", None)
+    if fn is None:
+        import tensorflow as tf
+
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        twin = compute_twin(model)
+        fn = tf.function(lambda x: twin(x, training=False), input_signature=[spec])
+        fn.output_tail = tuple(model.output_shape[1:])  # oneDNN rejects empty batches, so those never reach fn
+        # On the model itself (past Keras's attribute tracking): it lives and dies with the model.
+        object.__setattr__(model, "_cifake_forward", fn)
+    return fn
+
+
+def batched(fn, x: np.ndarray, batch_size: int, progress: str | None = None) -> np.ndarray:
+    """Apply a compiled ``fn`` to ``x`` (uint8 or [0, 1] float, possibly a memmap) batch by batch."""
+    from tqdm import tqdm
+
+    if len(x) == 0:
+        return np.zeros((0, *fn.output_tail), np.float32)
+    out = None  # filled in place, sized by the first batch: no list of batches + concatenate copy
+    starts = range(0, len(x), batch_size)
+    if progress:
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    for i in starts:
+        batch = np.asarray(fn(to_unit(x[i : i + batch_size])))
+        if out is None:
+            out = np.empty((len(x), *batch.shape[1:]), np.float32)
+        out[i : i + batch_size] = batch
+    return out
+
+
+def predict_proba(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """P(FAKE) for uint8 or [0, 1] float images, batched through a compiled forward pass."""
+    return batched(forward_fn(model), x, batch_size)[:, 0]

@@ -11,9 +11,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import config, metrics
-from pipeline.attacks import Attacker
-from pipeline.model import batched, build_head, compute_twin, forward_fn, head_classifier, to_unit
+from pipeline import config
+from pipeline.judge import metrics
+from pipeline.judge.attacks import Attacker
+from pipeline.model.inference import batched, forward_fn, to_unit
+from pipeline.model.network import build_head, head_classifier
+from pipeline.model.twin import compute_twin
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +332,7 @@ def validation_probabilities(model: keras.Model, attacker: Attacker, x: np.ndarr
                              batch_size: int, forward=None) -> tuple[np.ndarray, np.ndarray]:
     """P(FAKE) on validation images, clean and attacked (8-bit rounded, as saved): the one place train, advtrain and
     tune compute them. ``forward``: a compiled forward pass of ``model`` already built (default: its own)."""
-    from pipeline.attacks import to_uint8
+    from pipeline.judge.attacks import to_uint8
 
     fn = forward or forward_fn(model)
     return (batched(fn, x, batch_size)[:, 0],

@@ -1,0 +1,1 @@
+"""Where the images come from and how they become the arrays the stages read: fetch and preprocess."""
