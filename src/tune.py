@@ -1,7 +1,8 @@
 """Stage `tune`: an Optuna study over the head's dropout and learning rate; writes the best params.
 
-With a frozen backbone every trial trains only the head, on backbone features computed once and cached (seconds
-a trial); with `model.trainable_from` set, every trial trains the unfrozen model on images for `tune.epochs`.
+With a frozen backbone every trial trains only the head, on backbone features computed once and cached (what a
+trial costs: bench/README.md#the-heads-training-loop); with `model.trainable_from` set, every trial trains the
+unfrozen model on images for `tune.epochs`.
 One MLflow parent run holds the study, with a nested child run per trial.
 
 Several processes can share the study through `tune.storage`: `tune.workers` of them on this machine (this one

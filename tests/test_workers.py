@@ -217,7 +217,7 @@ def test_a_live_trial_is_not_taken_for_an_unclaimed_one(tmp_path: Path) -> None:
     name = new_study(url)
     study = optuna.load_study(study_name=name, storage=studies.storage(url, FAST))
     young, claimed = study.ask(), study.ask()
-    study._storage.set_trial_system_attr(claimed._trial_id, "worker", "elsewhere:1")
+    study.set_user_attr(f"worker:{claimed.number}", "elsewhere:1")  # as studies.claim names a trial's worker
     time.sleep(1.2)
     assert studies.fail_unclaimed_trials(study, older_than_s=60) == []  # nameless, but younger than the limit
     assert studies.fail_unclaimed_trials(study, older_than_s=1) == [young.number]  # a named one is its worker's

@@ -197,7 +197,7 @@ class Decoder:
         comps = np.ascontiguousarray((resid @ colour).transpose(0, 3, 1, 2))  # FFTs are fastest on the last axes
         amplitude = np.sqrt((np.abs(np.fft.rfft2(comps)) ** 2).mean(0))
         # Filtering as a matrix: row p is the filter's response to an impulse at pixel p. Applying it is one BLAS
-        # matmul per batch, several times faster than an FFT per image.
+        # matmul per batch instead of an FFT per image.
         impulses = np.eye(32 * 32).reshape(-1, 32, 32)
         filters = np.stack([np.fft.irfft2(np.fft.rfft2(impulses) * a, s=(32, 32)).reshape(-1, 32 * 32)
                             for a in amplitude])

@@ -37,7 +37,8 @@ def cache_key(x_file: Path, cfg: config.Model, seed: int, engine: config.Inferen
     h = hashlib.sha256()
     _file_digest(x_file, h)
     # The seed matters with weights: none, where the backbone's random weights come from it.
-    # The batch too: features move with it (~2e-5 between batch 7 and 256), and DVC reruns tune and train on it.
+    # The batch too: features move slightly with it (README.md#what-an-edit-reruns), and DVC reruns tune and train
+    # on it.
     h.update(f"|{cfg.weights}|{cfg.image_size}|{cfg.precision}|{cfg.batch_size}|{seed}|{keras.__version__}|"
              f"{tf.__version__}".encode())
     h.update(f"|{inference.describe(engine)}|{inference.engine_version(engine)}|".encode())

@@ -37,6 +37,7 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"  # who runs a trial: its MLflow
 # A live worker names itself on a trial within milliseconds of creating it; older and nameless, its worker died
 # (a minute leaves room for clocks of machines sharing a study to disagree).
 UNCLAIMED_S = 60.0
+_CLAIM = "worker:"  # + trial number: a study user attribute naming the trial's worker
 
 
 def study_name(params: config.Params, data_key: str) -> str:
@@ -141,6 +142,18 @@ def join_study(params: config.Params, data_key: str, worker: int) -> optuna.Stud
                         "and code") from None
 
 
+def claim(study: optuna.Study, number: int) -> None:
+    """Name this process as trial ``number``'s worker, the moment it starts the trial. Kept in the study's user
+    attributes, not the trial's: a retried trial copies its predecessor's, worker and all, and tune.json hands the
+    best trial's on."""
+    study.set_user_attr(f"{_CLAIM}{number}", WORKER)
+
+
+def claims(study: optuna.Study) -> dict[int, str]:
+    """Each claimed trial's number and its worker (``host:pid``)."""
+    return {int(k.removeprefix(_CLAIM)): v for k, v in study.user_attrs.items() if k.startswith(_CLAIM)}
+
+
 def fail_unclaimed_trials(study: optuna.Study, older_than_s: float = UNCLAIMED_S) -> list[int]:
     """Fail and retry the RUNNING trials that no worker claimed (``optimize`` names a trial's worker the moment it
     starts) within ``older_than_s`` of their creation: their process died between creating the trial and starting
@@ -148,9 +161,9 @@ def fail_unclaimed_trials(study: optuna.Study, older_than_s: float = UNCLAIMED_S
     local worker is found by the name the trial lacks), so one would hold its slot for ever and the coordinator
     would wait for ever; a kill lands in that gap often, as a trial is created right after the previous one ends.
     Returns the numbers of the trials failed."""
-    now = datetime.datetime.now()
+    now, claimed = datetime.datetime.now(), claims(study)
     return [trial.number for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if "worker" not in trial.system_attrs and trial.datetime_start is not None
+            if trial.number not in claimed and trial.datetime_start is not None
             and (now - trial.datetime_start).total_seconds() > older_than_s and _fail_and_retry(study, trial)]
 
 
@@ -158,13 +171,13 @@ def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> boo
     """What Optuna does to a stale trial: mark it failed and queue a retry with the same parameters. False when
     another process finished or failed it first."""
     try:
-        if not study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
-            return False
-    except optuna.exceptions.UpdateFinishedTrialError:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):  # finished before we looked, or while
         return False
+    failed = study.get_trials(deepcopy=False)[trial.number]  # a study's trials are numbered 0, 1, ... in order
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)(study, study._storage.get_trial(trial._trial_id))
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)(study, failed)
     return True
 
 
@@ -172,9 +185,9 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     """What heartbeats do, for storages without them (a journal file, whose workers share one machine): a RUNNING
     trial whose worker process on this machine is gone is marked failed and retried with the same parameters.
     Returns the numbers of the trials failed."""
-    host, failed = socket.gethostname(), []
+    host, failed, claimed = socket.gethostname(), [], claims(study)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        where, _, pid = str(trial.system_attrs.get("worker", "")).rpartition(":")
+        where, _, pid = claimed.get(trial.number, "").rpartition(":")
         if where != host or not pid.isdigit() or process_alive(int(pid)):
             continue
         if _fail_and_retry(study, trial):

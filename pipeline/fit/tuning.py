@@ -14,7 +14,15 @@ import numpy as np
 import optuna
 
 from pipeline import config
-from pipeline.fit.studies import FAIL, FINISHED, UNCLAIMED_S, WORKER, fail_dead_local_trials, fail_unclaimed_trials
+from pipeline.fit.studies import (
+    FAIL,
+    FINISHED,
+    UNCLAIMED_S,
+    WORKER,
+    claim,
+    fail_dead_local_trials,
+    fail_unclaimed_trials,
+)
 from pipeline.fit.training import Arrays, HeadTrainer, MlflowEpochLogger, fit_model, validation_probabilities
 from pipeline.judge import metrics
 from pipeline.judge.attacks import Attacker
@@ -159,7 +167,7 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
             trial.set_user_attr("surplus", True)
             raise _Surplus(f"trial {trial.number}: the study already has its {n_trials} trials")
         ran += 1  # pruned or complete, it counts; any other error stops this process
-        study._storage.set_trial_system_attr(trial._trial_id, "worker", WORKER)  # best() hands user attrs on
+        claim(study, trial.number)
         return objective(trial)
 
     while True:
@@ -172,12 +180,10 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, wait: boo
             if not wait:
                 return ran
             time.sleep(poll_s)  # others hold the last slots; if one dies, its retry comes back as WAITING
-            if optuna.storages._heartbeat.is_heartbeat_enabled(study._storage):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)
-            else:
-                fail_dead_local_trials(study)
+            with warnings.catch_warnings():  # trials whose heartbeat stopped (a no-op on storages without one)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            fail_dead_local_trials(study)  # on this machine a dead worker is seen at once, heartbeat or not
             fail_unclaimed_trials(study, unclaimed_s)
             continue
         # A trial on images builds a ResNet50, reference cycles worth freeing at once; a head trial leaves only a

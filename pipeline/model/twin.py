@@ -1,5 +1,6 @@
 """The compute twin: the same network with its small-map convolutions run as matrix products and frozen batch
-norms folded in (the same sums in another order, faster on a CPU), and the pixels -> logit model built on it.
+norms folded in (the same sums in another order, faster on a CPU: bench/README.md#the-compute-twin), and the
+pixels -> logit model built on it.
 
 Attacks and every compiled forward pass run the twin; the saved model stays the plain Keras network.
 """
@@ -21,9 +22,9 @@ def logits_model(model: keras.Model) -> keras.Model:
     return twin
 
 
-# oneDNN's convolutions crawl on ResNet50's last maps at 32x32 (1x1 and 2x2 pixels), far below its matrix
-# products; as matrix products the same sums run faster (bench/README.md#the-compute-twin). A 3x3 kernel on a 4x4
-# map as a matrix product was slower than the convolution.
+# oneDNN's convolutions on ResNet50's last maps at 32x32 (1x1 and 2x2 pixels) run far below its matrix products'
+# rate, so the twin computes them as matrix products; a 3x3 kernel on a 4x4 map runs faster as the convolution, so
+# the twin stops at 4 pixels. Both measured in bench/README.md#the-compute-twin.
 SMALL_MAP_PIXELS = 4
 
 
