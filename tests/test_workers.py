@@ -245,8 +245,10 @@ def test_tune_killed_mid_study_resumes_without_losing_finished_trials(tmp_path: 
     from pipeline.data import preprocess, sample
     from tests.conftest import PARAMS_FILE, tmp_overrides
 
-    overrides = tmp_overrides(tmp_path) + ["tune.n_trials=6", "tune.epochs=3", "tune.pruner=none",
-                                           "tune.heartbeat={interval_s: 1, grace_s: 3}"]
+    # Trials of ~1 s (60 epochs, no pruning, no early stop): at 3 epochs all 6 could finish between two polls on a
+    # loaded machine, leaving nothing to kill.
+    overrides = tmp_overrides(tmp_path) + ["tune.n_trials=6", "tune.epochs=60", "tune.pruner=none",
+                                           "tune.patience=null", "tune.heartbeat={interval_s: 1, grace_s: 3}"]
     params = config.load(PARAMS_FILE, overrides)
     raw = tmp_path / "raw.zip"
     sample.write_sample(raw, config.Sample(train_per_class=24, test_per_class=4, jpeg_quality=95), 0, progress=False)
@@ -256,10 +258,13 @@ def test_tune_killed_mid_study_resumes_without_losing_finished_trials(tmp_path: 
     env.pop("MLFLOW_TRACKING_URI", None)
     url = params.tune.storage
 
+    storage = []  # opened once, when the study exists: opening it on every poll slowed the polls under load
+
     def finished() -> dict[int, float]:
         try:
-            names = optuna.get_all_study_names(studies.storage(url, FAST))
-            study = optuna.load_study(study_name=names[0], storage=studies.storage(url, FAST))
+            storage[:] = storage or [studies.storage(url, FAST)]
+            names = optuna.get_all_study_names(storage[0])
+            study = optuna.load_study(study_name=names[0], storage=storage[0])
         except (IndexError, KeyError):
             return {}
         return {t.number: t.value for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])}
