@@ -134,7 +134,7 @@ def test_workers_sharing_a_seeded_study_each_explore(tmp_path: Path, kind: str) 
     done = [t for t in trials(url, studies.study_name(params, "data0")) if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 10
     assert len({tuple(sorted(t.params.items())) for t in done}) == len(done), [t.params for t in done]
-    # each process's seed is on record in the study, under the name its trials carry (system attr and MLflow tag)
+    # each process's seed is on record in the study, under the name its trials carry (its claims and MLflow tag)
     recorded = optuna.load_study(study_name=studies.study_name(params, "data0"),
                                  storage=studies.storage(url, FAST)).user_attrs
     coordinator, worker = (recorded[f"sampler_seed:{out.split('as ')[1].split()[0]}"] for out, _ in outs)

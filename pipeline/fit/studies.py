@@ -26,15 +26,9 @@ from pipeline.tracking import process_alive, without_password
 log = logging.getLogger(__name__)
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-
-
 FAIL = optuna.trial.TrialState.FAIL
-
-
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # who runs a trial: its MLflow tag, and what dead-worker checks read
-
-
-# A live worker names itself on a trial within milliseconds of creating it; older and nameless, its worker died
+# A live worker claims a trial within milliseconds of creating it; older and nameless, its worker died
 # (a minute leaves room for clocks of machines sharing a study to disagree).
 UNCLAIMED_S = 60.0
 _CLAIM = "worker:"  # + trial number: a study user attribute naming the trial's worker
@@ -110,7 +104,7 @@ def _open(params: config.Params, data_key: str, worker: int,
           store: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """The study with this process's own sampler: its seed depends on the trials already there, so the study is
     looked at first, then opened with that sampler; the seed is logged and kept as a study user attr
-    ``sampler_seed:<host>:<pid>`` (a trial's ``worker`` system attr and MLflow tag name the process that ran it)."""
+    ``sampler_seed:<host>:<pid>`` (:func:`claim` and a trial's MLflow tag name the process that ran it)."""
     store, name = store or storage(params.tune.storage, params.tune.heartbeat), study_name(params, data_key)
     opened_after = len(optuna.load_study(study_name=name, storage=store).get_trials(deepcopy=False))
     seed = sampler_seed(params.base.seed, worker, opened_after)
