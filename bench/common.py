@@ -171,7 +171,7 @@ def ran_stages(dvc_stdout: str) -> list[str]:
     return [line.split("'")[1] for line in dvc_stdout.splitlines() if line.startswith("Running stage '")]
 
 
-# Copied as tests/test_e2e.py copies the repository: no outputs, caches, history or benchmarks.
+# Copied as tests/e2e/test_e2e.py copies the repository: no outputs, caches, history or benchmarks.
 SKIP = {".git", ".dvc/tmp", ".dvc/cache", "data", "models", "mlruns", "metrics", "plots", "predictions", "reports",
         "optuna", ".cache", "bench", ".pytest_cache", ".ruff_cache", "dvc.lock", ".benchmarks"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 # a worktree, a second clone): DVC hashed this code as the stage's dependency.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cli, config, tracking
+from pipeline import cli, tracking
 from pipeline.data import bounds
 from pipeline.data.splits import load_split
 from pipeline.io import read_json, shared_cache, write_json
@@ -28,7 +28,7 @@ def main() -> None:
     params = cli.load_params(args)
     cli.seed_everything(params.base.seed)
     cfg, paths, seed = params.evaluate, params.paths, params.base.seed
-    cache = shared_cache(paths.evaluate_cache)
+    cache_dir = shared_cache(paths.evaluate_cache)
     test = load_split(paths.processed, "test")
     info, base_info = read_json(paths.model_adv_info), read_json(paths.model_info)
     reference = metrics.reference(test.y, cfg.weights, cfg.measure)
@@ -36,23 +36,19 @@ def main() -> None:
                                    params.inference)
     protocol_id = evaluation.protocol_id(protocol)
 
-    def evaluate(path, name: str, transfer_from=None) -> tuple:
+    def judged(path, name: str, transfer_from=None):
+        """The model at ``path`` and its figures, judged at its own stored threshold."""
         model, stored = serving.load_with_threshold(str(path))
         threshold = serving.resolve_threshold(None, stored, params.threshold.fixed)
-        result = evaluation.evaluate(model, test.x, test.y, cfg, seed, threshold, name, params.inference,
-                                     transfer_from, cache)
-        calibration = {f"brier_{k}": metrics.brier(test.y, p) for k, p in (("clean", result.p_clean),
-                                                                           ("adversarial", result.p_adv))}
-        return model, threshold, result, {**result.summary(reference), "threshold": threshold, **calibration,
-                                          "at_0.5": result.at_threshold(test.y, cfg, evaluation.REFERENCE_THRESHOLD),
-                                          "ci95": evaluation.intervals(result, test.y, cfg, seed, threshold)}
+        return model, evaluation.run_protocol(model, test.x, test.y, cfg, seed, threshold, name, params.inference,
+                                              transfer_from, cache_dir)
 
     with tracking.stage_run("evaluate", params):
         import mlflow
 
         # The undefended model first: its attacked set (its Test_dataset_2) is the transfer attack on the defended one.
-        _, _, base, base_summary = evaluate(paths.model, "baseline")
-        model, threshold, final, final_summary = evaluate(paths.model_adv, "advtrained", base.x_adv)
+        _, base = judged(paths.model, "baseline")
+        model, final = judged(paths.model_adv, "advtrained", base.x_adv)
         evaluation.write_png_set(final.x_adv, test.names, paths.adversarial)
         tracking.log_splits(paths.processed, "test")
         tracking.log_dataset(paths.adversarial, "testing-attacked", name="Test_dataset_2")
@@ -62,61 +58,38 @@ def main() -> None:
         epsilons = [*cfg.epsilons, cfg.attack.epsilon, cfg.diagnostic.epsilon]
         on = final.diagnosed
         proven = bounds.bounds_by_epsilon(test.x[on], test.y[on], epsilons) if params.data.source == "sample" else {}
-        summary = {**final_summary, "baseline": base_summary, "reference": reference,
-                   **({"sample_bounds": proven} if proven else {}),
+        summary = {**final.report(test.y, cfg, seed, reference), "baseline": base.report(test.y, cfg, seed, reference),
+                   "reference": reference, **({"sample_bounds": proven} if proven else {}),
                    "gain": {"weighted_f1": final.weighted_f1 - base.weighted_f1,
                             "robust_score": final.robust_score - base.robust_score},
                    "protocol": {**protocol, "id": protocol_id}, "n_test": len(test)}
         write_json(paths.metrics / "evaluate.json", summary)
         figures = reporting.evaluation_plots(test.y, {"clean": final.p_clean, "adversarial": final.p_adv},
-                                             final.curve + base.curve, threshold, paths.plots, proven)
+                                             final.curve + base.curve, final.threshold, paths.plots, proven)
         by_model = {name: r.corruption_rows(name) for name, r in (("advtrained", final), ("baseline", base))}
         for name, rows in by_model.items():  # declared outputs: a header alone when evaluate.corruptions is empty
             reporting.write_csv(rows, paths.plots / f"corruptions_{name}.csv", evaluation.CORRUPTION_COLUMNS)
         if cfg.corruptions:
             figures["corruptions.png"] = reporting.corruptions([r for rows in by_model.values() for r in rows])
         figures["explanations.png"] = explanations = explain.figure_for(
-            model, test.x, final.x_adv, test.y, threshold, EXPLAINED)
+            model, test.x, final.x_adv, test.y, final.threshold, EXPLAINED)
         reporting.save_figure(explanations, paths.plots / "explanations.png")
-
-        mlflow.set_tags({"evaluated_model": info["model_uri"], "evaluated_version": info.get("version", ""),
-                         "protocol": protocol_id, "attack": cfg.attack.describe(),
-                         "diagnostic": cfg.diagnostic.describe(),
-                         **{f"attack_{a.name}": a.describe() for a in cfg.attacks},
-                         "gradient_masking": str(any(m["masked"] for m in final.masking.values())),
-                         **{f"cached_{name}": ", ".join(r.cached) or "none"
-                            for name, r in (("advtrained", final), ("baseline", base))},
-                         # inference.precision: checked decides pass by pass; the decision and its reason
-                         **{f"precision.{name}.{k}": how for name, r in (("advtrained", final), ("baseline", base))
-                            for k, how in r.precisions.items()}})
-        # Each model's figures are linked to the logged model they score (MLflow 3 lineage: `model_id`).
-        flat = dict(config.flatten_dict(summary, exclude=("protocol",)))
-        mlflow.log_metrics({k: v for k, v in flat.items() if not k.startswith("baseline.")},
-                           model_id=info.get("model_id"))
-        mlflow.log_metrics({k: v for k, v in flat.items() if k.startswith("baseline.")},
-                           model_id=base_info.get("model_id"))
-        mlflow.log_metrics({f"{kind}.{name}.{k}": v for name, r in (("advtrained", final), ("baseline", base))
-                            for kind, values in (("seconds", r.seconds), ("gradients", r.gradients),
-                                                 ("queries", r.queries)) for k, v in values.items()})
-        for name, fig in figures.items():
-            mlflow.log_figure(fig, name)
+        evaluation.log_run(final, base, summary, cfg, protocol_id, (info.get("model_id"), base_info.get("model_id")),
+                           figures, {"evaluated_model": info["model_uri"],
+                                     "evaluated_version": info.get("version", "")})
         champion = ""
         if "version" in info:
             candidate = registry.Standing(info["version"], final.robust_score, final.weighted_f1, protocol_id)
             holds, why = registry.update_champion(
                 info["registered_model"], candidate, reference,
-                lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed,
-                                             protocol["threshold"], params.inference, base.x_adv,
-                                             cache))
+                lambda v: evaluation.rescore(info["registered_model"], v, test.x, test.y, cfg, seed, protocol_id,
+                                             params.inference, base.x_adv, cache_dir))
             mlflow.set_tags({"champion": str(holds), "champion_reason": why})
             champion = f"; v{info['version']} {'is' if holds else 'is not'} @champion ({why})"
 
     print(f"evaluate: {final.line(cfg)}\n  before advtrain: {base.line(cfg)}{champion}")
     for name, r in (("advtrained", final), ("baseline", base)):
-        print(f"  seconds ({name}): " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items())
-              + (f"; read back from {cache}: {', '.join(r.cached)}" if r.cached else ""))
-        if params.inference.precision == "checked":
-            print(f"  precision ({name}): " + "; ".join(f"{k} {how}" for k, how in r.precisions.items()))
+        print(r.costs(name, cache_dir, params.inference.precision == "checked"))
 
 
 if __name__ == "__main__":

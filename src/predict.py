@@ -55,9 +55,9 @@ def main() -> None:
     for listing, (_, _, output) in zip(listings, jobs):
         done = predicting.predict_to_csv(p_fake, listing, params.preprocess.resize, params.preprocess.max_pixels,
                                          threshold, output)
-        for name, reason in done.bad:
+        for name, reason in done.skipped:
             print(f"skipped {listing.folder / listing.prefix / name}: {reason}", file=sys.stderr)
-        print(f"predict: {done.images} images -> {output} ({done.fake} Fake, {len(done.bad)} skipped)")
+        print(f"predict: {done.images} images -> {output} ({done.fake} Fake, {len(done.skipped)} skipped)")
 
 
 if __name__ == "__main__":

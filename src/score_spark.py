@@ -43,11 +43,11 @@ def main() -> None:
             done = spark_scoring.write(spark, src, scored, args.output)
         finally:
             spark.stop()
-    for name, reason in done.errors[:20]:
+    for name, reason in done.skipped[:20]:
         print(f"error {name}: {reason}", file=sys.stderr)
-    if len(done.errors) > 20:
-        print(f"… and {len(done.errors) - 20} more (the error column)", file=sys.stderr)
-    print(f"score_spark: {done.images} images -> {args.output} ({done.fake} Fake, {len(done.errors)} with an error)")
+    if len(done.skipped) > 20:
+        print(f"… and {len(done.skipped) - 20} more (the error column)", file=sys.stderr)
+    print(f"score_spark: {done.images} images -> {args.output} ({done.fake} Fake, {len(done.skipped)} with an error)")
 
 
 if __name__ == "__main__":

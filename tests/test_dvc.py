@@ -1,6 +1,6 @@
 """dvc.yaml against the code: each stage's code dependencies are exactly the import closure of its script, and its
 params are keys that exist. (What the stages really read, and what `dvc status` says after each edit, is checked
-on a real run in tests/test_e2e.py.)"""
+on a real run in tests/e2e/test_e2e.py.)"""
 from __future__ import annotations
 
 import os
@@ -69,8 +69,8 @@ def test_every_params_key_is_read_by_some_stage_or_is_deliberately_none() -> Non
 
 def test_code_digest_changes_with_the_code(tmp_path, monkeypatch) -> None:
     root = tmp_path / "repo"
-    for name in ("__init__.py", "config.py", "errors.py", "io.py", "model/__init__.py", "model/network.py",
-                 "model/store.py", "fit/__init__.py"):
+    for name in ("__init__.py", "config.py", "errors.py", "io.py", "model/__init__.py", "model/derived.py",
+                 "model/network.py", "model/store.py", "fit/__init__.py"):
         (root / "pipeline" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "pipeline" / name).write_text((ROOT / "pipeline" / name).read_text())
     (root / "pipeline" / "fit" / "tuning.py").write_text("from pipeline.model import store\n")

@@ -8,7 +8,7 @@ most of a JPEG re-save; centring and scaling shrug off brightness and contrast; 
 is floored at ``MIN_CONTRAST`` grey levels: on a nearly flat image the signature would be all noise, and two
 unrelated flat images would match, so such an image scores low against everything and only an exact copy (a pixel
 hash, checked too) finds it. Recall on planted duplicates and the false matches on the built-in sample:
-bench/README.md#duplicatespy; tests/test_duplicates.py checks both.
+bench/README.md#duplicatespy; tests/data/test_duplicates.py checks both.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ photographs, so the test set measures generalisation to unseen scenes.
 **Byte-identical on every CPU.** All arithmetic is float64, and the colour basis has a fixed sign (eigenvectors
 are only defined up to one). BLAS picks its kernels by CPU and they sum in different orders: in float32 that moved
 pixels across a rounding boundary (bench/README.md#samplepy counts the files that differed); in float64 the
-differences are far below a grey level and do not reach a rounding boundary in practice. ``tests/test_sample.py``
+differences are far below a grey level and do not reach a rounding boundary in practice. ``tests/data/test_sample.py``
 checks a golden hash, also under other OpenBLAS kernels and with numpy's AVX-512 code paths switched off.
 
 Generation timed with ``python bench/sample.py``; the bounds an attacker of each size leaves are

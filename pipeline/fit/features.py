@@ -31,7 +31,7 @@ def _file_digest(path: Path, h: hashlib._Hash) -> None:
             h.update(chunk)
 
 
-def cache_key(x_file: Path, cfg: config.Model, seed: int, engine: config.Inference = inference.AUTO) -> str:
+def cache_key(x_file: Path, cfg: config.Model, seed: int, inference_cfg: config.Inference = inference.AUTO) -> str:
     import tensorflow as tf
 
     h = hashlib.sha256()
@@ -41,7 +41,7 @@ def cache_key(x_file: Path, cfg: config.Model, seed: int, engine: config.Inferen
     # on it.
     h.update(f"|{cfg.weights}|{cfg.image_size}|{cfg.precision}|{cfg.batch_size}|{seed}|{keras.__version__}|"
              f"{tf.__version__}".encode())
-    h.update(f"|{inference.describe(engine)}|{inference.engine_version(engine)}|".encode())
+    h.update(f"|{inference.describe(inference_cfg)}|{inference.engine_version(inference_cfg)}|".encode())
     h.update(f"|{provenance.code_digest('pipeline.model.inference')}|".encode())
     h.update(Path(__file__).read_bytes())
     if cfg.weights not in ("imagenet", "none"):
@@ -50,25 +50,25 @@ def cache_key(x_file: Path, cfg: config.Model, seed: int, engine: config.Inferen
 
 
 def extract(model: keras.Model, x: np.ndarray, batch_size: int, desc: str = "features",
-            engine: config.Inference = inference.AUTO) -> np.ndarray:
+            inference_cfg: config.Inference = inference.AUTO) -> np.ndarray:
     """Pooled backbone features (N×2048 float32) for uint8 images, through the inference engine."""
-    return inference.runner(feature_extractor(model), engine)(x, batch_size, progress=desc)
+    return inference.runner(feature_extractor(model), inference_cfg)(x, batch_size, progress=desc)
 
 
 def cached(model: keras.Model, x: np.ndarray, x_file: Path, cfg: config.Model, seed: int, cache_dir: Path,
-           name: str, engine: config.Inference = inference.AUTO) -> np.ndarray:
+           name: str, inference_cfg: config.Inference = inference.AUTO) -> np.ndarray:
     """Features of ``x`` (read from ``x_file``), from ``cache_dir`` when a run with the same inputs made them.
 
     ``model`` must have been built from ``cfg`` and ``seed`` (see :func:`pipeline.model.network.build_model`).
     """
-    target = Path(cache_dir) / f"{name}-{cache_key(Path(x_file), cfg, seed, engine)}.npy"
+    target = Path(cache_dir) / f"{name}-{cache_key(Path(x_file), cfg, seed, inference_cfg)}.npy"
     if target.is_file():
         feats = np.load(target, mmap_mode="r")
         if feats.shape == (len(x), model.get_layer("gap").output.shape[-1]):
             log.info("features: cache hit %s", target)
             os.utime(target)  # recently used: pruning keeps the newest
             return np.asarray(feats)
-    feats = extract(model, x, cfg.batch_size, desc=f"features {name}", engine=engine)
+    feats = extract(model, x, cfg.batch_size, desc=f"features {name}", inference_cfg=inference_cfg)
     with atomic_path(target) as tmp:
         np.save(tmp, feats)
     log.info("features: wrote %s %s", target, feats.shape)

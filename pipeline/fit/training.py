@@ -240,7 +240,7 @@ class FineTuned(NamedTuple):
     p_val: tuple[np.ndarray, np.ndarray] | None
 
 
-def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain, evaluate: config.Evaluate,
+def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain, evaluate_cfg: config.Evaluate,
                          seed: int, on_epoch_end=None, before: dict[str, float] | None = None,
                          attacker: Attacker | None = None) -> FineTuned:
     """Adversarial training (Madry et al. 2018 with PGD, the default; FGSM also offered): a share ``adv_ratio`` of
@@ -251,12 +251,16 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     The model keeps the weights of the epoch with the best validation :func:`metrics.robust_score` (clean and
     attacked with ``cfg.attack``). The incoming model is epoch 0 (its scores are measured unless ``before`` gives
     them), so a fine-tune that only hurts changes nothing, and a model that answers FAKE to every attacked image
-    cannot win (it scores 0.5). ``on_epoch_end(epoch, row)`` is called for epochs 1 onward."""
+    cannot win (it scores 0.5). ``on_epoch_end(epoch, row)`` is called for epochs 1 onward.
+
+    A loop of its own, not Keras's ``fit`` with a ``train_step``: the attack runs on the model's one compiled
+    gradient, which a ``train_step`` would trace again with the attack's loop, and the update trains the compute
+    twin, not the saved model's slower layers."""
     attacker = attacker or Attacker(model, cfg.attack, seed)
     p_val = None
     if before is None:
         p_val = validation_probabilities(model, attacker, data.x_val, data.y_val, cfg.batch_size)
-        before = _scores(data.y_val, p_val, evaluate)
+        before = _scores(data.y_val, p_val, evaluate_cfg)
     optimizer = adam(cfg.learning_rate)
     loss_fn = keras.losses.BinaryCrossentropy()
     trainable = model.trainable_variables
@@ -296,7 +300,7 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
         for x, y in tqdm(batches, total=n, desc=f"advtrain epoch {epoch + 1}/{cfg.epochs}", leave=False):
             losses.append(float(step(x, y)))
         p_epoch = validation_probabilities(model, attacker, data.x_val, data.y_val, cfg.batch_size)
-        row = {"loss": float(np.mean(losses)) if losses else float("nan"), **_scores(data.y_val, p_epoch, evaluate)}
+        row = {"loss": float(np.mean(losses)) if losses else float("nan"), **_scores(data.y_val, p_epoch, evaluate_cfg)}
         log.info("advtrain epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
         history.append(row)
         if row["val_robust_score"] > best_score:
@@ -308,16 +312,16 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     return FineTuned(history, best_epoch, p_val)
 
 
-def choose_threshold(rule: config.Threshold, evaluate: config.Evaluate, y: np.ndarray, p_clean: np.ndarray,
+def choose_threshold(rule: config.Threshold, evaluate_cfg: config.Evaluate, y: np.ndarray, p_clean: np.ndarray,
                      p_attacked: np.ndarray | None = None) -> float:
     """A model's decision threshold by ``rule`` from its validation P(FAKE): clean, and attacked when given
     (:func:`metrics.best_threshold`, the selection rule), else ``rule.fixed``."""
     if rule.rule == "fixed":
         return rule.fixed
-    return metrics.best_threshold(y, p_clean, p_attacked, evaluate.weights, evaluate.measure)
+    return metrics.best_threshold(y, p_clean, p_attacked, evaluate_cfg.weights, evaluate_cfg.measure)
 
 
-def probabilities_under_diagnostic(model: keras.Model, evaluate: config.Evaluate, x: np.ndarray, y: np.ndarray,
+def probabilities_under_diagnostic(model: keras.Model, evaluate_cfg: config.Evaluate, x: np.ndarray, y: np.ndarray,
                                    seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """P(FAKE) on validation images, clean and under evaluate's diagnostic attack (8-bit rounded): the strongest
     attack evaluate judges by, so a threshold chosen on these is chosen under what it will be judged by. A threshold
@@ -325,7 +329,7 @@ def probabilities_under_diagnostic(model: keras.Model, evaluate: config.Evaluate
     accuracy under the stronger one. The mission's FGSM is left out: it is the weaker attack on nearly every image
     (the same threshold with or without it: bench/README.md#the-stored-threshold), and without it an edit of the
     mission's attack does not rerun advtrain."""
-    return validation_probabilities(model, Attacker(model, evaluate.diagnostic, seed), x, y, batch_size)
+    return validation_probabilities(model, Attacker(model, evaluate_cfg.diagnostic, seed), x, y, batch_size)
 
 
 def validation_probabilities(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray,
@@ -339,19 +343,20 @@ def validation_probabilities(model: keras.Model, attacker: Attacker, x: np.ndarr
             batched(fn, to_uint8(attacker.perturb(x, y, batch_size)), batch_size)[:, 0])
 
 
-def diagnostic_scores(y: np.ndarray, p: tuple[np.ndarray, np.ndarray], evaluate: config.Evaluate) -> dict[str, float]:
+def diagnostic_scores(y: np.ndarray, p: tuple[np.ndarray, np.ndarray],
+                      evaluate_cfg: config.Evaluate) -> dict[str, float]:
     """Validation figures under evaluate's diagnostic attack (:func:`probabilities_under_diagnostic`), at 0.5."""
-    m = evaluate.measure
+    m = evaluate_cfg.measure
     return {f"val_diagnostic_{m}": metrics.measure(y, p[1], m), "val_diagnostic_robust_score": metrics.robust_score(
-        y, p[0], p[1], evaluate.weights, m)}
+        y, p[0], p[1], evaluate_cfg.weights, m)}
 
 
-def _scores(y: np.ndarray, p: tuple[np.ndarray, np.ndarray], evaluate: config.Evaluate) -> dict[str, float]:
-    return {f"val_{k}": v for k, v in metrics.scores(y, *p, evaluate).items()}
+def _scores(y: np.ndarray, p: tuple[np.ndarray, np.ndarray], evaluate_cfg: config.Evaluate) -> dict[str, float]:
+    return {f"val_{k}": v for k, v in metrics.scores(y, *p, evaluate_cfg).items()}
 
 
 def validation_scores(model: keras.Model, attacker: Attacker, x: np.ndarray, y: np.ndarray, batch_size: int,
-                      evaluate: config.Evaluate) -> dict[str, float]:
+                      evaluate_cfg: config.Evaluate) -> dict[str, float]:
     """Validation scores, clean and attacked (8-bit rounded, as saved): F1, the class-balanced measure, the
     mission's weighted F1 and the selection rule :func:`metrics.robust_score`."""
-    return _scores(y, validation_probabilities(model, attacker, x, y, batch_size), evaluate)
+    return _scores(y, validation_probabilities(model, attacker, x, y, batch_size), evaluate_cfg)

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import config
+from pipeline.model.derived import derived
 from pipeline.model.inference import to_unit
 from pipeline.model.network import INPUT_SHAPE
 from pipeline.model.twin import logits_model
@@ -33,11 +34,7 @@ def margin_and_gradient(model: keras.Model):
     Not BCE itself: its gradient (sigmoid(z) - y) underflows to exactly 0 in float32 once |z| > ~88, and the most
     confident images would silently go unattacked. Each image's logit depends on that image alone, so the margin
     gives the same steps (signs) as BCE wherever BCE's gradient is non-zero, and never vanishes."""
-    fn = getattr(model, "_cifake_margin_gradient", None)
-    if fn is None:
-        fn = margin_gradient_of(logits_model(model))
-        object.__setattr__(model, "_cifake_margin_gradient", fn)  # past Keras's tracking, as logits_model's
-    return fn
+    return derived(model, "margin_gradient", lambda: margin_gradient_of(logits_model(model)))
 
 
 def margin_gradient_of(logits: keras.Model):

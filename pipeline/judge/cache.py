@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 KEEP = 6  # models: a candidate, its baseline and a champion, for this setting and one other
 
 
-def model_key(model: keras.Model, x: np.ndarray, y: np.ndarray, seed: int, engine: config.Inference,
+def model_key(model: keras.Model, x: np.ndarray, y: np.ndarray, seed: int, inference_cfg: config.Inference,
               batch_size: int, threshold: float = 0.5) -> str:
     """What every pass on ``model`` and these test images depends on (under ``inference.precision: checked``,
     the threshold too: whether bf16 keeps the labels is judged there)."""
@@ -39,9 +39,9 @@ def model_key(model: keras.Model, x: np.ndarray, y: np.ndarray, seed: int, engin
         h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
     h.update(np.ascontiguousarray(x).tobytes())
     h.update(np.asarray(y, np.uint8).tobytes())
-    h.update(f"|{seed}|{batch_size}|{inference.describe(engine)}|{inference.engine_version(engine)}|".encode())
-    if engine.precision == "checked":
-        h.update(f"|{engine.model_dump_json()}|{threshold}|".encode())
+    h.update(f"|{seed}|{batch_size}|{inference.describe(inference_cfg)}|{inference.engine_version(inference_cfg)}|".encode())
+    if inference_cfg.precision == "checked":
+        h.update(f"|{inference_cfg.model_dump_json()}|{threshold}|".encode())
     h.update(f"|{keras.__version__}|{tf.__version__}|{provenance.code_digest('pipeline.judge.evaluation')}|".encode())
     return h.hexdigest()[:20]
 

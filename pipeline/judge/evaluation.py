@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class Result:
     p_adv: np.ndarray
     p_diagnostic: np.ndarray
     sets: dict[str, dict[str, float]]  # clean, adversarial, diagnostic, worst -> metrics
+    threshold: float  # the one the model was judged at (its own)
     weighted_f1: float
     robust_score: float
     curve: list[dict] = field(default_factory=list)  # F1 and balanced accuracy per epsilon
@@ -95,18 +97,35 @@ class Result:
                 **self.sets, **({"corruptions": self.corrupted} if self.corrupted else {}),
                 **({"gradient_masking": self.masking} if self.masking else {})}
 
+    def report(self, y: np.ndarray, cfg: config.Evaluate, seed: int, reference: dict[str, float]) -> dict:
+        """Everything metrics/evaluate.json says of this model: :meth:`summary`, its threshold, calibration, the
+        same figures at 0.5 and the bootstrap intervals."""
+        return {**self.summary(reference), "threshold": self.threshold,
+                **{f"brier_{k}": metrics.brier(y, p) for k, p in
+                   (("clean", self.p_clean), ("adversarial", self.p_adv))},
+                "at_0.5": self.at_threshold(y, cfg, REFERENCE_THRESHOLD),
+                "ci95": intervals(self, y, cfg, seed, self.threshold)}
+
+    def costs(self, name: str, cache_dir: Path | None, precisions: bool = False) -> str:
+        """Where this model's evaluate time went, which passes were read back from the cache and (``precisions``:
+        under ``inference.precision: checked``) each pass's precision and why."""
+        return (f"  seconds ({name}): " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())
+                + (f"; read back from {cache_dir}: {', '.join(self.cached)}" if self.cached else "")
+                + (f"\n  precision ({name}): " + "; ".join(f"{k} {how}" for k, how in self.precisions.items())
+                   if precisions else ""))
+
     def corruption_rows(self, name: str) -> list[dict]:
         """One row per corruption (``none`` first: the clean images of the same subset), for plots."""
         return [dict(zip(CORRUPTION_COLUMNS, (name, k, m["balanced_accuracy"], m.get("roc_auc", float("nan")))))
                 for k, m in self.corrupted.items()]
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
-             threshold: float = 0.5, name: str = "model", engine: config.Inference = inference.AUTO,
-             transfer_from: np.ndarray | None = None, cache_dir: Path | None = None) -> Result:
-    """Clean, mission-attacked and diagnostic-attacked metrics, the weighted F1, the robust score, and the curve
-    along ``cfg.epsilons`` (the mission's attack kind). Attacks need TensorFlow's gradients; every forward pass
-    runs on the inference ``engine``.
+def run_protocol(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
+                 threshold: float = 0.5, name: str = "model", inference_cfg: config.Inference = inference.AUTO,
+                 transfer_from: np.ndarray | None = None, cache_dir: Path | None = None) -> Result:
+    """``model`` judged at ``threshold`` under ``cfg``: clean, mission-attacked and diagnostic-attacked metrics, the
+    weighted F1, the robust score, and the curve along ``cfg.epsilons`` (the mission's attack kind). Attacks need
+    TensorFlow's gradients; every forward pass runs on the engine of ``inference_cfg``.
 
     The diagnostic attack (PGD: ``steps`` gradient passes an image) runs on a seeded, stratified subset of
     ``cfg.diagnostic_images`` (all images when null), and so do the figures built on it: ``diagnostic``, ``worst``
@@ -114,131 +133,187 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evalu
     subsets of it; ``transfer`` replays ``transfer_from`` (another model's attacked images of ``x``, in evaluate
     the undefended model's mission set, its ``Result.x_adv``) and is skipped without it. ``worst`` is per image the
     worst of every attack that ran on it. With ``cache_dir``, each pass is read back where the same pass ran before
-    on the same weights and images (:mod:`pipeline.judge.cache`); the figures are computed afresh from its scores either
-    way."""
-    bs = cfg.batch_size
-    key = cache.model_key(model, x, y, seed, engine, bs, threshold) if cache_dir else ""
-    passes = cache.PassCache(cache_dir, key)
-    precisions: dict[str, str] = {}
-    cost: dict[str, dict[str, int]] = {"gradients": {}, "queries": {}}
+    on the same weights and images (:mod:`pipeline.judge.cache`); the figures are computed afresh from its scores
+    either way."""
+    run = _Passes(model, x, y, cfg, seed, threshold, name, inference_cfg, cache_dir)
+    sub = stratified_subset(y, cfg.diagnostic_images, seed)
+    along = stratified_subset(y, cfg.curve_images, seed)
+    # The passes, in the order they run (each computed, or read back from the cache).
+    p_clean = run.clean()
+    x_adv, p_adv = run.mission()
+    p_diagnostic = run.diagnostic(sub)
+    attacked = {a.name: run.attack(a, sub, transfer_from) for a in cfg.attacks
+                if a.name != "transfer" or transfer_from is not None}  # name -> (positions in sub, P(FAKE))
+    p_corrupted = run.corruptions(sub)
+    p_curve = run.curve(along, p_clean, p_adv)
+    # The figures, from the passes' scores.
+    ys, base = y[sub], p_adv[sub]
+    p_worst = metrics.worst_case(ys, base, p_diagnostic, *(_on(base, part, p) for part, p in attacked.values()))
+    sets = {k: metrics.classification(labels, p, threshold) for k, labels, p in
+            (("clean", y, p_clean), ("adversarial", y, p_adv), ("diagnostic", ys, p_diagnostic),
+             ("worst", ys, p_worst))}
+    for k, (part, p) in attacked.items():
+        sets[k] = {**metrics.classification(ys[part], p, threshold), "images": len(part)}
+    # White-box worst (the mission's, the diagnostic and APGD where it ran) against each gradient-free attack, on
+    # the images that attack ran on.
+    white = metrics.worst_case(ys, base, p_diagnostic, *(_on(base, *attacked[k]) for k in ("apgd",) if k in attacked))
+    corrupted = {k: metrics.classification(ys, p, threshold) for k, p in p_corrupted.items()}
+    curve = [{"model": name, "epsilon": float(eps), "f1": metrics.f1(y[along], p, threshold),
+              "balanced_accuracy": metrics.measure(y[along], p, "balanced_accuracy", threshold)}
+             for eps, p in p_curve.items()]
+    result = Result(
+        p_clean=p_clean, x_adv=x_adv, p_adv=p_adv, p_diagnostic=p_diagnostic, sets=sets, threshold=threshold,
+        weighted_f1=metrics.weighted_f1(sets["clean"]["f1"], sets["adversarial"]["f1"], cfg.weights),
+        robust_score=metrics.robust_score(ys, p_clean[sub], p_worst, cfg.weights, cfg.measure, threshold),
+        curve=curve, diagnosed=sub, p_worst=p_worst,
+        # the same images uncorrupted first, to read the others against
+        corrupted={"none": metrics.classification(ys, p_clean[sub], threshold), **corrupted} if corrupted else {},
+        masking={k: gradient_masking(ys[part], white[part], p, threshold, cfg.bootstrap, seed)
+                 for k, (part, p) in attacked.items() if k in GRADIENT_FREE},
+        seconds=run.laps.seconds, cached=run.cache.hits, precisions=run.precisions, gradients=run.cost["gradients"],
+        queries=run.cost["queries"])
+    run.laps("scores")
+    return result
 
-    def one_pass(name: str, spec: Any, compute, label: str | None = None) -> dict[str, np.ndarray]:
-        """A pass through the cache, its precision and, if computed now, its cost noted under ``label`` (default:
-        its name)."""
-        hits = len(passes.hits)
-        out = passes(name, spec, compute)
+
+class _Passes:
+    """One model's passes over the test images, each computed or read back from the cache where the same pass ran
+    before on the same weights and images, with the precision its forward pass ran in, what it cost (if computed
+    now) and its wall time."""
+
+    def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
+                 threshold: float, name: str, inference_cfg: config.Inference, cache_dir: Path | None):
+        self.model, self.x, self.y, self.cfg, self.seed, self.threshold = model, x, y, cfg, seed, threshold
+        self.name, self.inference_cfg = name, inference_cfg
+        key = cache.model_key(model, x, y, seed, inference_cfg, cfg.batch_size, threshold) if cache_dir else ""
+        self.cache = cache.PassCache(cache_dir, key)
+        self.precisions: dict[str, str] = {}
+        self.cost: dict[str, dict[str, int]] = {"gradients": {}, "queries": {}}
+        self.laps = Laps()
+        self.attacker = Attacker(model, cfg.attack, seed)  # the mission's attack, for its set and the curve
+        self.signs: np.ndarray | None = None  # FGSM's step at every epsilon
+
+    def __call__(self, name: str, spec: Any, compute: Callable[[], dict[str, np.ndarray]],
+                 label: str | None = None) -> dict[str, np.ndarray]:
+        """The pass ``name`` with settings ``spec``, its precision and, if computed now, its cost noted under
+        ``label`` (default: its name)."""
+        hits = len(self.cache.hits)
+        out = self.cache(name, spec, compute)
         if "precision" in out:
-            precisions[label or name] = str(out["precision"])
-        for kind, counts in cost.items():
-            if len(passes.hits) == hits and int(out.get(kind, 0)):
+            self.precisions[label or name] = str(out["precision"])
+        for kind, counts in self.cost.items():
+            if len(self.cache.hits) == hits and int(out.get(kind, 0)):
                 counts[label or name] = int(out[kind])
         return out
 
-    def costed(attack: Attacker, compute) -> dict[str, np.ndarray]:
+    def bar(self, text: str | None) -> str | None:  # progress bars on a terminal only, not in logs
+        return f"{self.name}: {text}" if text and sys.stderr.isatty() else None
+
+    def scores(self, images: np.ndarray, text: str | None = None) -> dict[str, np.ndarray]:
+        """P(FAKE) and the precision it was computed in (bf16 only where checked to keep the labels)."""
+        p, how = inference.checked_probabilities(self.model, images, self.inference_cfg, self.threshold, self.seed,
+                                                 self.cfg.batch_size, self.bar(text))
+        return {"p": p, "precision": np.array(how)}
+
+    @staticmethod
+    def costed(attack: Attacker, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """``compute()``'s pass with the input gradients ``attack`` spent on it."""
         before = attack.spent
         out = compute()
         return {**out, "gradients": np.array(attack.spent - before)}
 
-    def bar(text: str) -> str | None:  # progress bars on a terminal only, not in logs
-        return f"{name}: {text}" if sys.stderr.isatty() else None
-
-    def scores(images: np.ndarray, text: str | None = None) -> dict[str, np.ndarray]:
-        """P(FAKE) and the precision it was computed in (bf16 only where checked to keep the labels)."""
-        p, how = inference.checked_probabilities(model, images, engine, threshold, seed, bs,
-                                                 bar(text) if text else None)
-        return {"p": p, "precision": np.array(how)}
-
-    laps = Laps()
-    p_clean = one_pass("clean", {}, lambda: scores(x, "clean"))["p"]
-    laps("clean")
-    attacker = Attacker(model, cfg.attack, seed)
-    # FGSM's direction, the sign of each image's input gradient, does not depend on epsilon: one gradient pass
-    # serves the mission's set and every epsilon of the curve, and is kept apart from them, so an epsilon edit
-    # costs forward passes only.
-    fgsm = cfg.attack.name == "fgsm"
-    signs = one_pass("signs", [cfg.attack.name], lambda: costed(attacker, lambda: {
-        "s": attacker.signs(x, y, bs, bar(cfg.attack.describe()))}))["s"] if fgsm else None
-
-    def attacked(eps: float, at: np.ndarray | slice = slice(None), text: str | None = None) -> dict[str, np.ndarray]:
-        if fgsm:
-            adv = attacker.sweep(x[at], y[at], [eps], bs, signs=signs[at])[eps]
+    def _mission_attacked(self, attack: config.Attack, at: np.ndarray | slice,
+                          text: str | None = None) -> dict[str, np.ndarray]:
+        """The mission's attack at ``attack.epsilon`` on the images ``at``, as uint8, and their scores."""
+        x, y, bs = self.x[at], self.y[at], self.cfg.batch_size
+        if self.signs is not None:
+            adv = self.attacker.sweep(x, y, [attack.epsilon], bs, signs=self.signs[at])[attack.epsilon]
         else:
-            adv = to_uint8(attacker.perturb(x[at], y[at], bs, eps, progress=bar(text) if text else None))
-        return {"x": adv, **scores(adv)}
+            adv = to_uint8(self.attacker.perturb(x, y, bs, attack.epsilon, progress=self.bar(text)))
+        return {"x": adv, **self.scores(adv)}
 
-    out = one_pass("attack", cfg.attack.model_dump(mode="json"),
-                lambda: costed(attacker, lambda: attacked(cfg.attack.epsilon, text=cfg.attack.describe())))
-    x_adv, p_adv = out["x"], out["p"]
-    laps("attack")
-    sub = stratified_subset(y, cfg.diagnostic_images, seed)
-    # An image leaves the diagnostic once fooled at the thresholds its scores are read at (AutoAttack's rule): the
-    # undefended model's images go after a few of the 20 steps. Balanced accuracy can only fall for it; scores of
-    # fooled images stop near the thresholds, so the attacked ROC AUC reads higher than a full run's
-    # (bench/README.md#evaluates-passes).
-    diagnostic = Attacker(model, cfg.diagnostic, seed, stop_at=(threshold, REFERENCE_THRESHOLD))
+    def clean(self) -> np.ndarray:
+        p = self("clean", {}, lambda: self.scores(self.x, "clean"))["p"]
+        self.laps("clean")
+        return p
 
-    def diagnose() -> dict[str, np.ndarray]:
-        return scores(to_uint8(diagnostic.perturb(x[sub], y[sub], bs, progress=bar(cfg.diagnostic.describe()))))
+    def mission(self) -> tuple[np.ndarray, np.ndarray]:
+        """Test_dataset_2: every image under the mission's attack (uint8), and its scores."""
+        attack = self.cfg.attack
+        if attack.name == "fgsm":
+            # FGSM's direction, the sign of each image's input gradient, does not depend on epsilon: one gradient
+            # pass serves the mission's set and every epsilon of the curve, and is kept apart from them, so an
+            # epsilon edit costs forward passes only.
+            self.signs = self("signs", [attack.name], lambda: self.costed(self.attacker, lambda: {
+                "s": self.attacker.signs(self.x, self.y, self.cfg.batch_size, self.bar(attack.describe()))}))["s"]
+        out = self("attack", attack.model_dump(mode="json"), lambda: self.costed(
+            self.attacker, lambda: self._mission_attacked(attack, slice(None), attack.describe())))
+        self.laps("attack")
+        return out["x"], out["p"]
 
-    # The threshold is part of the pass: where the attack let an image go depends on it.
-    out = one_pass("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images, threshold],
-                lambda: costed(diagnostic, diagnose))
-    p_diag = out["p"]
-    laps("diagnostic")
-    extra = {}  # attack name -> (positions in sub, P(FAKE) attacked)
-    for a in cfg.attacks:
-        part = stratified_subset(y[sub], a.images, seed)  # nested: the first of one seeded permutation per class
-        if a.name == "transfer" and transfer_from is None:
-            continue
-        source = None if transfer_from is None else transfer_from[sub][part]
+    def diagnostic(self, sub: np.ndarray) -> np.ndarray:
+        # An image leaves the diagnostic once fooled at the thresholds its scores are read at (AutoAttack's rule):
+        # the undefended model's images go after a few of the 20 steps. Balanced accuracy can only fall for it;
+        # scores of fooled images stop near the thresholds, so the attacked ROC AUC reads higher than a full run's
+        # (bench/README.md#evaluates-passes).
+        cfg = self.cfg
+        attacker = Attacker(self.model, cfg.diagnostic, self.seed, stop_at=(self.threshold, REFERENCE_THRESHOLD))
+
+        def compute() -> dict[str, np.ndarray]:
+            return self.scores(to_uint8(attacker.perturb(self.x[sub], self.y[sub], cfg.batch_size,
+                                                         progress=self.bar(cfg.diagnostic.describe()))))
+
+        # The threshold is part of the pass: where the attack let an image go depends on it.
+        p = self("diagnostic", [cfg.diagnostic.model_dump(mode="json"), cfg.diagnostic_images, self.threshold],
+                 lambda: self.costed(attacker, compute))["p"]
+        self.laps("diagnostic")
+        return p
+
+    def attack(self, a: config.ExtraAttack, sub: np.ndarray,
+               transfer_from: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """One of ``evaluate.attacks`` on its nested subset of ``sub``: the positions in ``sub`` and the scores."""
+        part = stratified_subset(self.y[sub], a.images, self.seed)  # the first of one seeded permutation per class
+        x, y = self.x[sub][part], self.y[sub][part]
+        transfer = a.name == "transfer"
+        source = transfer_from[sub][part] if transfer else None
         # APGD lets an image go once fooled at the model's threshold, Square's loss is the margin there; a transfer
         # attack replays its source images, whatever the threshold.
-        spec = [a.model_dump(mode="json"), cfg.diagnostic_images, None if a.name == "transfer" else threshold,
-                cache.digest(source) if a.name == "transfer" else None]
-        extra[a.name] = part, one_pass(a.name, spec, lambda a=a, part=part, source=source: _scored(scores, _attack(
-            a, model, x[sub][part], y[sub][part], threshold, seed, bs, bar(a.describe()), source, engine)))["p"]
-        laps(a.name)
-    p_worst = metrics.worst_case(y[sub], p_adv[sub], p_diag, *(_on(p_adv[sub], part, p) for part, p in extra.values()))
-    # No attacker: what a re-save, a resize, a blur or sensor noise on the way does (pipeline/judge/corruptions.py).
-    corrupted = {}
-    for c in cfg.corruptions:
-        p = one_pass("corruption", [c.model_dump(mode="json"), cfg.diagnostic_images],
-                  lambda c=c: scores(corruptions.apply(x[sub], c, seed)), f"corruption {c.describe()}")["p"]
-        corrupted[c.describe()] = metrics.classification(y[sub], p, threshold)
-    if corrupted:  # the same images uncorrupted, to read the others against
-        corrupted = {"none": metrics.classification(y[sub], p_clean[sub], threshold), **corrupted}
-    laps("corruptions")
-    sets = {k: metrics.classification(labels, p, threshold) for k, labels, p in
-            (("clean", y, p_clean), ("adversarial", y, p_adv), ("diagnostic", y[sub], p_diag),
-             ("worst", y[sub], p_worst))}
-    for k, (part, p) in extra.items():
-        sets[k] = {**metrics.classification(y[sub][part], p, threshold), "images": len(part)}
-    # White-box worst (the mission's, the diagnostic and APGD where it ran) against each gradient-free attack, on
-    # the images that attack ran on.
-    white = metrics.worst_case(y[sub], p_adv[sub], p_diag, *(_on(p_adv[sub], *extra[k]) for k in ("apgd",)
-                                                              if k in extra))
-    masking = {k: gradient_masking(y[sub][part], white[part], p, threshold, cfg.bootstrap, seed)
-               for k, (part, p) in extra.items() if k in GRADIENT_FREE}
-    weighted = metrics.weighted_f1(sets["clean"]["f1"], sets["adversarial"]["f1"], cfg.weights)
-    robust = metrics.robust_score(y[sub], p_clean[sub], p_worst, cfg.weights, cfg.measure, threshold)
-    laps("scores")
-    # The curve is on a seeded subset (all images when curve_images is null), one attack pass per epsilon, each kept
-    # on its own: an edit to the list or to the mission's epsilon reads back the epsilons seen before.
-    idx = stratified_subset(y, cfg.curve_images, seed)
-    swept = {}
-    for eps in (e for e in cfg.epsilons if e not in (0, cfg.attack.epsilon)):
-        spec = [{**cfg.attack.model_dump(mode="json"), "epsilon": eps}, cfg.curve_images]
-        swept[eps] = one_pass("curve", spec, lambda eps=eps: {k: v for k, v in costed(
-            attacker, lambda: attacked(eps, idx, "robustness curve")).items() if k != "x"}, f"curve {eps:g}")["p"]
-    curve = []
-    for eps in cfg.epsilons:
-        p = p_clean[idx] if eps == 0 else p_adv[idx] if eps == cfg.attack.epsilon else swept[eps]
-        curve.append({"model": name, "epsilon": float(eps), "f1": metrics.f1(y[idx], p, threshold),
-                      "balanced_accuracy": metrics.measure(y[idx], p, "balanced_accuracy", threshold)})
-    laps("curve")
-    return Result(p_clean, x_adv, p_adv, p_diag, sets, weighted, robust, curve, sub, corrupted, p_worst, masking,
-                  laps.seconds, passes.hits, precisions, cost["gradients"], cost["queries"])
+        spec = [a.model_dump(mode="json"), self.cfg.diagnostic_images, None if transfer else self.threshold,
+                cache.digest(source) if transfer else None]
+        p = self(a.name, spec, lambda: _scored(self.scores, _attack(
+            a, self.model, x, y, self.threshold, self.seed, self.cfg.batch_size, self.bar(a.describe()), source,
+            self.inference_cfg)))["p"]
+        self.laps(a.name)
+        return part, p
+
+    def corruptions(self, sub: np.ndarray) -> dict[str, np.ndarray]:
+        """No attacker: what a re-save, a resize, a blur or sensor noise on the way does
+        (pipeline/judge/corruptions.py), on the diagnostic images."""
+        out = {c.describe(): self("corruption", [c.model_dump(mode="json"), self.cfg.diagnostic_images],
+                                  lambda c=c: self.scores(corruptions.apply(self.x[sub], c, self.seed)),
+                                  f"corruption {c.describe()}")["p"]
+               for c in self.cfg.corruptions}
+        self.laps("corruptions")
+        return out
+
+    def curve(self, along: np.ndarray, p_clean: np.ndarray, p_adv: np.ndarray) -> dict[float, np.ndarray]:
+        """The scores of the images ``along`` at each epsilon of the curve: 0 and the mission's own are read off
+        the clean and mission passes, every other is one pass, kept on its own, so an edit to the list or to the
+        mission's epsilon reads back the epsilons seen before."""
+        def attacked(attack: config.Attack) -> dict[str, np.ndarray]:
+            out = self.costed(self.attacker, lambda: self._mission_attacked(attack, along, "robustness curve"))
+            return {k: v for k, v in out.items() if k != "x"}
+
+        out = {}
+        for eps in self.cfg.epsilons:
+            if eps in (0, self.cfg.attack.epsilon):
+                out[eps] = (p_clean if eps == 0 else p_adv)[along]
+                continue
+            attack = self.cfg.attack.model_copy(update={"epsilon": eps})
+            out[eps] = self("curve", [attack.model_dump(mode="json"), self.cfg.curve_images],
+                            lambda attack=attack: attacked(attack), f"curve {eps:g}")["p"]
+        self.laps("curve")
+        return out
 
 
 class Laps:
@@ -271,7 +346,7 @@ def _on(base: np.ndarray, part: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 def _attack(a: config.ExtraAttack, model: keras.Model, x: np.ndarray, y: np.ndarray, threshold: float, seed: int,
             batch_size: int, progress: str | None, transferred: np.ndarray | None,
-            engine: config.Inference = inference.AUTO) -> dict[str, np.ndarray]:
+            inference_cfg: config.Inference = inference.AUTO) -> dict[str, np.ndarray]:
     """One of ``evaluate.attacks`` on ``x``: ``x`` the uint8 images (what a PNG would hold), and what they cost
     (``gradients``: images through the input gradient, APGD; ``queries``: forward queries, Square)."""
     if a.name == "transfer":
@@ -281,7 +356,7 @@ def _attack(a: config.ExtraAttack, model: keras.Model, x: np.ndarray, y: np.ndar
                       ).run(x, y, batch_size, progress=progress)
         return {"x": to_uint8(result.x_adv), "gradients": np.array(result.queries.sum())}
     # square: its loss is the margin at the model's own threshold, so it stops once that label flips
-    result = SquareAttack(square_forward(model, engine), a.epsilon, a.queries, a.p_init, threshold, seed
+    result = SquareAttack(square_forward(model, inference_cfg), a.epsilon, a.queries, a.p_init, threshold, seed
                           ).run(x, y, batch_size, progress=progress)
     return {"x": to_uint8(result.x_adv), "queries": np.array(result.queries.sum())}
 
@@ -291,12 +366,12 @@ def _scored(scores, attacked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**scores(attacked["x"]), **{k: v for k, v in attacked.items() if k != "x"}}
 
 
-def square_forward(model: keras.Model, engine: config.Inference = inference.AUTO):
+def square_forward(model: keras.Model, inference_cfg: config.Inference = inference.AUTO):
     """[0, 1] images -> logits, what Square queries: forward passes only, so on the inference engine (OpenVINO on
     a CPU: bench/README.md#evaluates-passes), each query's images split across the engine's requests."""
-    if inference.resolve(engine) != "openvino":
+    if inference.resolve(inference_cfg) != "openvino":
         return logit_forward(model)
-    run = inference.runner(logits_model(model), engine)
+    run = inference.runner(logits_model(model), inference_cfg)
     return lambda x: run(x, max(1, -(-len(x) // run.requests)))[:, 0]
 
 
@@ -326,18 +401,43 @@ def gradient_masking(y: np.ndarray, p_white: np.ndarray, p_free: np.ndarray, thr
 
 
 def rescore(name: str, version: str, x: np.ndarray, y: np.ndarray, cfg: config.Evaluate, seed: int,
-            threshold_rule: Any, engine: config.Inference = inference.AUTO,
+            protocol_id: str, inference_cfg: config.Inference = inference.AUTO,
             transfer_from: np.ndarray | None = None, cache_dir: Path | None = None) -> registry.Standing:
-    """A registered version's scores under this protocol, attacked white-box against itself (the transfer attack
-    replaying ``transfer_from``, as for the candidate) and judged at its own stored threshold (0.5 for a version
-    that stored none): what the champion rule needs when the champion's stored scores come from another protocol."""
+    """A registered version's scores under this protocol (``protocol_id``, the id of :func:`protocol` for these
+    settings), attacked white-box against itself (the transfer attack replaying ``transfer_from``, as for the
+    candidate) and judged at its own stored threshold (0.5 for a version that stored none): what the champion rule
+    needs when the champion's stored scores come from another protocol."""
     from pipeline.model.serving import load_with_threshold, resolve_threshold
 
     model, stored = load_with_threshold(f"models:/{name}/{version}")
     threshold = resolve_threshold(None, stored, 0.5)
-    result = evaluate(model, x, y, cfg, seed, threshold, f"v{version}", engine, transfer_from, cache_dir)
-    return registry.Standing(str(version), result.robust_score, result.weighted_f1,
-                             protocol_id(protocol(cfg, x, y, seed, threshold_rule, engine)))
+    result = run_protocol(model, x, y, cfg, seed, threshold, f"v{version}", inference_cfg, transfer_from, cache_dir)
+    return registry.Standing(str(version), result.robust_score, result.weighted_f1, protocol_id)
+
+
+def log_run(final: Result, base: Result, summary: dict, cfg: config.Evaluate, protocol_id: str,
+            model_ids: tuple[str | None, str | None], figures: dict, tags: dict[str, str]) -> None:
+    """evaluate's MLflow run: what was judged and how (tags), each model's figures linked to the logged model they
+    score (MLflow 3 lineage: ``model_ids``, the defended model's and the baseline's, whose figures ``summary`` nests
+    under ``baseline``), what each pass cost, and the figures."""
+    import mlflow
+
+    results = {"advtrained": final, "baseline": base}
+    mlflow.set_tags({**tags, "protocol": protocol_id, "attack": cfg.attack.describe(),
+                     "diagnostic": cfg.diagnostic.describe(), **{f"attack_{a.name}": a.describe() for a in cfg.attacks},
+                     "gradient_masking": str(any(m["masked"] for m in final.masking.values())),
+                     **{f"cached_{name}": ", ".join(r.cached) or "none" for name, r in results.items()},
+                     # inference.precision: checked decides pass by pass; the decision and its reason
+                     **{f"precision.{name}.{k}": how for name, r in results.items()
+                        for k, how in r.precisions.items()}})
+    flat = dict(config.flatten_dict(summary, exclude=("protocol",)))
+    mlflow.log_metrics({k: v for k, v in flat.items() if not k.startswith("baseline.")}, model_id=model_ids[0])
+    mlflow.log_metrics({k: v for k, v in flat.items() if k.startswith("baseline.")}, model_id=model_ids[1])
+    mlflow.log_metrics({f"{kind}.{name}.{k}": v for name, r in results.items()
+                        for kind, values in (("seconds", r.seconds), ("gradients", r.gradients), ("queries", r.queries))
+                        for k, v in values.items()})
+    for name, fig in figures.items():
+        mlflow.log_figure(fig, name)
 
 
 def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, threshold: float) -> dict:
@@ -351,19 +451,19 @@ def intervals(result: Result, y: np.ndarray, cfg: config.Evaluate, seed: int, th
                                 cfg.bootstrap, seed, worst_index=sub)
 
 
-def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, threshold: Any,
-             engine: config.Inference = inference.AUTO) -> dict:
+def protocol(cfg: config.Evaluate, x: np.ndarray, y: np.ndarray, seed: int, threshold_rule: Any,
+             inference_cfg: config.Inference = inference.AUTO) -> dict:
     """Everything a score depends on besides the model: two scores compare only when their protocols match.
-    ``threshold`` is how each model's threshold is set (params ``threshold``), each model being judged at its own;
-    ``engine`` the inference settings as set (bf16, checked or not, moves attacked labels)."""
+    ``threshold_rule`` is how each model's threshold is set (params ``threshold``), each model being judged at its
+    own; ``inference_cfg`` the inference settings as set (bf16, checked or not, moves attacked labels)."""
     h = hashlib.sha256(np.ascontiguousarray(x).tobytes())
     h.update(np.asarray(y, np.uint8).tobytes())
     return {"attack": cfg.attack.model_dump(mode="json"), "diagnostic": cfg.diagnostic.model_dump(mode="json"),
             "diagnostic_images": cfg.diagnostic_images,
             **({"attacks": [a.model_dump(mode="json") for a in cfg.attacks]} if cfg.attacks else {}),
             "test_sha256": h.hexdigest()[:16], "weights": cfg.weights.model_dump(mode="json"),
-            "measure": cfg.measure, "threshold": threshold, "seed": seed,
-            "inference": engine.model_dump(mode="json")}
+            "measure": cfg.measure, "threshold": threshold_rule, "seed": seed,
+            "inference": inference_cfg.model_dump(mode="json")}
 
 
 def protocol_id(proto: dict) -> str:

@@ -20,12 +20,14 @@ import contextlib
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 
 import keras
 import numpy as np
 
 from pipeline import config
+from pipeline.model.derived import derived
 from pipeline.model.twin import compute_twin
 
 log = logging.getLogger(__name__)
@@ -156,21 +158,15 @@ class OpenVinoRunner(Runner):
 
 
 def runner(model: keras.Model, cfg: config.Inference) -> Runner:
-    """The inference function of ``model`` under ``cfg``, built once per model (conversion and tracing cost more than
-    a batch) and kept on the model object, so it lives and dies with it."""
+    """The inference function of ``model`` under ``cfg``, built once per model and setting (conversion and tracing
+    cost more than a batch)."""
     key = describe(cfg)
-    cache = getattr(model, "_cifake_runners", None)
-    if cache is None:
-        cache = {}
-        object.__setattr__(model, "_cifake_runners", cache)  # past Keras's attribute tracking
-    if key not in cache:
-        engine = resolve(cfg)
-        if engine == "openvino":
-            cache[key] = OpenVinoRunner(model, precision(cfg))
-        else:
-            cache[key] = TensorFlowRunner(model)
+
+    def build() -> Runner:
         log.info("inference: %s runs %s", key, model.name)
-    return cache[key]
+        return OpenVinoRunner(model, precision(cfg)) if resolve(cfg) == "openvino" else TensorFlowRunner(model)
+
+    return derived(model, ("runner", key), build)
 
 
 def probabilities(model: keras.Model, x: np.ndarray, cfg: config.Inference, batch_size: int = 256,
@@ -225,17 +221,18 @@ def forward_fn(model: keras.Model):
     (bench/README.md#inference-engines-and-precision). Built once per model and reused: tracing takes a while, and
     advtrain scores validation after every epoch.
     """
-    fn = getattr(model, "_cifake_forward", None)
-    if fn is None:
+    def build():
         import tensorflow as tf
 
         spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
         twin = compute_twin(model)
-        fn = tf.function(lambda x: twin(x, training=False), input_signature=[spec])
+        # Through a weak reference where the twin is the model itself, which must not keep its own entry alive.
+        call = weakref.ref(twin) if twin is model else lambda: twin
+        fn = tf.function(lambda x: call()(x, training=False), input_signature=[spec])
         fn.output_tail = tuple(model.output_shape[1:])  # oneDNN rejects empty batches, so those never reach fn
-        # On the model itself (past Keras's attribute tracking): it lives and dies with the model.
-        object.__setattr__(model, "_cifake_forward", fn)
-    return fn
+        return fn
+
+    return derived(model, "forward", build)
 
 
 def batched(fn, x: np.ndarray, batch_size: int, progress: str | None = None) -> np.ndarray:

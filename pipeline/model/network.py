@@ -14,6 +14,7 @@ from keras import layers, ops
 
 from pipeline import config
 from pipeline.errors import ModelError
+from pipeline.model.derived import derived
 
 INPUT_SHAPE = (32, 32, 3)
 FEATURE_DIM = 2048  # ResNet50's pooled output
@@ -134,11 +135,7 @@ def build_model(cfg: config.Model, dropout: float, seed: int, head: keras.Model 
 def feature_extractor(model: keras.Model) -> keras.Model:
     """Pixels -> pooled backbone features: the part of ``model`` a frozen backbone makes constant. Built once per
     model, so the inference engine converts it once for all the splits it extracts."""
-    extractor = getattr(model, "_cifake_features", None)
-    if extractor is None:
-        extractor = keras.Model(model.input, model.get_layer("gap").output, name="features")
-        object.__setattr__(model, "_cifake_features", extractor)  # past Keras's tracking, as logits_model
-    return extractor
+    return derived(model, "features", lambda: keras.Model(model.input, model.get_layer("gap").output, name="features"))
 
 
 def head_classifier(head: keras.Model) -> keras.Model:

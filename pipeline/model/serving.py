@@ -72,14 +72,14 @@ def _request_bytes(row: dict) -> int:
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     # The inference engine: auto (OpenVINO on a CPU, TensorFlow on a GPU) unless the serving process's environment
     # names one in CIFAKE_INFERENCE_ENGINE (openvino | tensorflow).
-    engine = config.Inference()
+    inference_cfg = config.Inference()
 
     def load_context(self, context) -> None:
         from pipeline.model import store
 
         self.model = store.load(context.artifacts[KERAS_ARTIFACT])
         self.settings = json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text())
-        self.engine = config.Inference(engine=os.environ.get("CIFAKE_INFERENCE_ENGINE") or "auto")
+        self.inference_cfg = config.Inference(engine=os.environ.get("CIFAKE_INFERENCE_ENGINE") or "auto")
         self.max_records = _env_int("CIFAKE_SERVING_MAX_RECORDS", MAX_RECORDS)
         self.max_bytes = _env_int("CIFAKE_SERVING_MAX_BYTES", MAX_REQUEST_BYTES)
 
@@ -105,7 +105,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         read = [i for i, x in enumerate(pixels) if x is not None]
         p: list[float | None] = [None] * len(rows)
         if read:
-            for i, v in zip(read, probabilities(self.model, np.stack([pixels[i] for i in read]), self.engine)):
+            for i, v in zip(read, probabilities(self.model, np.stack([pixels[i] for i in read]), self.inference_cfg)):
                 p[i] = float(v)
         # object columns: a row that failed answers null (pandas' own string and float columns would say NaN, which
         # strict JSON parsers reject)

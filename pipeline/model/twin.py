@@ -10,16 +10,15 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from pipeline.model.derived import derived
+
 
 def logits_model(model: keras.Model) -> keras.Model:
     """Pixels -> logit, for attacks and losses that must not pass through a saturating sigmoid: the
     :func:`compute_twin` of that part of ``model``, built once per model."""
-    twin = getattr(model, "_cifake_logits", None)
-    if twin is None:
-        # The sigmoid's input, not the head's output: the head may also have been called on cached features.
-        twin = compute_twin(keras.Model(model.input, model.get_layer("prob").input, name="logits"))
-        object.__setattr__(model, "_cifake_logits", twin)  # past Keras's tracking: it lives and dies with the model
-    return twin
+    # The sigmoid's input, not the head's output: the head may also have been called on cached features.
+    return derived(model, "logits", lambda: compute_twin(
+        keras.Model(model.input, model.get_layer("prob").input, name="logits")))
 
 
 # oneDNN's convolutions on ResNet50's last maps at 32x32 (1x1 and 2x2 pixels) run far below its matrix products'
@@ -127,11 +126,12 @@ def compute_twin(model: keras.Model) -> keras.Model:
     rounding (the sums run in another order). ``model`` itself when nothing changes (no such convolution, or a
     Sequential or subclassed model). What is saved is always ``model``; OpenVINO converts the twin
     (:func:`forward_fn`). Built once per model: forward passes and training share it."""
-    twin = getattr(model, "_cifake_twin", None)
-    if twin is None:
+    def build() -> keras.Model | None:
         twin = _rewrite_convolutions(model)
-        object.__setattr__(model, "_cifake_twin", twin)  # past Keras's tracking, as forward_fn's
-    return twin
+        return None if twin is model else twin  # an entry holding its own model would keep it alive
+
+    twin = derived(model, "twin", build)
+    return model if twin is None else twin
 
 
 def _rewrite_convolutions(model: keras.Model) -> keras.Model:

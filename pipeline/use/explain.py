@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from pipeline.classes import LABELS
 from pipeline.errors import ModelError
+from pipeline.model.derived import derived
 from pipeline.model.inference import to_unit
 from pipeline.model.network import INPUT_SHAPE, backbone_of
 
@@ -59,16 +60,11 @@ def resolve_layer(model: keras.Model, layer: str | None = None) -> str:
 
 def _gradcam_fn(model: keras.Model, layer: str):
     """The compiled pass for ``layer``: (maps, P(FAKE), logit), built once per model and layer (tracing takes
-    seconds).
+    seconds)."""
+    return derived(model, ("gradcam", layer), lambda: _trace_gradcam(model, layer))
 
-    Kept on the model object, like :func:`pipeline.model.inference.forward_fn`, so it lives and dies with the model.
-    """
-    cache = getattr(model, "_cifake_gradcam", None)
-    if cache is None:
-        cache = {}
-        object.__setattr__(model, "_cifake_gradcam", cache)
-    if layer in cache:
-        return cache[layer]
+
+def _trace_gradcam(model: keras.Model, layer: str):
     backbone = backbone_of(model)
     _spatial_size(backbone, layer)
     # Same layer objects and weights as the backbone, one more output: the activations that the map weighs.
@@ -106,9 +102,7 @@ def _gradcam_fn(model: keras.Model, layer: str):
         return cam, p_fake, logit
 
     spec = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
-    fn = tf.function(run, input_signature=[spec, tf.TensorSpec((), tf.float32)])
-    cache[layer] = fn
-    return fn
+    return tf.function(run, input_signature=[spec, tf.TensorSpec((), tf.float32)])
 
 
 def gradcam_and_proba(model: keras.Model, x: np.ndarray, layer: str | None = None, batch_size: int = 64,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +81,18 @@ def read_folder(folder: Path, resize: str, max_pixels: int, under: str = "") -> 
 
 @dataclass
 class Summary:
-    images: int
-    fake: int
-    bad: list[tuple[str, str]]
+    """What a scoring run (predict, Spark) did: the images scored, how many of them were called Fake, and the
+    ``(name, reason)`` of each image it could not score."""
+    images: int = 0
+    fake: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def predict_to_csv(predict: Callable[[np.ndarray], np.ndarray], listing: Listing, resize: str, max_pixels: int,
                    threshold: float, target: Path, chunk: int = 4096) -> Summary:
     """Decode, predict and write ``Image Name,Predicted Label`` chunk by chunk (``predict`` maps uint8 images to
     P(FAKE)); the CSV appears at ``target`` only once every row is written."""
-    summary = Summary(0, 0, [])
+    summary = Summary()
     with atomic_path(target) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
@@ -99,7 +101,7 @@ def predict_to_csv(predict: Callable[[np.ndarray], np.ndarray], listing: Listing
             writer.writerows(zip(part.names, labels(p_fake, threshold)))
             summary.images += len(part.names)
             summary.fake += int((p_fake >= threshold).sum())
-            summary.bad.extend(part.bad)
+            summary.skipped.extend(part.bad)
     return summary
 
 

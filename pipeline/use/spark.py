@@ -198,19 +198,13 @@ def _qualified(spark, uri: str) -> str:
     return path.getFileSystem(spark._jsc.hadoopConfiguration()).makeQualified(path).toString().rstrip("/") + "/"
 
 
-@dataclass
-class Summary:
-    images: int = 0
-    fake: int = 0
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (name, reason), sorted by name
-
-    def add(self, row: tuple) -> None:
-        name, label, _, error = row
-        if error:
-            self.errors.append((name, error))
-        else:
-            self.images += 1
-            self.fake += label == predicting.LABELS[1]
+def _count(summary: predicting.Summary, row: tuple) -> None:
+    name, label, _, error = row
+    if error:
+        summary.skipped.append((name, error))  # sorted by name: rows come sorted
+    else:
+        summary.images += 1
+        summary.fake += label == predicting.LABELS[1]
 
 
 def _dropped(src: Source, name: str) -> tuple:
@@ -239,11 +233,11 @@ def _with_dropped(src: Source, rows: Iterator[tuple]) -> Iterator[tuple]:
     yield from (_dropped(src, name) for name in listed[i:])
 
 
-def write(spark, src: Source, scored, target: str) -> Summary:
+def write(spark, src: Source, scored, target: str) -> predicting.Summary:
     """Write ``scored`` sorted by name, with a row for each listed image Spark's reader dropped. ``target`` ending
     in .csv: one CSV file, streamed through the driver, which appears only once complete. Anything else: a Parquet
     folder written by the executors (atomically for a local path)."""
-    summary = Summary()
+    summary = predicting.Summary()
     if target.lower().endswith(".csv"):
         # One sorted partition streamed to the driver: the model runs once, before the shuffle (a global orderBy
         # would sample its input first, running the model twice).
@@ -252,7 +246,7 @@ def write(spark, src: Source, scored, target: str) -> Summary:
             out = csv.writer(f)
             out.writerow(COLUMNS)
             for row in _with_dropped(src, rows):
-                summary.add(row)
+                _count(summary, row)
                 name, label, p_fake, error = row
                 out.writerow((name, label or "", "" if p_fake is None else repr(p_fake), error or ""))
         return summary
@@ -273,7 +267,7 @@ def write(spark, src: Source, scored, target: str) -> Summary:
             with atomic_dir(Path(target)) as tmp:
                 ordered.write.mode("overwrite").parquet(str(tmp))
         for row in ordered.where(F.col("error") != "").toLocalIterator():
-            summary.add(tuple(row))
+            _count(summary, tuple(row))
         counts = scored.agg(F.count("p_fake"), F.sum((F.col(LABEL) == predicting.LABELS[1]).cast("long"))).first()
         summary.images, summary.fake = int(counts[0]), int(counts[1] or 0)
         return summary

@@ -11,7 +11,7 @@ from pipeline.judge import metrics
 
 
 def test_choose_threshold_fixed_or_by_the_selection_rule_on_clean_and_attacked_scores() -> None:
-    evaluate = config.load(Path(__file__).resolve().parents[1] / "params.yaml").evaluate.model_copy(
+    evaluate = config.load(Path(__file__).resolve().parents[2] / "params.yaml").evaluate.model_copy(
         update={"measure": "macro_f1", "weights": config.Weights(clean=0.4, adversarial=0.6)})
     y = np.array([1, 1, 1, 0, 0])
     p_clean, p_attacked = np.array([0.8, 0.7, 0.7, 0.4, 0.9]), np.array([0.1, 0.35, 0.45, 0.6, 0.35])

@@ -13,9 +13,9 @@ import pytest
 
 from pipeline.data import filetree, sources
 from pipeline.errors import DataError
-from tests.test_sources import make_tree, params_for
+from tests.data.test_sources import make_tree, params_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_stage(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from pipeline.model import inference
 from pipeline.model.inference import batched, forward_fn
 from pipeline.model.network import feature_extractor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OPENVINO = config.Inference(engine="openvino", precision="f32")
 TENSORFLOW = config.Inference(engine="tensorflow")
 

@@ -17,7 +17,7 @@ from pipeline.judge import evaluation, registry
 from pipeline.model import inference
 
 NAME = "cifake-test"
-ROOT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+ROOT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 REFERENCE = {"always_fake_robust_score": 0.5, "always_fake_weighted_f1": 2 / 3}
 
 
@@ -101,16 +101,17 @@ def test_protocol_covers_attack_settings_test_set_threshold_and_inference() -> N
                           batch_size=8)
     x, y = np.zeros((4, 32, 32, 3), np.uint8), np.array([0, 0, 1, 1])
 
-    def pid(c=cfg, xx=x, threshold=0.5, engine=inference.AUTO):
-        return evaluation.protocol_id(evaluation.protocol(c, xx, y, 0, threshold, engine))
+    def pid(c=cfg, xx=x, threshold_rule=0.5, inference_cfg=inference.AUTO):
+        return evaluation.protocol_id(evaluation.protocol(c, xx, y, 0, threshold_rule, inference_cfg))
 
     assert pid() == pid()
     other_eps = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"epsilon": 4})})
     other_steps = cfg.model_copy(update={"diagnostic": cfg.diagnostic.model_copy(update={"steps": 20})})
     changed = x.copy()
     changed[0, 0, 0, 0] = 1
-    ids = {pid(), pid(other_eps), pid(other_steps), pid(xx=changed), pid(threshold=0.6),
-           pid(engine=config.Inference(precision="bf16"))}  # bf16 moves attacked labels: not the same measurement
+    # bf16 moves attacked labels: not the same measurement
+    ids = {pid(), pid(other_eps), pid(other_steps), pid(xx=changed), pid(threshold_rule=0.6),
+           pid(inference_cfg=config.Inference(precision="bf16"))}
     assert len(ids) == 6
 
 
@@ -125,15 +126,16 @@ def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store
     x, y = cue_images(16, seed=4)
     rule = {"rule": "criterion", "fixed": 0.5}
     # The version is judged at its own stored threshold, one whose labels differ from 0.5's, and attacked.
-    stored = threshold_that_matters(evaluation.evaluate(graded_model.model, x, y, cfg, 0).p_clean)
+    stored = threshold_that_matters(evaluation.run_protocol(graded_model.model, x, y, cfg, 0).p_clean)
     with mlflow.start_run():
         info = serving.log_version(graded_model_file, {"threshold": stored, "resize": "resize", "max_pixels": 10**6},
                                    "model", NAME)
-    got = evaluation.rescore(NAME, info["version"], x, y, cfg, 0, rule)
-    direct = evaluation.evaluate(graded_model.model, x, y, cfg, 0, stored)
-    at_half = evaluation.evaluate(graded_model.model, x, y, cfg, 0, 0.5)
+    pid = evaluation.protocol_id(evaluation.protocol(cfg, x, y, 0, rule))
+    got = evaluation.rescore(NAME, info["version"], x, y, cfg, 0, pid)
+    direct = evaluation.run_protocol(graded_model.model, x, y, cfg, 0, stored)
+    at_half = evaluation.run_protocol(graded_model.model, x, y, cfg, 0, 0.5)
     assert got.version == info["version"]
-    assert got.protocol == evaluation.protocol_id(evaluation.protocol(cfg, x, y, 0, rule))
+    assert got.protocol == pid
     assert got.robust_score == pytest.approx(direct.robust_score)
     assert got.weighted_f1 == pytest.approx(direct.weighted_f1)
     assert (got.robust_score, got.weighted_f1) != pytest.approx((at_half.robust_score, at_half.weighted_f1))

@@ -14,7 +14,7 @@ from pipeline import config
 from pipeline.data import filetree, images, preprocess, splits
 from pipeline.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfg(**kw) -> config.Preprocess:
@@ -101,7 +101,7 @@ def test_bad_files_are_skipped_and_reported(tmp_path: Path) -> None:
 
 
 def test_a_damaged_entry_in_the_raw_zip_is_one_bad_file(tmp_path: Path) -> None:
-    from tests.test_predict import damage
+    from tests.use.test_predict import damage
 
     raw = make_raw(tmp_path / "raw", train=20, test=5)
     archive = tmp_path / "raw.zip"

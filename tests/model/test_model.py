@@ -21,7 +21,7 @@ SEED = 42
 
 @pytest.fixture(scope="module")
 def cfg() -> config.Model:
-    return config.load(Path(__file__).resolve().parents[1] / "params.yaml", ["model.trainable_from=null"]).model
+    return config.load(Path(__file__).resolve().parents[2] / "params.yaml", ["model.trainable_from=null"]).model
 
 
 def with_(cfg: config.Model, **changes) -> config.Model:

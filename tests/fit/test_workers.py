@@ -18,7 +18,7 @@ import pytest
 from pipeline import config
 from pipeline.fit import studies, tuning
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POSTGRES = os.environ.get("CIFAKE_TEST_POSTGRES_URL")
 FAST = config.Heartbeat(interval_s=1, grace_s=3)
 

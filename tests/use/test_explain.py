@@ -21,7 +21,7 @@ from pipeline.errors import ModelError
 from pipeline.model import inference, twin
 from pipeline.use import explain, predicting
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREPROCESS = config.load(ROOT / "params.yaml").preprocess
 DEFAULT_LAYER = "conv3_block4_out"  # the deepest ResNet50 stage output at least 4×4 at image_size 32
 

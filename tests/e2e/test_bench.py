@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 
 # For each benchmark script: the figures (or attacks) its smoke run must print, one JSON line each.
@@ -31,7 +31,7 @@ EXPECTED = {
 def _needs(script: str) -> str | None:
     """Why ``script`` cannot run on this machine, or None."""
     if script == "spark":
-        from tests.test_score_spark import SPARK_MISSING  # the Spark test's own check: one reason, one place
+        from tests.use.test_score_spark import SPARK_MISSING  # the Spark test's own check: one reason, one place
 
         return SPARK_MISSING
     if script == "fullscale" and not Path("/usr/bin/time").exists():

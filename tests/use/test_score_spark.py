@@ -22,9 +22,9 @@ from pipeline.judge import registry
 from pipeline.model import serving
 from pipeline.use import predicting
 from pipeline.use import spark as spark_scoring
-from tests.test_predict import messy_folder, noise, read_csv  # noqa: F401 (fixture)
+from tests.use.test_predict import messy_folder, noise, read_csv  # noqa: F401 (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREPROCESS = config.load(ROOT / "params.yaml").preprocess
 
 
@@ -187,7 +187,7 @@ def test_a_zip_is_scored_under_the_names_its_entries_have(messy_folder: Path, tm
         assert not (extracted / "notes.txt").exists()  # only images are extracted
     assert not extracted.exists()  # removed when the job is done
 
-    from tests.test_predict import damage
+    from tests.use.test_predict import damage
 
     damage(archive, (messy_folder / "gray.png").read_bytes())  # an entry failing its checksum: one row, not the job
     with spark_scoring.source(str(archive)) as src:

@@ -17,7 +17,7 @@ from pipeline import config
 from pipeline.data import filetree, sample, sources
 from pipeline.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FOLDERS = ("train/REAL", "train/FAKE", "test/REAL", "test/FAKE")
 
 

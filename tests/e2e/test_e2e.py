@@ -29,7 +29,7 @@ import yaml
 from tests.conftest import running_mlflow_server
 from tests.test_dvc import NOT_DEPENDENCIES, covers, leaves
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STORE = "mlruns/mlflow.db"  # params.yaml's relative store: the workspace's, never a queued copy's
 EXPERIMENTS = {"eps1": 1, "eps16": 16}
 SKIP = {".git", ".dvc/tmp", ".dvc/cache", "data", "models", "mlruns", "metrics", "plots", "predictions", "reports",

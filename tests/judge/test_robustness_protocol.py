@@ -54,7 +54,7 @@ def test_each_attack_lowers_an_undefended_models_balanced_accuracy_and_the_worst
     # The transfer source: another attack's images of the same test set (in evaluate, the undefended model's).
     source = to_uint8(Attacker(graded_model.model, cfg.diagnostic.model_copy(update={"steps": 10}), SEED)
                       .perturb(x, y, 64))
-    result = evaluation.evaluate(graded_model.model, x, y, cfg, SEED, 0.5, "graded", TF, transfer_from=source)
+    result = evaluation.run_protocol(graded_model.model, x, y, cfg, SEED, 0.5, "graded", TF, transfer_from=source)
     ba = {k: v["balanced_accuracy"] for k, v in result.sets.items()}
     assert ba["clean"] >= 0.85
     # What each pass cost: FGSM one gradient an image; PGD-5 and APGD-10 less than their budgets, as the images
@@ -78,7 +78,7 @@ def test_each_attack_lowers_an_undefended_models_balanced_accuracy_and_the_worst
 def test_the_gradient_masking_flag_fires_on_a_model_that_rounds_its_input(rounding_model, test_set):
     x, y = test_set
     cfg = protocol("[{name: square, queries: 150}, {name: transfer}]", **{"evaluate.diagnostic.steps": "5"})
-    result = evaluation.evaluate(rounding_model, x, y, cfg, SEED, 0.5, "rounding", TF)
+    result = evaluation.run_protocol(rounding_model, x, y, cfg, SEED, 0.5, "rounding", TF)
     assert "transfer" not in result.sets  # no source images given: skipped, not invented
     ba = {k: v["balanced_accuracy"] for k, v in result.sets.items()}
     assert ba["clean"] >= 0.8, ba  # a working classifier, not one that is trivially robust by being useless
@@ -163,7 +163,7 @@ def test_each_attack_and_corruption_strength_changes_what_evaluate_reports(grade
     x, y = test_set[0][::2], test_set[1][::2]  # 32 of each class
 
     def run(cfg: config.Evaluate) -> dict[str, dict[str, float]]:
-        result = evaluation.evaluate(graded_model.model, x, y, cfg, SEED, 0.5, "graded", TF, cache_dir=tmp_path)
+        result = evaluation.run_protocol(graded_model.model, x, y, cfg, SEED, 0.5, "graded", TF, cache_dir=tmp_path)
         corrupted = {k.rstrip("0123456789."): v for k, v in result.corrupted.items() if k != "none"}
         return {**result.sets, **corrupted, "p_diagnostic": {"p": result.p_diagnostic.tolist()},
                 "p_adv": {"p": result.p_adv.tolist()}}

@@ -62,7 +62,7 @@ def test_zero_division_gives_zero_not_nan() -> None:
 
 
 def test_weighted_f1_is_point_four_clean_plus_point_six_adversarial() -> None:
-    weights = config.load(Path(__file__).resolve().parents[1] / "params.yaml").evaluate.weights
+    weights = config.load(Path(__file__).resolve().parents[2] / "params.yaml").evaluate.weights
     assert metrics.weighted_f1(0.9, 0.5, weights) == pytest.approx(0.4 * 0.9 + 0.6 * 0.5)
     assert metrics.weighted_f1(1.0, 1.0, weights) == pytest.approx(1.0)
     assert metrics.weighted_f1(0.8, 0.2, config.Weights(clean=0.5, adversarial=0.5)) == pytest.approx(0.5)
@@ -206,7 +206,7 @@ def test_brier_and_reliability() -> None:
 
 
 def test_scores_gathers_each_figure_under_its_name_at_the_threshold() -> None:
-    cfg = config.load(Path(__file__).resolve().parents[1] / "params.yaml").evaluate.model_copy(
+    cfg = config.load(Path(__file__).resolve().parents[2] / "params.yaml").evaluate.model_copy(
         update={"measure": "macro_f1", "weights": WEIGHTS})
     p_adv = np.array([0.3, 0.6, 0.5, 0.4, 0.7, 0.6, 0.8, 0.2, 0.1, 0.55])
     got = metrics.scores(Y, P, p_adv, cfg, threshold=0.55)

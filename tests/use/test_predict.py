@@ -19,7 +19,7 @@ from pipeline.judge import registry
 from pipeline.model import inference, serving
 from pipeline.use import predicting
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = ["Image Name", "Predicted Label"]
 PREPROCESS = config.load(ROOT / "params.yaml").preprocess  # the tool decodes with these by default
 
@@ -124,7 +124,7 @@ def test_streaming_in_chunks_writes_what_one_pass_would(messy_folder: Path, tmp_
     want = predicting.labels(inference.predict_proba(tiny_model.model, found.x), 0.5)
     assert read_csv(tmp_path / "streamed.csv") == [HEADER, *map(list, zip(USABLE, want))]
     assert done.images == len(USABLE) and done.fake == want.count("Fake")
-    assert [name for name, _ in done.bad] == ["corrupt.jpg"]
+    assert [name for name, _ in done.skipped] == ["corrupt.jpg"]
 
 
 def test_predict_cli_writes_the_csv_contract(messy_folder: Path, tmp_path: Path, tiny_model, tiny_model_file) -> None:

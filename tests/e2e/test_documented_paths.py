@@ -21,7 +21,7 @@ from pipeline.fit import training, tuning
 from pipeline.model import inference, network, store
 from tests.conftest import PARAMS_FILE, separable_images, tmp_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The last conv layer only: the gradient still crosses the whole head, but training stays cheap on a CPU.
 LAST_CONV = "conv5_block3_3_conv"
 

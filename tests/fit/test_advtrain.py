@@ -12,7 +12,7 @@ from pipeline.fit import training
 from pipeline.judge.attacks import Attacker, margin_and_gradient
 from pipeline.model import inference, serving, store
 
-PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS_FILE = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
 def advtrain_cfg(**over) -> tuple[config.AdvTrain, config.Evaluate]:
@@ -187,7 +187,7 @@ def _run_stage(script: str, overrides: list[str], monkeypatch) -> None:
     import runpy
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     main = runpy.run_path(str(root / "src" / script), run_name="stage_under_test")["main"]
     monkeypatch.setattr(sys, "argv", [script, *(a for o in overrides for a in ("-S", o))])
     main()

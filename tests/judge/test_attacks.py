@@ -109,7 +109,7 @@ def test_restarts_need_a_random_start() -> None:
     with pytest.raises(ValueError, match="restarts"):
         attack("pgd", 8, restarts=2, random_start=False)
     with pytest.raises(ConfigError, match="evaluate.diagnostic"):
-        config.load(Path(__file__).resolve().parents[1] / "params.yaml",
+        config.load(Path(__file__).resolve().parents[2] / "params.yaml",
                     ["evaluate.diagnostic={name: fgsm, epsilon: 8, restarts: 3}"])
 
 

@@ -27,9 +27,9 @@ from pipeline.judge import registry
 from pipeline.model import inference, serving
 from pipeline.use import predicting
 from tests.conftest import free_port
-from tests.test_predict import messy_folder, noise, read_csv, run_predict  # noqa: F401 (fixture)
+from tests.use.test_predict import messy_folder, noise, read_csv, run_predict  # noqa: F401 (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREPROCESS = config.load(ROOT / "params.yaml").preprocess
 NAME = "cifake-serving-test"
 SETTINGS = {"threshold": 0.5, "resize": PREPROCESS.resize, "max_pixels": PREPROCESS.max_pixels}

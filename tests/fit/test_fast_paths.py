@@ -15,7 +15,7 @@ from pipeline.fit import training
 from pipeline.judge import corruptions, evaluation, metrics
 from pipeline.model import inference, network, store
 
-PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS_FILE = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
 def separable_features(n: int, seed: int = 0) -> training.Arrays:
@@ -150,7 +150,7 @@ def test_the_diagnostic_runs_on_its_subset_and_robust_score_counts_those_images(
                                        "evaluate.epsilons=[0, 8]", "evaluate.bootstrap=50", "evaluate.attacks=[]"])
     cfg = params.evaluate
     x, y = tiny_model.x, tiny_model.y
-    result = evaluation.evaluate(tiny_model.model, x, y, cfg, 0, 0.5, "tiny", config.Inference(engine="tensorflow"))
+    result = evaluation.run_protocol(tiny_model.model, x, y, cfg, 0, 0.5, "tiny", config.Inference(engine="tensorflow"))
     sub = result.diagnosed
     assert len(sub) == len(result.p_diagnostic) == 32 and np.bincount(y[sub]).tolist() == [16, 16]
     assert len(result.p_clean) == len(result.p_adv) == len(x)  # the mission's attack covers every image

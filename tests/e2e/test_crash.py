@@ -19,7 +19,7 @@ from pipeline.data import preprocess, sample
 from pipeline.model import store
 from tests.conftest import PARAMS_FILE, tmp_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

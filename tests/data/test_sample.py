@@ -69,9 +69,9 @@ def test_same_seed_same_bytes_other_seed_differs(small: tuple[Path, dict[str, in
         assert (other / folder / first.name).read_bytes() != first.read_bytes(), folder
 
 
-# sha256 over (relative path, bytes) of every file of GOLDEN at seed 0. It changes only when the generator does: then
-# regenerate it with `python -c "from tests.test_sample import golden_hash; print(golden_hash())"` and say why in the
-# commit. Measured identical under every OpenBLAS kernel and numpy SIMD setting in GOLDEN_ENVIRONMENTS.
+# sha256 over (relative path, bytes) of every file of GOLDEN at seed 0. It changes only when the generator does:
+# then regenerate it with `python -c "from tests.data.test_sample import golden_hash; print(golden_hash())"` and
+# say why in the commit. Measured identical under every OpenBLAS kernel and numpy SIMD setting in GOLDEN_ENVIRONMENTS.
 GOLDEN = config.Sample(train_per_class=10, test_per_class=4, jpeg_quality=95, mark=12.0)
 GOLDEN_SHA256 = "cc0f60a321c37ef8efd206d850c0149c9103c72d50e4f1541c1d6a999fe4a7bc"
 # Other CPUs, emulated on this one: OpenBLAS's kernels for other microarchitectures sum in other orders, and numpy's
@@ -114,8 +114,8 @@ def cpu_flags() -> set[str]:
 def test_golden_hash_under_other_cpu_code_paths(env: dict[str, str]) -> None:
     if env.get("OPENBLAS_CORETYPE") == "SkylakeX" and "avx512f" not in cpu_flags():
         pytest.skip("OpenBLAS's SkylakeX kernels need AVX-512, which this CPU lacks (they die of SIGILL)")
-    code = "from tests.test_sample import golden_hash; print(golden_hash())"
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+    code = "from tests.data.test_sample import golden_hash; print(golden_hash())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
                          text=True, env={**os.environ, **env}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == GOLDEN_SHA256

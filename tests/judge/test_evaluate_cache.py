@@ -49,7 +49,7 @@ def forward_calls(monkeypatch) -> list[int]:
 
 
 def run(model, test_set, cache_dir, cfg, source=None):
-    return evaluation.evaluate(model, *test_set, cfg, SEED, 0.5, "graded", TF, transfer_from=source,
+    return evaluation.run_protocol(model, *test_set, cfg, SEED, 0.5, "graded", TF, transfer_from=source,
                                cache_dir=cache_dir)
 
 
@@ -96,10 +96,10 @@ def test_the_attacks_that_stop_at_the_threshold_run_again_under_another(graded_m
     """PGD and APGD let an image go once fooled at the model's threshold, Square's loss is the margin there: the same
     weights judged at another threshold (a re-registered model, `threshold.fixed`) must not read their passes."""
     run(graded_model.model, test_set, tmp_path, protocol(), source)
-    again = evaluation.evaluate(graded_model.model, *test_set, protocol(), SEED, 0.7, "graded", TF,
+    again = evaluation.run_protocol(graded_model.model, *test_set, protocol(), SEED, 0.7, "graded", TF,
                                 transfer_from=source, cache_dir=tmp_path)
     assert sorted(again.cached) == sorted(p for p in PASSES if p not in ("diagnostic", "apgd", "square"))
-    fresh = evaluation.evaluate(graded_model.model, *test_set, protocol(), SEED, 0.7, "graded", TF,
+    fresh = evaluation.run_protocol(graded_model.model, *test_set, protocol(), SEED, 0.7, "graded", TF,
                                 transfer_from=source)
     assert again.sets == fresh.sets
 
@@ -153,13 +153,13 @@ def test_a_relative_cache_is_the_workspaces_in_a_queued_experiments_copy(tmp_pat
 
 def test_each_pass_says_the_precision_it_ran_in_and_a_rerun_reads_that_back(graded_model, test_set, source,
                                                                              tmp_path, monkeypatch):
-    from tests.test_inference import _with_bf16
+    from tests.model.test_inference import _with_bf16
 
     checked = config.Inference(engine="openvino", precision="checked", check_images=8)
     _with_bf16(monkeypatch, graded_model.model, 0.0)  # a "bf16" that keeps every label: the check takes it
 
     def run_checked():
-        return evaluation.evaluate(graded_model.model, *test_set, protocol(), SEED, 0.5, "graded", checked,
+        return evaluation.run_protocol(graded_model.model, *test_set, protocol(), SEED, 0.5, "graded", checked,
                                    transfer_from=source, cache_dir=tmp_path)
 
     first = run_checked()
