@@ -8,10 +8,7 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -26,7 +23,6 @@ from pipeline import config
 from pipeline.judge import registry
 from pipeline.model import inference, serving
 from pipeline.use import predicting
-from tests.conftest import free_port
 from tests.use.test_predict import messy_folder, noise, read_csv, run_predict  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,36 +146,15 @@ def test_the_keras_model_comes_back_out_of_the_version(served: str, tiny_model) 
 @pytest.mark.slow  # the server imports TensorFlow and loads the model: ~20-40 s
 def test_mlflow_models_serve_answers_real_images_like_predict(served: str, mlflow_store, messy_folder: Path,  # noqa: F811
                                                               tmp_path: Path, tiny_model_file: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri, "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (the server keeps it)
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", served, "--env-manager",
-                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
+    from bench import load
 
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri, "PYTHONPATH": str(ROOT)}
+    with load.serve(served, env, tmp_path / "serve.log") as server:
         files = sorted(p for p in messy_folder.rglob("*") if p.is_file() and p.suffix.lower() != ".txt")
         records = [{"image": base64.b64encode(p.read_bytes()).decode()} for p in files]
 
         def post(body: dict) -> tuple[int, dict]:
-            request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=60) as r:
-                    return r.status, json.loads(r.read())
-            except urllib.error.HTTPError as err:
-                return err.code, json.loads(err.read())
+            return load.post(server.url, json.dumps(body).encode())[:2]
 
         status, body = post({"dataframe_records": records})
         assert status == 200, body
@@ -204,10 +179,6 @@ def test_mlflow_models_serve_answers_real_images_like_predict(served: str, mlflo
         status, body = post({"dataframe_records": [{"pixels": [[1, 2], [3, 4]]}]})  # not H×W×3: the schema says no
         assert status == 400 and "error_code" in body, body
         assert post({"dataframe_records": records[:1]})[0] == 200
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def test_a_version_logged_in_keras_own_flavour_still_loads(mlflow_store, tiny_model) -> None:
@@ -296,35 +267,15 @@ def test_mlflow_models_serve_labels_at_the_versions_stored_threshold(mlflow_stor
     stored = threshold_that_matters(p)
     with mlflow.start_run():
         info = serving.log_version(graded_model_file, {**SETTINGS, "threshold": stored}, "model", NAME)
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri, "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (the server keeps it)
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                               f"models:/{NAME}/{info['version']}", "--env-manager", "local", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
+    from bench import load
 
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri, "PYTHONPATH": str(ROOT)}
+    with load.serve(f"models:/{NAME}/{info['version']}", env, tmp_path / "serve.log") as server:
         def labels(**extra) -> list[str]:
             body = {"dataframe_records": [{"pixels": img.tolist()} for img in images], **extra}
-            request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=60) as r:
-                return [a["label"] for a in json.loads(r.read())["predictions"]]
+            status, answer, _ = load.post(server.url, json.dumps(body).encode())
+            assert status == 200, answer
+            return [a["label"] for a in answer["predictions"]]
 
         assert labels() == predicting.labels(p, stored) != predicting.labels(p, 0.5)
         assert labels(params={"threshold": 0.5}) == predicting.labels(p, 0.5)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
