@@ -276,8 +276,32 @@ class Train(Section):
     patience: PositiveInt
 
 
+class NFgsm(Section):
+    """N-FGSM (de Jorge et al. 2022): one step of ``step``·ε from a start drawn uniformly within ``noise``·ε, not
+    projected back onto the ε-ball (the paper's k = 2, α = ε)."""
+
+    noise: Annotated[float, Field(ge=0.0)] = 2.0
+    step: Annotated[float, Field(gt=0.0)] = 1.0
+
+
+class Trades(Section):
+    """TRADES (Zhang et al. 2019): the loss on the clean images plus ``beta`` times the KL divergence between the
+    clean and the attacked prediction, the attack maximising that divergence by ``steps`` steps of ``step_size``
+    (8-bit units) within advtrain.attack's ε (the paper's β = 6, 10 steps of 0.007 ≈ 2/255)."""
+
+    beta: Annotated[float, Field(ge=0.0)] = 6.0
+    steps: PositiveInt = 10
+    step_size: Epsilon255 = 2.0
+
+
 class AdvTrain(Section):
+    # pgd (Madry et al. 2018: train on advtrain.attack's examples) | n-fgsm | trades. Every method's epochs are
+    # scored under advtrain.attack (PGD by default), so an epoch in which a one-step method overfits to its own
+    # attack (catastrophic overfitting: robust to FGSM, broken by PGD) is never the one kept.
+    method: Literal["pgd", "n-fgsm", "trades"] = "pgd"
     attack: Attack
+    n_fgsm: NFgsm = Field(default_factory=NFgsm)
+    trades: Trades = Field(default_factory=Trades)
     adv_ratio: Fraction
     epochs: Annotated[int, Field(ge=0)]
     learning_rate: Annotated[float, Field(gt=0.0)]

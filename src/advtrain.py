@@ -1,6 +1,6 @@
-"""Stage `advtrain`: adversarial training of the trained model on a mix of clean and adversarial examples (PGD by
-default), generated on the fly against the current weights; keeps the epoch with the best validation robust_score;
-saves, logs and registers the result."""
+"""Stage `advtrain`: adversarial training of the trained model (advtrain.method: PGD by default, N-FGSM or TRADES)
+on examples generated on the fly against the current weights; keeps the epoch with the best validation
+robust_score; saves, logs and registers the result."""
 import sys
 from pathlib import Path
 
@@ -54,7 +54,7 @@ def main() -> None:
     write_json(params.paths.metrics / "advtrain.json", summary)
     reporting.write_csv([{"epoch": i, **{k: "" if v is None else v for k, v in r.items()}} for i, r in enumerate(rows)],
                         params.paths.plots / "advtrain_history.csv")
-    print(f"advtrain: kept epoch {kept} of {cfg.epochs}; validation robust_score {before['val_robust_score']:.4f} -> "
+    print(f"advtrain ({cfg.method}): kept epoch {kept} of {cfg.epochs}; validation robust_score {before['val_robust_score']:.4f} -> "
           f"{after['val_robust_score']:.4f} ({m} under {cfg.attack.describe()} {before[f'val_adv_{m}']:.4f} -> "
           f"{after[f'val_adv_{m}']:.4f}, clean {before[f'val_{m}']:.4f} -> {after[f'val_{m}']:.4f}); threshold "
           f"{summary['threshold']:.4g}; registered v{info.get('version')} (run {run.info.run_id})")

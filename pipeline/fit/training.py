@@ -1,5 +1,5 @@
-"""Fitting: the head on cached features (frozen backbone), the whole model on images, and FGSM/PGD adversarial
-fine-tuning. Each reports per-epoch validation metrics through Keras callbacks (MLflow, Optuna pruning)."""
+"""Fitting: the head on cached features (frozen backbone), the whole model on images, and adversarial fine-tuning
+(PGD, N-FGSM or TRADES: :mod:`pipeline.fit.defences`). Each reports per-epoch validation metrics through Keras callbacks (MLflow, Optuna pruning)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import config
+from pipeline.fit import defences
 from pipeline.judge import metrics
 from pipeline.judge.attacks import Attacker
 from pipeline.model.inference import batched, forward_fn, to_unit
@@ -243,13 +244,15 @@ class FineTuned(NamedTuple):
 def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain, evaluate_cfg: config.Evaluate,
                          seed: int, on_epoch_end=None, before: dict[str, float] | None = None,
                          attacker: Attacker | None = None) -> FineTuned:
-    """Adversarial training (Madry et al. 2018 with PGD, the default; FGSM also offered): a share ``adv_ratio`` of
-    each batch is replaced by its adversarial version, made on the fly against the current weights. Each batch: the
-    attack, then one compiled update. Each epoch trains on ``cfg.images_per_epoch`` images (a fresh seeded
+    """Adversarial training by ``cfg.method``: ``pgd`` (Madry et al. 2018, the default; ``cfg.attack`` may also be
+    FGSM) and ``n-fgsm`` replace a share ``adv_ratio`` of each batch by its adversarial version, made on the fly
+    against the current weights; ``trades`` trains every image clean and attacked (:mod:`pipeline.fit.defences`).
+    Each batch: the attack, then one compiled update. Each epoch trains on ``cfg.images_per_epoch`` images (a fresh seeded
     draw; all of them when null).
 
     The model keeps the weights of the epoch with the best validation :func:`metrics.robust_score` (clean and
-    attacked with ``cfg.attack``). The incoming model is epoch 0 (its scores are measured unless ``before`` gives
+    attacked with ``cfg.attack``, whatever the method: a one-step method's epoch that overfits to its own attack
+    scores low there). The incoming model is epoch 0 (its scores are measured unless ``before`` gives
     them), so a fine-tune that only hurts changes nothing, and a model that answers FAKE to every attacked image
     cannot win (it scores 0.5). ``on_epoch_end(epoch, row)`` is called for epochs 1 onward.
 
@@ -277,13 +280,19 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
         optimizer.apply_gradients(zip(tape.gradient(scaled, trainable), trainable))
         return loss
 
+    def perturb(x, y):
+        return defences.n_fgsm(attacker, cfg, x, y) if cfg.method == "n-fgsm" else attacker.perturb_batch(x, y)
+
     def step(x, y):
         # The attack runs on the model's one compiled gradient, shared with validation's and evaluate's attacks:
         # compiled into the step it was traced again, with its loop (bench/README.md#attacks).
         n_adv = int(np.round(np.float32(cfg.adv_ratio) * np.float32(len(x))))
         if n_adv == 0:  # never an attack on an empty batch: BatchNormalization fails on zero images under oneDNN
             return update(x, y)
-        return update(tf.concat([attacker.perturb_batch(x[:n_adv], y[:n_adv]), x[n_adv:]], axis=0), y)
+        return update(tf.concat([perturb(x[:n_adv], y[:n_adv]), x[n_adv:]], axis=0), y)
+
+    if cfg.method == "trades":
+        step = defences.Trades(model, cfg, optimizer, seed).step
 
     from tqdm import tqdm
 

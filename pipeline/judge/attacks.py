@@ -98,7 +98,8 @@ class Attacker:
         self.spent += int(x.shape[0])
         return self.gradient(x, y)
 
-    def _sign(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def gradient_sign(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """The sign of the attack loss's input gradient at ``x`` (``y`` shaped (n,)): FGSM's step."""
         return tf.sign(self._gradient(x, y)[1])
 
     def _pgd(self, x: tf.Tensor, y: tf.Tensor, eps: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
@@ -108,7 +109,7 @@ class Attacker:
         if self.cuts is not None:
             return self._pgd_until_fooled(x, y, x_adv, eps, step)
         for _ in range(self.attack.steps):
-            x_adv = x_adv + step * self._sign(x_adv, y)
+            x_adv = x_adv + step * self.gradient_sign(x_adv, y)
             x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), 0.0, 1.0)
         return x_adv
 
@@ -136,7 +137,7 @@ class Attacker:
         x = tf.convert_to_tensor(x, tf.float32)
         y = tf.reshape(tf.cast(y, tf.float32), (-1,))
         if a.name == "fgsm":
-            return tf.clip_by_value(x + eps * self._sign(x, y), 0.0, 1.0)
+            return tf.clip_by_value(x + eps * self.gradient_sign(x, y), 0.0, 1.0)
         step = tf.constant(a.step_size / 255.0, tf.float32)
         best = self._pgd(x, y, eps, step)
         if a.restarts > 1:  # per image, the start that did the most damage: its margin, a forward pass
@@ -168,7 +169,7 @@ class Attacker:
         starts = range(0, len(x), batch_size)
         for i in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
             yb = tf.reshape(tf.cast(y[i : i + batch_size], tf.float32), (-1,))
-            signs[i : i + batch_size] = self._sign(tf.constant(to_unit(x[i : i + batch_size])), yb).numpy()
+            signs[i : i + batch_size] = self.gradient_sign(tf.constant(to_unit(x[i : i + batch_size])), yb).numpy()
         return signs
 
     def sweep(self, x: np.ndarray, y: np.ndarray, epsilons: list[float], batch_size: int,
