@@ -13,6 +13,10 @@ takes TensorFlow when it sees a GPU and OpenVINO otherwise. Gradients (attacks, 
 near the boundary, where it can flip labels (bench/README.md#precision), which is why it
 is checked pass by pass rather than trusted. Unlabelled passes (backbone features, Square's queries) stay float32
 under ``checked``.
+
+Beside the engines, the compiled TensorFlow pass itself (:func:`forward_fn`, run batch by batch by :func:`batched`)
+and :func:`predict_proba` on it; runners and compiled passes are built once per model
+(:mod:`pipeline.model.derived`).
 """
 from __future__ import annotations
 
