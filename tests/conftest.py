@@ -28,15 +28,6 @@ PARAMS_FILE = ROOT / "params.yaml"
 SEED = 42
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto`` (pytest.ini): three workers for two cores. With one per core a fifth of the CPU time idles while
-    tests wait for servers, process starts and subprocesses; a third worker fills it
-    (bench/README.md#the-test-suite). At most one worker per 6 GiB of memory: a worker peaks near 5 GiB."""
-    cores = len(os.sched_getaffinity(0))
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return max(1, min(round(1.5 * cores), int(memory_gib // 6)))
-
-
 def tmp_overrides(tmp_path: Path) -> list[str]:
     """``-S`` overrides that move every output of params.yaml into ``tmp_path`` (nothing lands in the repo)."""
     default = config.load(PARAMS_FILE)

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import config
 from pipeline.fit import features
-from pipeline.model import inference
+from pipeline.model import derived, inference
 from pipeline.model.inference import batched, forward_fn
 from pipeline.model.network import feature_extractor
 
@@ -140,9 +140,8 @@ class _Shifted(inference.Runner):
 
 def _with_bf16(monkeypatch, model, shift: float) -> None:
     monkeypatch.setattr(inference, "native_bf16", lambda: True)
-    runners = getattr(model, "_cifake_runners", None) or {}
-    object.__setattr__(model, "_cifake_runners", runners)
-    monkeypatch.setitem(runners, "openvino-bf16", _Shifted(model, shift))
+    inference.runner(model, OPENVINO)  # the model's entry in the table of derived objects exists
+    monkeypatch.setitem(derived._BY_MODEL[model], ("runner", "openvino-bf16"), _Shifted(model, shift))
 
 
 def test_checked_falls_back_to_float32_and_warns_where_bf16_moves_labels(graded_model, monkeypatch, caplog) -> None:
