@@ -54,7 +54,8 @@ def main() -> None:
     write_json(params.paths.metrics / "advtrain.json", summary)
     reporting.write_csv([{"epoch": i, **{k: "" if v is None else v for k, v in r.items()}} for i, r in enumerate(rows)],
                         params.paths.plots / "advtrain_history.csv")
-    print(f"advtrain ({cfg.method}): kept epoch {kept} of {cfg.epochs}; validation robust_score {before['val_robust_score']:.4f} -> "
+    print(f"advtrain ({cfg.method}): kept epoch {kept} of {cfg.epochs}; validation robust_score "
+          f"{before['val_robust_score']:.4f} -> "
           f"{after['val_robust_score']:.4f} ({m} under {cfg.attack.describe()} {before[f'val_adv_{m}']:.4f} -> "
           f"{after[f'val_adv_{m}']:.4f}, clean {before[f'val_{m}']:.4f} -> {after[f'val_{m}']:.4f}); threshold "
           f"{summary['threshold']:.4g}; registered v{info.get('version')} (run {run.info.run_id})")

@@ -1,5 +1,6 @@
 """Fitting: the head on cached features (frozen backbone), the whole model on images, and adversarial fine-tuning
-(PGD, N-FGSM or TRADES: :mod:`pipeline.fit.defences`). Each reports per-epoch validation metrics through Keras callbacks (MLflow, Optuna pruning)."""
+(PGD, N-FGSM or TRADES: :mod:`pipeline.fit.defences`). Each reports per-epoch validation metrics through Keras
+callbacks (MLflow, Optuna pruning)."""
 from __future__ import annotations
 
 import logging
@@ -247,8 +248,8 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     """Adversarial training by ``cfg.method``: ``pgd`` (Madry et al. 2018, the default; ``cfg.attack`` may also be
     FGSM) and ``n-fgsm`` replace a share ``adv_ratio`` of each batch by its adversarial version, made on the fly
     against the current weights; ``trades`` trains every image clean and attacked (:mod:`pipeline.fit.defences`).
-    Each batch: the attack, then one compiled update. Each epoch trains on ``cfg.images_per_epoch`` images (a fresh seeded
-    draw; all of them when null).
+    Each batch: the attack, then one compiled update. Each epoch trains on ``cfg.images_per_epoch`` images (a fresh
+    seeded draw; all of them when null).
 
     The model keeps the weights of the epoch with the best validation :func:`metrics.robust_score` (clean and
     attacked with ``cfg.attack``, whatever the method: a one-step method's epoch that overfits to its own attack
