@@ -255,7 +255,8 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     attacked with ``cfg.attack``, whatever the method: a one-step method's epoch that overfits to its own attack
     scores low there). The incoming model is epoch 0 (its scores are measured unless ``before`` gives
     them), so a fine-tune that only hurts changes nothing, and a model that answers FAKE to every attacked image
-    cannot win (it scores 0.5). ``on_epoch_end(epoch, row)`` is called for epochs 1 onward.
+    (it scores 0.5) loses to any epoch above 0.5, but not to an incoming model below it (bench/README.md#sweeps).
+    ``on_epoch_end(epoch, row)`` is called for epochs 1 onward.
 
     A loop of its own, not Keras's ``fit`` with a ``train_step``: the attack runs on the model's one compiled
     gradient, which a ``train_step`` would trace again with the attack's loop, and the update trains the compute
