@@ -45,7 +45,7 @@ class Trades:
     the attack's KL gradient and the update are each compiled once."""
 
     def __init__(self, model: keras.Model, cfg: config.AdvTrain, optimizer: keras.optimizers.Optimizer, seed: int):
-        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.cfg = cfg
         self.rng = tf.random.Generator.from_seed(seed)
         self.spent = 0  # images through the input gradient (the attack's cost)
         logits = logits_model(model)

@@ -126,12 +126,7 @@ def compute_twin(model: keras.Model) -> keras.Model:
     rounding (the sums run in another order). ``model`` itself when nothing changes (no such convolution, or a
     Sequential or subclassed model). What is saved is always ``model``; OpenVINO converts the twin
     (:func:`forward_fn`). Built once per model: forward passes and training share it."""
-    def build() -> keras.Model | None:
-        twin = _rewrite_convolutions(model)
-        return None if twin is model else twin  # an entry holding its own model would keep it alive
-
-    twin = derived(model, "twin", build)
-    return model if twin is None else twin
+    return derived(model, "twin", lambda: _rewrite_convolutions(model))
 
 
 def _rewrite_convolutions(model: keras.Model) -> keras.Model:
