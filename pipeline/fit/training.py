@@ -253,9 +253,10 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
 
     The model keeps the weights of the epoch with the best validation :func:`metrics.robust_score` (clean and
     attacked with ``cfg.attack``, whatever the method: a one-step method's epoch that overfits to its own attack
-    scores low there). The incoming model is epoch 0 (its scores are measured unless ``before`` gives
-    them), so a fine-tune that only hurts changes nothing, and a model that answers FAKE to every attacked image
-    (it scores 0.5) loses to any epoch above 0.5, but not to an incoming model below it (bench/README.md#sweeps).
+    scores low there). The incoming model is epoch 0 (its scores are measured unless ``before`` gives them), so a
+    fine-tune that only hurts changes nothing. A later epoch must also score above always-FAKE's robust_score, the
+    registry's floor: an epoch that collapsed to a near-constant answer is never handed on, even when the incoming
+    model (broken by the attack) scores below it (bench/README.md#sweeps).
     ``on_epoch_end(epoch, row)`` is called for epochs 1 onward.
 
     A loop of its own, not Keras's ``fit`` with a ``train_step``: the attack runs on the model's one compiled
@@ -299,6 +300,7 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
     from tqdm import tqdm
 
     history, best_epoch, best_score = [{"loss": None, **before}], 0, before["val_robust_score"]
+    floor = metrics.reference(data.y_val, evaluate_cfg.weights, evaluate_cfg.measure)["always_fake_robust_score"]
     best_weights = model.get_weights()  # all of them: the head's BatchNormalization statistics move too
     n_train = len(data.x_train) if cfg.images_per_epoch is None else min(cfg.images_per_epoch, len(data.x_train))
     for epoch in range(cfg.epochs):
@@ -314,11 +316,14 @@ def adversarial_finetune(model: keras.Model, data: Arrays, cfg: config.AdvTrain,
         row = {"loss": float(np.mean(losses)) if losses else float("nan"), **_scores(data.y_val, p_epoch, evaluate_cfg)}
         log.info("advtrain epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
         history.append(row)
-        if row["val_robust_score"] > best_score:
+        if row["val_robust_score"] > max(best_score, floor):
             best_epoch, best_score, p_val = epoch + 1, row["val_robust_score"], p_epoch
             best_weights = model.get_weights()
         if on_epoch_end:
             on_epoch_end(epoch + 1, row)
+    if best_epoch == 0 and cfg.epochs and max(r["val_robust_score"] for r in history[1:]) <= floor:
+        log.warning("advtrain: no epoch scored above always-FAKE's robust_score %.4f; the incoming model is kept",
+                    floor)
     model.set_weights(best_weights)
     return FineTuned(history, best_epoch, p_val)
 

@@ -68,6 +68,36 @@ def test_keeps_the_best_epoch_and_its_scores(fresh) -> None:
 
 
 
+# Per epoch: a constant FAKE answer, or the share of attacked validation images of each class it gets wrong (clean
+# ones all right): robust_score 0.4 + 0.6 * (1 - share).
+@pytest.mark.parametrize(("epochs", "kept"), [(["constant", 1.0], 0), (["constant", 0.25], 2)])
+def test_an_epoch_is_kept_only_above_always_fakes_floor(epochs, kept, fresh, monkeypatch) -> None:
+    # The incoming model scores 0.3 (an attack breaks it). An epoch that answers FAKE to everything scores exactly
+    # always-FAKE's 0.5 and one at 0.4 is below it: neither is handed on, though both beat the incoming model (a
+    # TRADES run collapsed so, bench/README.md#sweeps). An epoch above the floor is kept as before.
+    m, data = fresh
+    one_batch = training.Arrays(data.x_train[::8], data.y_train[::8], data.x_val[::8], data.y_val[::8])
+    script = iter(epochs)
+
+    def scripted(model, attacker, x, y, batch_size):
+        share = next(script)
+        if share == "constant":
+            return np.ones(len(y), np.float32), np.ones(len(y), np.float32)
+        wrong = np.zeros(len(y), bool)
+        for c in (0, 1):
+            of_c = np.flatnonzero(y == c)
+            wrong[of_c[:round(share * len(of_c))]] = True
+        return y.astype(np.float32), np.where(wrong, 1 - y, y).astype(np.float32)
+
+    monkeypatch.setattr(training, "validation_probabilities", scripted)
+    cfg, evaluate = advtrain_cfg(epochs=len(epochs))
+    history, best_epoch, _ = training.adversarial_finetune(m, one_batch, cfg, evaluate, 0,
+                                                        before={"val_robust_score": 0.3})
+    expected = [0.5 if e == "constant" else 0.4 + 0.6 * (1 - e) for e in epochs]
+    assert [r["val_robust_score"] for r in history[1:]] == pytest.approx(expected)
+    assert best_epoch == kept
+
+
 def test_a_batch_with_no_attacked_share_trains_on_its_clean_images(fresh) -> None:
     # A last batch of one image whose share rounds to 0 (as with adv_ratio 0): no attack on an empty batch, which
     # crashed the backbone's BatchNormalization
