@@ -138,6 +138,24 @@ def tiny_model() -> TinyModel:
     return TinyModel(full, head, cfg, x, y, feats)
 
 
+def small_model(seed: int = 0):
+    """network.assemble's shape (pixels in [0, 1], the model's preprocessing, global average pooling, the head, a
+    sigmoid) on a two-convolution backbone whose batch norms the compute twin folds: for tests of what the pipeline
+    does with any model, where tracing a ResNet50 costs tens of seconds and buys nothing. Its head is untrained,
+    so P(FAKE) stays graded."""
+    import keras
+    from keras import layers
+
+    from pipeline.model import network
+
+    keras.utils.set_random_seed(seed)
+    pixels = keras.Input((32, 32, 3))
+    x = layers.Conv2D(8, 3, strides=4, use_bias=False, name="conv1")(pixels)
+    x = layers.Activation("relu", name="stage_out")(layers.BatchNormalization(name="bn1")(x))
+    x = layers.BatchNormalization(name="bn2")(layers.Conv2D(network.FEATURE_DIM, 1, strides=2, name="conv2")(x))
+    return network.assemble(keras.Model(pixels, x, name="backbone"), network.build_head(0.0, 1e-4, seed=seed), 32)
+
+
 def cue_images(n_per_class: int, seed: int = 0, lines: float = 4.0,
                levels: tuple[tuple[float, float], tuple[float, float]] = ((40, 150), (106, 216)),
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -198,10 +216,10 @@ class StoredThreshold:
     model: Path  # a copy of the graded model's file with that threshold in the JSON beside it
 
 
-def model_with_stored_threshold(tmp_path: Path, graded: TinyModel, graded_file: Path,
-                                n_per_class: int = 12) -> StoredThreshold:
+def model_with_stored_threshold(tmp_path: Path, model, model_file: Path, n_per_class: int = 12) -> StoredThreshold:
     """A folder for the tools and a model whose stored threshold matters on it: a tool that ignores the threshold
-    stored beside a model gives other labels."""
+    stored beside a model gives other labels. ``model``: what ``model_file`` holds, with P(FAKE) that does not
+    saturate (the graded model, or :func:`small_model`)."""
     import json
 
     from PIL import Image
@@ -214,12 +232,23 @@ def model_with_stored_threshold(tmp_path: Path, graded: TinyModel, graded_file: 
     for i, img in enumerate(cue_images(n_per_class, seed=3)[0]):
         Image.fromarray(img).save(folder / f"{i:02d}.png")
     pre = config.load(PARAMS_FILE).preprocess
-    p = inference.predict_proba(graded.model, predicting.read_folder(folder, pre.resize, pre.max_pixels).x)
+    p = inference.predict_proba(model, predicting.read_folder(folder, pre.resize, pre.max_pixels).x)
     stored = threshold_that_matters(p)
     mine = tmp_path / "mine.keras"
-    shutil.copy(graded_file, mine)
+    shutil.copy(model_file, mine)
     (tmp_path / "mine.json").write_text(json.dumps({"threshold": stored}))  # as train and advtrain write it
     return StoredThreshold(folder, p, stored, mine)
+
+
+@pytest.fixture(scope="session")
+def small_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`small_model` saved with :func:`pipeline.model.store.save` (a few MB: a tool in a subprocess loads it
+    in a second, where it takes a ResNet50 tens): for the tests of a tool's plumbing, not of what a model learns."""
+    from pipeline.model import store
+
+    path = tmp_path_factory.mktemp("small-model") / "model.keras"
+    store.save(small_model(), path)
+    return path
 
 
 @pytest.fixture(scope="session")

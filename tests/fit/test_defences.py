@@ -12,7 +12,6 @@ import tensorflow as tf
 from pipeline import config
 from pipeline.fit import defences, training
 from pipeline.judge.attacks import Attacker
-from pipeline.model import store
 from pipeline.model.inference import to_unit
 
 PARAMS_FILE = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -64,16 +63,17 @@ def test_trades_attack_stays_within_epsilon_and_finds_more_divergence_than_a_ran
     assert trades.spent == len(adv) * cfg.trades.steps
 
 
-def test_each_method_and_tradess_beta_train_other_weights(graded_model_file, monkeypatch) -> None:
-    # One batch of the graded model (its scores do not saturate, so the KL term has a gradient), from the same
-    # weights each time; validation is not what is tested here, so it is a stand-in.
-    from tests.conftest import cue_images
+def test_each_method_and_tradess_beta_train_other_weights(monkeypatch) -> None:
+    # One batch on a small model of the pipeline's shape (its untrained head's scores do not saturate, so the KL
+    # term has a gradient; a ResNet50 would trace each method's step for tens of seconds), from the same weights
+    # each time; validation is not what is tested here, so it is a stand-in.
+    from tests.conftest import cue_images, small_model
 
     x, y = cue_images(8, seed=6)
     data = training.Arrays(x, y, x, y)
     monkeypatch.setattr(training, "validation_probabilities",
                         lambda model, attacker, x, y, batch_size: (y.astype(np.float32), y.astype(np.float32)))
-    model = store.load(graded_model_file)
+    model = small_model()
     start, trained = model.get_weights(), {}
     for name, overrides in {"pgd": [], "n-fgsm": ["advtrain.method=n-fgsm"], "trades": ["advtrain.method=trades"],
                             "trades beta 0": ["advtrain.method=trades", "advtrain.trades.beta=0"]}.items():
@@ -90,11 +90,13 @@ def test_each_method_and_tradess_beta_train_other_weights(graded_model_file, mon
 
 @pytest.mark.parametrize("method", ["n-fgsm", "trades"])
 def test_epochs_are_kept_by_their_score_under_pgd_so_a_catastrophically_overfitted_one_is_not(
-        method: str, tiny_model_file, tiny_model, monkeypatch) -> None:
+        method: str, monkeypatch) -> None:
     # Validation scores scripted per epoch: the third epoch is broken by the attack it is scored under, as an
     # epoch that overfits to a one-step attack is by PGD (while its own attack would find it robust).
-    x, y = tiny_model.x[::8], tiny_model.y[::8]  # one batch an epoch: training is not what is tested
-    data = training.Arrays(x, y, tiny_model.x, tiny_model.y)
+    from tests.conftest import separable_images, small_model
+
+    x, y = separable_images(64)
+    data = training.Arrays(x[::8], y[::8], x, y)  # one batch an epoch: training is not what is tested
     flipped = iter([0.4, 0.2, 0.9])  # the share of attacked validation images each epoch gets wrong
     scored_under = []
 
@@ -105,7 +107,7 @@ def test_epochs_are_kept_by_their_score_under_pgd_so_a_catastrophically_overfitt
 
     monkeypatch.setattr(training, "validation_probabilities", scripted)
     cfg, evaluate = advtrain_cfg("advtrain.epochs=3", f"advtrain.method={method}")
-    _, best_epoch, _ = training.adversarial_finetune(store.load(tiny_model_file), data, cfg, evaluate, 0,
+    _, best_epoch, _ = training.adversarial_finetune(small_model(), data, cfg, evaluate, 0,
                                                      before={"val_robust_score": -1})
     assert best_epoch == 2
     assert scored_under and all(a == cfg.attack and a.name == "pgd" and a.steps > 1 for a in scored_under)

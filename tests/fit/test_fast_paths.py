@@ -13,7 +13,7 @@ import tensorflow as tf
 from pipeline import config
 from pipeline.fit import training
 from pipeline.judge import corruptions, evaluation, metrics
-from pipeline.model import inference, network, store
+from pipeline.model import inference, network
 
 PARAMS_FILE = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -114,7 +114,9 @@ def test_an_exception_from_a_callback_ends_the_fit() -> None:
         fit(separable_features(100), epochs=5, callbacks=[Prune()])
 
 
-def test_advtrain_draws_images_per_epoch_afresh_each_epoch(tiny_model_file, tiny_model, monkeypatch) -> None:
+def test_advtrain_draws_images_per_epoch_afresh_each_epoch(monkeypatch) -> None:
+    from tests.conftest import separable_images, small_model
+
     picks = []
     real = training.image_dataset
 
@@ -125,8 +127,8 @@ def test_advtrain_draws_images_per_epoch_afresh_each_epoch(tiny_model_file, tiny
     monkeypatch.setattr(training, "image_dataset", spy)
     params = config.load(PARAMS_FILE, ["advtrain.trainable_from=null", "advtrain.batch_size=16",
                                        "advtrain.epochs=2", "advtrain.images_per_epoch=40"])
-    m = store.load(tiny_model_file)
-    x, y = tiny_model.x, tiny_model.y
+    m = small_model()  # any model of the pipeline's shape: what is drawn does not depend on it
+    x, y = separable_images(64)
     result = training.adversarial_finetune(m, training.Arrays(x, y, x[:20], y[:20]), params.advtrain,
                                            params.evaluate, 0)
     assert [len(p) for p in picks] == [40, 40] and not np.array_equal(picks[0], picks[1])

@@ -11,18 +11,10 @@ from pipeline import config
 from pipeline.judge.attacks import margin_and_gradient
 from pipeline.model import derived, inference, network, twin
 from pipeline.use import explain
+from tests.conftest import small_model
 
 X = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
 Y = np.array([0, 1, 0, 1], np.float32)
-
-
-def small_model() -> keras.Model:
-    """network.assemble's shape on a two-convolution backbone whose batch norms the compute twin folds."""
-    pixels = keras.Input((32, 32, 3))
-    x = layers.Conv2D(8, 3, strides=4, use_bias=False, name="conv1")(pixels)
-    x = layers.Activation("relu", name="stage_out")(layers.BatchNormalization(name="bn1")(x))
-    x = layers.BatchNormalization(name="bn2")(layers.Conv2D(network.FEATURE_DIM, 1, strides=2, name="conv2")(x))
-    return network.assemble(keras.Model(pixels, x, name="backbone"), network.build_head(0.0, 1e-4, seed=0), 32)
 
 
 DERIVED = {

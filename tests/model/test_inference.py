@@ -174,10 +174,11 @@ def test_checked_stays_float32_where_the_check_cannot_pay(graded_model, monkeypa
     monkeypatch.setattr(inference, "native_bf16", lambda: False)
     p, how = inference.checked_probabilities(m, x, CHECKED, 0.5, seed=0)
     assert how == "f32: this CPU has no native bfloat16" and np.array_equal(p, p_f32)
-    _with_bf16(monkeypatch, m, 0.05)
     few = x[:64]
+    p_few = inference.probabilities(m, few, OPENVINO)  # not p_f32[:64]: a pass's last bits depend on its batch (Zen 3)
+    _with_bf16(monkeypatch, m, 0.05)
     p, how = inference.checked_probabilities(m, few, CHECKED, 0.5, seed=0)
-    assert how == "f32: 64 images, no more than the 64 of the check" and np.array_equal(p, p_f32[:64])
+    assert how == "f32: 64 images, no more than the 64 of the check" and np.array_equal(p, p_few)
     tf_checked = CHECKED.model_copy(update={"engine": "tensorflow"})
     assert inference.checked_probabilities(m, few, tf_checked, 0.5, 0)[1] == "f32: the tensorflow engine runs " \
                                                                             "float32 only"

@@ -123,8 +123,9 @@ def test_cached_feature_head_equals_the_assembled_model(tiny_model) -> None:
     via_features = np.asarray(network.head_classifier(tiny_model.head)(feats, training=False))
     full = inference.predict_proba(tiny_model.model, tiny_model.x, 32)
     np.testing.assert_allclose(via_features[:, 0], full, rtol=1e-5, atol=1e-6)
-    # the fixture cached its features from the model it was built from: the same numbers
-    np.testing.assert_allclose(feats, tiny_model.features, rtol=1e-5, atol=1e-5)
+    # the fixture cached its features from the model it was built from: the same numbers, to float32 noise (on an
+    # AMD Zen 3 one of 262,144 differed by 1.2e-5 at 0.11: another batch size, another blocking of the sums)
+    np.testing.assert_allclose(feats, tiny_model.features, rtol=1e-4, atol=1e-5)
 
 
 def test_logits_model_returns_the_sigmoid_input(tiny_model) -> None:

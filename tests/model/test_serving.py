@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline import config
 from pipeline.judge import registry
-from pipeline.model import inference, serving
+from pipeline.model import inference, serving, store
 from pipeline.use import predicting
 from tests.use.test_predict import messy_folder, noise, read_csv, run_predict  # noqa: F401 (fixture)
 
@@ -86,17 +86,17 @@ def test_every_image_format_and_pixel_arrays_answer_like_the_predict_tool(served
     assert loaded.predict(row, params={"threshold": (p_grey[i] + 1) / 2})["label"][0] == "Real"
 
 
-def test_a_version_answers_at_its_own_stored_threshold(mlflow_store, graded_model, graded_model_file) -> None:
+def test_a_version_answers_at_its_own_stored_threshold(mlflow_store, small_model_file) -> None:
     from tests.conftest import cue_images, threshold_that_matters
 
     images = cue_images(12, seed=3)[0]
     rows = pd.DataFrame([{"pixels": img.tolist()} for img in images])
-    p = inference.predict_proba(graded_model.model, images)
+    p = inference.predict_proba(store.load(small_model_file), images)  # graded, and a few MB to log and load
     stored = threshold_that_matters(p)  # labels otherwise than 0.5 on at least two images
     answers = {}
     for threshold in (stored, 0.5):
         with mlflow.start_run():
-            info = serving.log_version(graded_model_file, {**SETTINGS, "threshold": threshold}, "model", NAME)
+            info = serving.log_version(small_model_file, {**SETTINGS, "threshold": threshold}, "model", NAME)
         answer = mlflow.pyfunc.load_model(f"models:/{NAME}/{info['version']}").predict(rows)
         np.testing.assert_allclose(answer["p_fake"].astype(float), p, rtol=1e-4, atol=1e-6)
         answers[threshold] = answer["label"].tolist()
@@ -255,18 +255,18 @@ def test_the_server_under_load_and_hostile_requests_answers_every_record(served:
 
 
 @pytest.mark.slow  # the server imports TensorFlow and loads the model: ~20-40 s
-def test_mlflow_models_serve_labels_at_the_versions_stored_threshold(mlflow_store, graded_model, graded_model_file,
+def test_mlflow_models_serve_labels_at_the_versions_stored_threshold(mlflow_store, small_model_file,
                                                                      tmp_path: Path) -> None:
-    # The served version keeps a threshold at which the graded model's labels differ from 0.5's: a server that
+    # The served version keeps a threshold at which a small model's labels differ from 0.5's: a server that
     # answered at 0.5 (or at the signature's default param, 0) unless asked gives other labels. A request's own
     # threshold still decides.
     from tests.conftest import cue_images, threshold_that_matters
 
     images = cue_images(12, seed=3)[0]
-    p = inference.predict_proba(graded_model.model, images)
+    p = inference.predict_proba(store.load(small_model_file), images)
     stored = threshold_that_matters(p)
     with mlflow.start_run():
-        info = serving.log_version(graded_model_file, {**SETTINGS, "threshold": stored}, "model", NAME)
+        info = serving.log_version(small_model_file, {**SETTINGS, "threshold": stored}, "model", NAME)
     from bench import load
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri, "PYTHONPATH": str(ROOT)}

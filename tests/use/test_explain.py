@@ -237,7 +237,7 @@ def test_the_tool_labels_at_the_threshold_stored_beside_the_model(tmp_path: Path
                                                                    graded_model_file: Path) -> None:
     from tests.conftest import model_with_stored_threshold
 
-    case = model_with_stored_threshold(tmp_path, graded_model, graded_model_file, n_per_class=6)
+    case = model_with_stored_threshold(tmp_path, graded_model.model, graded_model_file, n_per_class=6)
     proc = run_explain("--input", str(case.folder), "--output", str(tmp_path / "out"), "--model", str(case.model))
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "out" / "explanations.csv", newline="") as f:

@@ -188,11 +188,12 @@ def test_predict_from_the_registry_champion(messy_folder: Path, tmp_path: Path, 
     assert rows == [HEADER, *map(list, zip(USABLE, want))]
 
 
-def test_the_threshold_stored_beside_the_model_is_used_unless_overridden(tmp_path: Path, graded_model,
-                                                                         graded_model_file: Path) -> None:
+def test_the_threshold_stored_beside_the_model_is_used_unless_overridden(tmp_path: Path,
+                                                                         small_model_file: Path) -> None:
+    from pipeline.model import store
     from tests.conftest import model_with_stored_threshold
 
-    case = model_with_stored_threshold(tmp_path, graded_model, graded_model_file)
+    case = model_with_stored_threshold(tmp_path, store.load(small_model_file), small_model_file)
     assert serving.load_with_threshold(str(case.model))[1] == case.threshold
     for threshold, extra in ((case.threshold, []), (0.5, ["--threshold", "0.5"])):
         out = tmp_path / f"{threshold}.csv"

@@ -72,15 +72,17 @@ def folder(messy_folder: Path) -> Path:  # noqa: F811
 @needs_spark
 @pytest.mark.slow  # predict and Spark (a JVM, TensorFlow in two Spark workers) in subprocesses: ~60-90 s
 def test_spark_answers_like_predict_and_the_request_threshold_reaches_the_model(
-        folder: Path, tmp_path: Path, params, mlflow_store, graded_model, graded_model_file) -> None:
+        folder: Path, tmp_path: Path, params, mlflow_store, small_model_file) -> None:
+    # A small model (graded P(FAKE), a few MB): what is tested is the plumbing of the threshold, not the model.
+    from pipeline.model import store
     from pipeline.model.inference import probabilities
     from tests.conftest import threshold_that_matters
 
     found = predicting.read_folder(folder, PREPROCESS.resize, PREPROCESS.max_pixels)
-    p = dict(zip(found.names, probabilities(graded_model.model, found.x, config.Inference())))
+    p = dict(zip(found.names, probabilities(store.load(small_model_file), found.x, config.Inference())))
     stored = threshold_that_matters(np.array(list(p.values())))  # labels otherwise than 0.5 on >= 2 images
     with mlflow.start_run():  # the version keeps `stored`; the requests below ask for 0.5
-        info = serving.log_version(graded_model_file, serving.settings(stored, PREPROCESS), "model",
+        info = serving.log_version(small_model_file, serving.settings(stored, PREPROCESS), "model",
                                    params.mlflow.model_name)
     MlflowClient().set_registered_model_alias(params.mlflow.model_name, registry.CHAMPION, info["version"])
     uri = f"models:/{params.mlflow.model_name}@{registry.CHAMPION}"
