@@ -167,14 +167,13 @@ def test_missing_model_is_a_one_line_error(messy_folder: Path, tmp_path: Path) -
     assert "Traceback" not in proc.stderr and not (tmp_path / "out.csv").exists()
 
 
-@pytest.mark.slow  # logs a ~100 MB model, then a subprocess loads it through MLflow: ~20-35 s here
 def test_predict_from_the_registry_champion(messy_folder: Path, tmp_path: Path, params, mlflow_store,
-                                            tiny_model, tiny_model_file) -> None:
-    from pipeline.model import serving
+                                            small_model_file) -> None:
+    from pipeline.model import serving, store
 
     tracking.setup(params.mlflow)
-    with mlflow.start_run():
-        info = serving.log_version(tiny_model_file, serving.settings(0.5, PREPROCESS), "model", "cifake-test")
+    with mlflow.start_run():  # a small model: a ResNet50 is ~100 MB to log and tens of seconds to load
+        info = serving.log_version(small_model_file, serving.settings(0.5, PREPROCESS), "model", "cifake-test")
     MlflowClient().set_registered_model_alias("cifake-test", registry.CHAMPION, info["version"])
 
     out = tmp_path / "registry.csv"
@@ -184,7 +183,7 @@ def test_predict_from_the_registry_champion(messy_folder: Path, tmp_path: Path, 
     assert proc.returncode == 0, proc.stderr
     rows = read_csv(out)
     found = predicting.read_folder(messy_folder, PREPROCESS.resize, PREPROCESS.max_pixels)
-    want = predicting.labels(inference.predict_proba(tiny_model.model, found.x), 0.5)
+    want = predicting.labels(inference.predict_proba(store.load(small_model_file), found.x), 0.5)
     assert rows == [HEADER, *map(list, zip(USABLE, want))]
 
 
