@@ -116,3 +116,14 @@ def test_the_floor_counts_each_stages_passes() -> None:
     half = {"gradients": full["gradients"] // 2, "queries": full["queries"]}
     assert floor_gflop("evaluate", p, n, half) == pytest.approx(
         floor_gflop("evaluate", p, n, full) - full["gradients"] * f)  # half the gradients, 2F each
+
+
+def test_fullscale_fails_a_run_whose_stage_reaches_four_gib() -> None:
+    # issue #40's memory budget, asserted by the benchmark (a figure, not a timed test)
+    from bench.fullscale import over_memory_budget
+
+    rows = [{"stage": "train", "peak_rss_mib": 2900.0}, {"stage": "evaluate", "peak_rss_mib": 4095.9}]
+    assert over_memory_budget(rows, "fullscale-1") is None
+    rows[1]["peak_rss_mib"] = 4096.0
+    said = over_memory_budget(rows, "fullscale-1")
+    assert said.startswith("fullscale: evaluate peaked at 4096 MiB") and "fullscale-1-evaluate.log" in said
