@@ -47,14 +47,14 @@ def rounding_model(graded_model: TinyModel) -> keras.Model:
     return network.assemble(backbone, head, graded_model.model_cfg.image_size)
 
 
-def test_each_attack_lowers_an_undefended_models_balanced_accuracy_and_the_worst_case(graded_model, test_set):
+def test_each_attack_lowers_an_undefended_models_balanced_accuracy_and_the_worst_case(small_graded_model, test_set):
     x, y = test_set
     cfg = protocol("[{name: apgd, steps: 10}, {name: square, queries: 150}, {name: transfer}]",
                    **{"evaluate.diagnostic.steps": "5"})
     # The transfer source: another attack's images of the same test set (in evaluate, the undefended model's).
-    source = to_uint8(Attacker(graded_model.model, cfg.diagnostic.model_copy(update={"steps": 10}), SEED)
+    source = to_uint8(Attacker(small_graded_model.model, cfg.diagnostic.model_copy(update={"steps": 10}), SEED)
                       .perturb(x, y, 64))
-    result = evaluation.run_protocol(graded_model.model, x, y, cfg, SEED, 0.5, "graded", TF, transfer_from=source)
+    result = evaluation.run_protocol(small_graded_model.model, x, y, cfg, SEED, 0.5, "graded", TF, transfer_from=source)
     ba = {k: v["balanced_accuracy"] for k, v in result.sets.items()}
     assert ba["clean"] >= 0.85
     # What each pass cost: FGSM one gradient an image; PGD-5 and APGD-10 less than their budgets, as the images

@@ -108,14 +108,15 @@ def test_auto_is_openvino_without_a_gpu_and_engines_key_the_feature_cache(tmp_pa
     assert features.cache_key(x_file, cfg.model_copy(update={"batch_size": 128}), 0, OPENVINO) not in keys
 
 
-def test_a_process_that_ran_openvino_exits_cleanly(tiny_model_file) -> None:
+def test_a_process_that_ran_openvino_exits_cleanly(small_model_file) -> None:
     # OpenVINO's stream threads used to deadlock or abort the process at exit beside TensorFlow's, when a Python
-    # callback was still referenced: this runs the way the stages do, several times.
+    # callback was still referenced: this runs the way the stages do, several times (on the small model: the
+    # threads are OpenVINO's whatever it runs, and loading and converting a ResNet50 three times cost ~40 s).
     script = textwrap.dedent(f"""
         import numpy as np
         from pipeline import config
         from pipeline.model import inference, store
-        m = store.load({str(tiny_model_file)!r})
+        m = store.load({str(small_model_file)!r})
         p = inference.probabilities(m, np.zeros((300, 32, 32, 3), np.uint8), config.Inference(engine="openvino"))
         print("ok", p.shape)
     """)
