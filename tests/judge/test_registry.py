@@ -115,8 +115,8 @@ def test_protocol_covers_attack_settings_test_set_threshold_and_inference() -> N
     assert len(ids) == 6
 
 
-def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store, graded_model,
-                                                                           graded_model_file) -> None:
+def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store, small_graded_model,
+                                                                           small_graded_model_file) -> None:
     from pipeline.model import serving
     from tests.conftest import cue_images, threshold_that_matters
 
@@ -126,14 +126,14 @@ def test_rescore_evaluates_a_registered_version_under_the_current_protocol(store
     x, y = cue_images(16, seed=4)
     rule = {"rule": "criterion", "fixed": 0.5}
     # The version is judged at its own stored threshold, one whose labels differ from 0.5's, and attacked.
-    stored = threshold_that_matters(evaluation.run_protocol(graded_model.model, x, y, cfg, 0).p_clean)
+    stored = threshold_that_matters(evaluation.run_protocol(small_graded_model.model, x, y, cfg, 0).p_clean)
     with mlflow.start_run():
-        info = serving.log_version(graded_model_file, {"threshold": stored, "resize": "resize", "max_pixels": 10**6},
-                                   "model", NAME)
+        settings = {"threshold": stored, "resize": "resize", "max_pixels": 10**6}
+        info = serving.log_version(small_graded_model_file, settings, "model", NAME)
     pid = evaluation.protocol_id(evaluation.protocol(cfg, x, y, 0, rule))
     got = evaluation.rescore(NAME, info["version"], x, y, cfg, 0, pid)
-    direct = evaluation.run_protocol(graded_model.model, x, y, cfg, 0, stored)
-    at_half = evaluation.run_protocol(graded_model.model, x, y, cfg, 0, 0.5)
+    direct = evaluation.run_protocol(small_graded_model.model, x, y, cfg, 0, stored)
+    at_half = evaluation.run_protocol(small_graded_model.model, x, y, cfg, 0, 0.5)
     assert got.version == info["version"]
     assert got.protocol == pid
     assert got.robust_score == pytest.approx(direct.robust_score)
