@@ -76,7 +76,9 @@ def test_each_attack_lowers_an_undefended_models_balanced_accuracy_and_the_worst
 
 
 def test_the_gradient_masking_flag_fires_on_a_model_that_rounds_its_input(rounding_model, test_set):
-    x, y = test_set
+    # 32 images of each class (AMD Zen 3: Square 0.875 against 1.0, the gap's interval 0.058-0.211), where all 64
+    # took twice the time for the same gap (0.125, 0.076-0.177)
+    x, y = test_set[0][::2], test_set[1][::2]
     cfg = protocol("[{name: square, queries: 150}, {name: transfer}]", **{"evaluate.diagnostic.steps": "5"})
     result = evaluation.run_protocol(rounding_model, x, y, cfg, SEED, 0.5, "rounding", TF)
     assert "transfer" not in result.sets  # no source images given: skipped, not invented
