@@ -5,6 +5,7 @@ figures that count both classes with bootstrap intervals, the robustness curve, 
 `advtrain`, calibration (Brier score, reliability), Grad-CAM explanations of a few clean and attacked images, and
 the registry's `champion` alias (moved by robust_score under one protocol). Each model is judged at the threshold
 train or advtrain chose for it on validation."""
+import gc
 import sys
 from pathlib import Path
 
@@ -47,7 +48,11 @@ def main() -> None:
         import mlflow
 
         # The undefended model first: its attacked set (its Test_dataset_2) is the transfer attack on the defended one.
-        _, base = judged(paths.model, "baseline")
+        # Only its figures stay: held through the defended model's passes, the model and what was compiled and
+        # converted from it added 0.33 GiB to evaluate's peak (bench/README.md#the-default-run). A Keras model is a
+        # reference cycle, so it goes at the collection, not when its last name does.
+        base = judged(paths.model, "baseline")[1]
+        gc.collect()
         model, final = judged(paths.model_adv, "advtrained", base.x_adv)
         evaluation.write_png_set(final.x_adv, test.names, paths.adversarial)
         tracking.log_splits(paths.processed, "test")

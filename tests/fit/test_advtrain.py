@@ -230,29 +230,30 @@ def _run_stage(script: str, overrides: list[str], monkeypatch) -> None:
     main()
 
 
-def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tmp_path: Path, monkeypatch,
-                                                                            mlflow_store) -> None:
-    # The test split has its labels swapped, so a threshold or an epoch picked on it differs from one picked on
-    # validation (checked below before anything else): a stage that read test instead of val gives other numbers.
-    # The stages build conftest.small_model's backbone instead of a ResNet50: which split they read does not depend
-    # on the backbone, and tracing a ResNet50's training step cost 87 s of this test's 95.
+SMALL_STAGES = [
+    "train.epochs=3", "train.batch_size=16", "advtrain.epochs=2", "advtrain.batch_size=16",
+    "advtrain.trainable_from=null", "advtrain.attack.random_start=false",  # validation's attack, replayable
+    "evaluate.diagnostic.steps=3",
+    "advtrain.learning_rate=0.00002"]  # with best_params' 3e-4 below: the small model's P(FAKE) stays graded
+
+
+def small_stages(tmp_path: Path, monkeypatch, swap_test_labels: bool = False) -> tuple[list[str], dict]:
+    """A workspace in ``tmp_path`` for the stages from train on, in this process: cue images as the processed
+    splits (the test split's labels swapped with ``swap_test_labels``), tuned parameters, and network.build_model
+    giving conftest.small_model's backbone instead of a ResNet50 (tracing a ResNet50's training step cost 87 s of
+    the split test's 95). Returns the overrides and the splits."""
     import json
 
-    from pipeline.data.splits import stratified_subset
-    from pipeline.model import network, store
+    from pipeline.model import network
     from tests.conftest import cue_images, small_model, tmp_overrides
 
     monkeypatch.setattr(network, "build_model", lambda cfg, dropout, seed, head=None: network.assemble(
         network.backbone_of(small_model(seed)), head or network.build_head(dropout, cfg.l2, seed), cfg.image_size))
-
-    overrides = tmp_overrides(tmp_path) + [
-        "train.epochs=3", "train.batch_size=16", "advtrain.epochs=2", "advtrain.batch_size=16",
-        "advtrain.trainable_from=null", "advtrain.attack.random_start=false",  # validation's attack, replayable
-        "evaluate.diagnostic.steps=3",
-        "advtrain.learning_rate=0.00002"]  # with best_params' 3e-4 below: the small model's P(FAKE) stays graded
+    overrides = tmp_overrides(tmp_path) + SMALL_STAGES
     params = config.load(PARAMS_FILE, overrides)
     splits = {"train": cue_images(32, seed=0), "val": cue_images(12, seed=1), "test": cue_images(12, seed=2)}
-    splits["test"] = (splits["test"][0], 1 - splits["test"][1])
+    if swap_test_labels:
+        splits["test"] = (splits["test"][0], 1 - splits["test"][1])
     for name, (x, y) in splits.items():
         folder = params.paths.processed / name
         folder.mkdir(parents=True)
@@ -261,6 +262,21 @@ def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tm
         (folder / "names.json").write_text(json.dumps([f"{name}/{i}.png" for i in range(len(y))]))
     params.paths.best_params.parent.mkdir(parents=True, exist_ok=True)
     params.paths.best_params.write_text(json.dumps({"dropout": 0.0, "learning_rate": 3e-4}))
+    return overrides, splits
+
+
+def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tmp_path: Path, monkeypatch,
+                                                                            mlflow_store) -> None:
+    # The test split has its labels swapped, so a threshold or an epoch picked on it differs from one picked on
+    # validation (checked below before anything else): a stage that read test instead of val gives other numbers.
+    # Which split a stage reads does not depend on the backbone: the small one (small_stages).
+    import json
+
+    from pipeline.data.splits import stratified_subset
+    from pipeline.model import store
+
+    overrides, splits = small_stages(tmp_path, monkeypatch, swap_test_labels=True)
+    params = config.load(PARAMS_FILE, overrides)
     (x_val, y_val), (x_test, y_test) = splits["val"], splits["test"]
 
     _run_stage("train.py", overrides, monkeypatch)
@@ -308,3 +324,37 @@ def metrics_rows(path: Path) -> list[dict]:
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_evaluate_lets_the_baseline_model_go_before_it_loads_the_defended_one(tmp_path: Path, monkeypatch,
+                                                                            mlflow_store) -> None:
+    # Held through the defended model's passes, the baseline model and what was compiled and converted from it
+    # added 0.33 GiB to evaluate's peak at the default size (bench/README.md#the-default-run).
+    import gc
+    import weakref
+
+    from pipeline.model import serving
+
+    overrides, _ = small_stages(tmp_path, monkeypatch)
+    overrides += ["evaluate.epsilons=[0, 8]", "evaluate.curve_images=16", "evaluate.bootstrap=20",
+                  "evaluate.corruptions=[]", "evaluate.attacks=[{name: apgd, steps: 2}, {name: transfer}]"]
+    _run_stage("train.py", overrides, monkeypatch)
+    _run_stage("advtrain.py", overrides, monkeypatch)
+    gc.collect()
+    loaded, gone_before_each = [], []
+    load = serving.load_with_threshold
+
+    def recording(ref: str):
+        gone_before_each.append([model() is None for model in loaded])  # no collection of ours: evaluate's own
+        model, threshold = load(ref)
+        loaded.append(weakref.ref(model))
+        return model, threshold
+
+    monkeypatch.setattr(serving, "load_with_threshold", recording)
+    from matplotlib.figure import Figure
+
+    from pipeline.use import explain
+
+    monkeypatch.setattr(explain, "figure_for", lambda *args, **kwargs: Figure())  # Grad-CAM wants ResNet50's layers
+    _run_stage("evaluate.py", overrides, monkeypatch)
+    assert gone_before_each == [[], [True]]
