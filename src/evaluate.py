@@ -49,8 +49,8 @@ def main() -> None:
 
         # The undefended model first: its attacked set (its Test_dataset_2) is the transfer attack on the defended one.
         # Only its figures stay: held through the defended model's passes, the model and what was compiled and
-        # converted from it added 0.33 GiB to evaluate's peak (bench/README.md#the-default-run). A Keras model is a
-        # reference cycle, so it goes at the collection, not when its last name does.
+        # converted from it raised evaluate's peak (bench/README.md#the-default-run). A Keras model is a reference
+        # cycle, so it goes at the collection, not when its last name does.
         base = judged(paths.model, "baseline")[1]
         gc.collect()
         model, final = judged(paths.model_adv, "advtrained", base.x_adv)

@@ -329,18 +329,19 @@ def metrics_rows(path: Path) -> list[dict]:
 def test_evaluate_lets_the_baseline_model_go_before_it_loads_the_defended_one(tmp_path: Path, monkeypatch,
                                                                             mlflow_store) -> None:
     # Held through the defended model's passes, the baseline model and what was compiled and converted from it
-    # added 0.33 GiB to evaluate's peak at the default size (bench/README.md#the-default-run).
-    import gc
+    # raised evaluate's peak (bench/README.md#the-default-run).
     import weakref
 
+    from matplotlib.figure import Figure
+
     from pipeline.model import serving
+    from pipeline.use import explain
 
     overrides, _ = small_stages(tmp_path, monkeypatch)
     overrides += ["evaluate.epsilons=[0, 8]", "evaluate.curve_images=16", "evaluate.bootstrap=20",
                   "evaluate.corruptions=[]", "evaluate.attacks=[{name: apgd, steps: 2}, {name: transfer}]"]
     _run_stage("train.py", overrides, monkeypatch)
     _run_stage("advtrain.py", overrides, monkeypatch)
-    gc.collect()
     loaded, gone_before_each = [], []
     load = serving.load_with_threshold
 
@@ -351,10 +352,6 @@ def test_evaluate_lets_the_baseline_model_go_before_it_loads_the_defended_one(tm
         return model, threshold
 
     monkeypatch.setattr(serving, "load_with_threshold", recording)
-    from matplotlib.figure import Figure
-
-    from pipeline.use import explain
-
     monkeypatch.setattr(explain, "figure_for", lambda *args, **kwargs: Figure())  # Grad-CAM wants ResNet50's layers
     _run_stage("evaluate.py", overrides, monkeypatch)
     assert gone_before_each == [[], [True]]
