@@ -23,9 +23,12 @@ EXPECTED = {
     "load": {"start", "load", "soak", "hostile"},
     "robustness": {"attack", "fgsm", "transfer", "square-3", "mark", "worst"},
     "sample": {"generate"},
-    "spark": {"predict_full", "spark_full"},
+    "spark": {"predict_full"},  # with SMOKE_ARGS: the Spark tool's answers are test_score_spark's to check
     "throughput": {"matmul", "features", "attack", "head_fit"},
 }
+# The Spark tool's smoke run cost 81 s of the suite (a JVM, a Python worker importing TensorFlow) to re-check what
+# tests/use/test_score_spark.py checks on every label, against predict, on a messier folder: the smoke runs predict.
+SMOKE_ARGS = {"spark": ["--tools", "predict"]}
 
 
 def _needs(script: str) -> str | None:
@@ -51,17 +54,16 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("bench-scratch")
 
 
-# Spark's smoke run starts a JVM and a Python worker that loads TensorFlow: ~1 min on 2 cores; load's starts
-# `mlflow models serve` (~40 s); the others ~5-12 s.
-@pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s in ("spark", "load") else [])
+# load's smoke run starts `mlflow models serve` (~40 s); the others ~5-15 s.
+@pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s == "load" else [])
                                     for s in sorted(EXPECTED)])
 def test_benchmark_runs_at_its_smallest_size(script: str, scratch: Path) -> None:
     if reason := _needs(script):
         pytest.skip(reason)
     env = {**os.environ, "BENCH_SCRATCH": str(scratch), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, f"bench/{script}.py", "--smoke"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=420)
+    out = subprocess.run([sys.executable, f"bench/{script}.py", "--smoke", *SMOKE_ARGS.get(script, [])], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=420)
     assert out.returncode == 0, f"bench/{script}.py --smoke failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     seen = {r["figure"] for r in rows} | {r.get("attack") for r in rows}

@@ -2,15 +2,18 @@
 keeps a worse model."""
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
 from pipeline import config
 from pipeline.fit import training
 from pipeline.judge.attacks import Attacker, margin_and_gradient
 from pipeline.model import inference, serving, store
+from pipeline.use import explain
 
 PARAMS_FILE = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -237,11 +240,15 @@ SMALL_STAGES = [
     "advtrain.learning_rate=0.00002"]  # with best_params' 3e-4 below: the small model's P(FAKE) stays graded
 
 
-def small_stages(tmp_path: Path, monkeypatch, swap_test_labels: bool = False) -> tuple[list[str], dict]:
+EVALUATE_SMALL = ["evaluate.epsilons=[0, 8]", "evaluate.curve_images=16", "evaluate.bootstrap=20",
+                  "evaluate.corruptions=[]", "evaluate.attacks=[{name: apgd, steps: 2}, {name: transfer}]"]
+
+
+def small_stages(tmp_path: Path, monkeypatch) -> tuple[list[str], dict]:
     """A workspace in ``tmp_path`` for the stages from train on, in this process: cue images as the processed
-    splits (the test split's labels swapped with ``swap_test_labels``), tuned parameters, and network.build_model
-    giving conftest.small_model's backbone instead of a ResNet50 (tracing a ResNet50's training step cost 87 s of
-    the split test's 95). Returns the overrides and the splits."""
+    splits (the test split's labels swapped, so that a choice made on it differs from one made on validation),
+    tuned parameters, and network.build_model giving conftest.small_model's backbone instead of a ResNet50 (tracing
+    a ResNet50's training step cost 87 s of the split test's 95). Returns the overrides and the splits."""
     import json
 
     from pipeline.model import network
@@ -252,8 +259,7 @@ def small_stages(tmp_path: Path, monkeypatch, swap_test_labels: bool = False) ->
     overrides = tmp_overrides(tmp_path) + SMALL_STAGES
     params = config.load(PARAMS_FILE, overrides)
     splits = {"train": cue_images(32, seed=0), "val": cue_images(12, seed=1), "test": cue_images(12, seed=2)}
-    if swap_test_labels:
-        splits["test"] = (splits["test"][0], 1 - splits["test"][1])
+    splits["test"] = (splits["test"][0], 1 - splits["test"][1])
     for name, (x, y) in splits.items():
         folder = params.paths.processed / name
         folder.mkdir(parents=True)
@@ -265,8 +271,8 @@ def small_stages(tmp_path: Path, monkeypatch, swap_test_labels: bool = False) ->
     return overrides, splits
 
 
-def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tmp_path: Path, monkeypatch,
-                                                                            mlflow_store) -> None:
+def test_train_and_advtrain_choose_on_validation_and_evaluate_lets_the_baseline_go(tmp_path: Path, monkeypatch,
+                                                                                  mlflow_store) -> None:
     # The test split has its labels swapped, so a threshold or an epoch picked on it differs from one picked on
     # validation (checked below before anything else): a stage that read test instead of val gives other numbers.
     # Which split a stage reads does not depend on the backbone: the small one (small_stages).
@@ -275,7 +281,7 @@ def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tm
     from pipeline.data.splits import stratified_subset
     from pipeline.model import store
 
-    overrides, splits = small_stages(tmp_path, monkeypatch, swap_test_labels=True)
+    overrides, splits = small_stages(tmp_path, monkeypatch)
     params = config.load(PARAMS_FILE, overrides)
     (x_val, y_val), (x_test, y_test) = splits["val"], splits["test"]
 
@@ -318,30 +324,9 @@ def test_train_and_advtrain_choose_threshold_and_epoch_on_validation_not_test(tm
     version = f"models:/{info['registered_model']}/{info['version']}"
     assert serving.load_with_threshold(version)[1] == summary["threshold"]
 
-
-def metrics_rows(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def test_evaluate_lets_the_baseline_model_go_before_it_loads_the_defended_one(tmp_path: Path, monkeypatch,
-                                                                            mlflow_store) -> None:
-    # Held through the defended model's passes, the baseline model and what was compiled and converted from it
-    # raised evaluate's peak (bench/README.md#the-default-run).
-    import weakref
-
-    from matplotlib.figure import Figure
-
-    from pipeline.model import serving
-    from pipeline.use import explain
-
-    overrides, _ = small_stages(tmp_path, monkeypatch)
-    overrides += ["evaluate.epsilons=[0, 8]", "evaluate.curve_images=16", "evaluate.bootstrap=20",
-                  "evaluate.corruptions=[]", "evaluate.attacks=[{name: apgd, steps: 2}, {name: transfer}]"]
-    _run_stage("train.py", overrides, monkeypatch)
-    _run_stage("advtrain.py", overrides, monkeypatch)
+    # evaluate on this workspace (sharing its train and advtrain saves the suite their 10 s again): the baseline
+    # model, and what was compiled and converted from it, are gone before the defended one loads. Held through the
+    # defended model's passes, they raised evaluate's peak (bench/README.md#the-default-run).
     loaded, gone_before_each = [], []
     load = serving.load_with_threshold
 
@@ -353,5 +338,12 @@ def test_evaluate_lets_the_baseline_model_go_before_it_loads_the_defended_one(tm
 
     monkeypatch.setattr(serving, "load_with_threshold", recording)
     monkeypatch.setattr(explain, "figure_for", lambda *args, **kwargs: Figure())  # Grad-CAM wants ResNet50's layers
-    _run_stage("evaluate.py", overrides, monkeypatch)
+    _run_stage("evaluate.py", overrides + EVALUATE_SMALL, monkeypatch)
     assert gone_before_each == [[], [True]]
+
+
+def metrics_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
