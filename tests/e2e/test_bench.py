@@ -21,6 +21,7 @@ EXPECTED = {
     "duplicates": {"duplicates"},
     "fullscale": {"fullscale_stage", "fullscale_floors", "fullscale_total", "fullscale_noop_repro"},
     "load": {"start", "load", "soak", "hostile"},
+    "native": {"native"},
     "robustness": {"attack", "fgsm", "transfer", "square-3", "mark", "worst"},
     "sample": {"generate"},
     "spark": {"predict_full"},  # with SMOKE_ARGS: the Spark tool's answers are test_score_spark's to check
