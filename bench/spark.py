@@ -11,7 +11,10 @@ with the same arguments and ``--master``. Figures (JSON lines): ``<tool>_startup
 (imports, JVM, model load); ``<tool>_full``, on all N; ``<tool>_marginal``, (N - 16) / (full - startup), the rate
 once started. ``cpu_s``: CPU seconds of the tool's whole process tree (driver, JVM, Spark's Python workers), which
 other load inflates far less than wall time; ``peak_rss_mib``: the largest resident size any one process of the tree
-reached (sampled every 0.2 s). The two CSVs must give every image the same label (checked).
+reached (sampled every 0.2 s); ``rss_second_half`` (the full run): whether memory stays put while the images
+stream through, per kind of process (the tool or Spark's largest Python worker, the JVM, the tree's total): RSS
+at the middle and the end, the second half's max and least-squares slope in MiB/min (:func:`flatness`). The two
+CSVs must give every image the same label (checked).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import contextlib
 import csv
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -67,12 +71,15 @@ def register(folder: Path, smoke: bool) -> str:
     return uri
 
 
-def run(cmd: list[str], env: dict, log: Path) -> tuple[float, float, float]:
-    """Wall and CPU seconds of ``cmd``'s process tree and its largest process's peak RSS in MiB, from /proc every
-    0.2 s (``time`` misses Spark's JVM)."""
+def run(cmd: list[str], env: dict, log: Path) -> tuple[float, float, float, list[tuple[float, dict[str, float]]]]:
+    """Wall and CPU seconds of ``cmd``'s process tree, its largest process's peak RSS in MiB, from /proc every
+    0.2 s (``time`` misses Spark's JVM), and once a second the RSS in MiB of each kind of process in the tree (the
+    largest ``python`` one: the tool, or a Spark worker; ``java``, Spark's JVM; ``total``, the tree's sum)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     ticks: dict[tuple[int, str], int] = {}
     rss_pages = 0
+    series: list[tuple[float, dict[str, float]]] = []
+    page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -87,11 +94,36 @@ def run(cmd: list[str], env: dict, log: Path) -> tuple[float, float, float]:
             for pid in tree & stats.keys():  # utime + stime, per process (pid and start time)
                 ticks[(pid, stats[pid][19])] = int(stats[pid][11]) + int(stats[pid][12])
                 rss_pages = max(rss_pages, int(stats[pid][21]))
+            if not series or time.perf_counter() - t0 - series[-1][0] >= 1.0:
+                rss = {"total": sum(int(stats[pid][21]) for pid in tree & stats.keys()) * page_mib}
+                for pid in tree & stats.keys():
+                    with contextlib.suppress(OSError):
+                        kind = Path(f"/proc/{pid}/comm").read_text().strip()
+                        kind = "java" if kind == "java" else "python" if kind.startswith("python") else "other"
+                        rss[kind] = max(rss.get(kind, 0.0), int(stats[pid][21]) * page_mib)
+                if rss["total"] > 0:  # not the exiting tree's zombies
+                    series.append((time.perf_counter() - t0, {k: v for k, v in rss.items() if v > 0}))
             time.sleep(0.2)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[1]} failed (rc {proc.returncode}): see {log}")
-    return (time.perf_counter() - t0, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"),
-            rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20)
+    return (time.perf_counter() - t0, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"), rss_pages * page_mib, series)
+
+
+def flatness(series: list[tuple[float, dict[str, float]]]) -> dict:
+    """Whether memory stays put once the work runs: per kind of process, the RSS at the run's middle, its end,
+    its max over the second half, and the slope of a least-squares line through the second half's samples
+    (MiB/min), as bench/load.py reads the server's soak. Empty for runs too short to have a second half."""
+    half = [(t, r) for t, r in series if t >= series[-1][0] / 2] if series else []
+    if len(half) < 3:
+        return {}
+    out = {}
+    for kind in ("python", "java", "total"):
+        points = [(t / 60, r[kind]) for t, r in half if kind in r]
+        if len(points) >= 3:
+            out[kind] = {"middle_mib": round(points[0][1]), "end_mib": round(points[-1][1]),
+                         "max_second_half_mib": round(max(r for _, r in points)),
+                         "slope_mib_per_min": round(statistics.linear_regression(*zip(*points)).slope, 2)}
+    return out
 
 
 def main() -> None:
@@ -115,11 +147,12 @@ def main() -> None:
             out, load = OUT / f"spark-bench-{tool}-{what}.csv", loadavg()
             cmd = [sys.executable, *tools[tool], "--input", str(where), "--output", str(out), "--model",
                    f"models:/{NAME}@champion"]
-            wall[what], cpu[what], peak = run(cmd, env, OUT / "logs" / f"spark-{tool}-{what}.log")
+            wall[what], cpu[what], peak, series = run(cmd, env, OUT / "logs" / f"spark-{tool}-{what}.log")
             k = 16 if what == "startup" else n
             emit(f"{tool}_{what}", load, images=k, wall_s=round(wall[what], 2), cpu_s=round(cpu[what], 1),
                  images_per_s=round(k / wall[what], 1), peak_rss_mib=round(peak),
-                 master=args.master if tool == "spark" else None)
+                 master=args.master if tool == "spark" else None,
+                 rss_second_half=flatness(series) if what == "full" else None)
         if "startup" in wall:
             emit(f"{tool}_marginal", None, images=n - 16, images_per_s=round((n - 16) / (wall["full"] - wall[
                 "startup"]), 1), images_per_cpu_s=round((n - 16) / (cpu["full"] - cpu["startup"]), 1))
