@@ -11,9 +11,10 @@ with the same arguments and ``--master``. Figures (JSON lines): ``<tool>_startup
 (imports, JVM, model load); ``<tool>_full``, on all N; ``<tool>_marginal``, (N - 16) / (full - startup), the rate
 once started. ``cpu_s``: CPU seconds of the tool's whole process tree (driver, JVM, Spark's Python workers), which
 other load inflates far less than wall time; ``peak_rss_mib``: the largest resident size any one process of the tree
-reached (sampled every 0.2 s); ``rss_second_half`` (the full run): whether memory stays put while the images
+reached (sampled every 0.2 s); ``rss_streaming`` (the full run): whether memory stays put while the images
 stream through, per kind of process (the tool or Spark's largest Python worker, the JVM, the tree's total): RSS
-at the middle and the end, the second half's max and least-squares slope in MiB/min (:func:`flatness`). The two
+from half to 90 % of the run's time, its start, end, max and least-squares slope in MiB/min (:func:`flatness`;
+the series in bench/out/logs/spark-<tool>-full-rss.json). The two
 CSVs must give every image the same label (checked).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import os
 import shutil
 import statistics
@@ -110,18 +112,20 @@ def run(cmd: list[str], env: dict, log: Path) -> tuple[float, float, float, list
 
 
 def flatness(series: list[tuple[float, dict[str, float]]]) -> dict:
-    """Whether memory stays put once the work runs: per kind of process, the RSS at the run's middle, its end,
-    its max over the second half, and the slope of a least-squares line through the second half's samples
-    (MiB/min), as bench/load.py reads the server's soak. Empty for runs too short to have a second half."""
-    half = [(t, r) for t, r in series if t >= series[-1][0] / 2] if series else []
+    """Whether memory stays put while the images stream through: per kind of process, over the run's third quarter
+    and a bit more (from half to 90 % of its time: the last tenth writes the output and tears down, where memory
+    falls), the RSS at the start and the end of that window, its max, and the slope of a least-squares line through
+    its samples (MiB/min), as bench/load.py reads the server's soak. Empty for runs too short to have one."""
+    end = series[-1][0] if series else 0.0
+    half = [(t, r) for t, r in series if end / 2 <= t <= 0.9 * end]
     if len(half) < 3:
         return {}
     out = {}
     for kind in ("python", "java", "total"):
         points = [(t / 60, r[kind]) for t, r in half if kind in r]
         if len(points) >= 3:
-            out[kind] = {"middle_mib": round(points[0][1]), "end_mib": round(points[-1][1]),
-                         "max_second_half_mib": round(max(r for _, r in points)),
+            out[kind] = {"from_mib": round(points[0][1]), "to_mib": round(points[-1][1]),
+                         "max_mib": round(max(r for _, r in points)),
                          "slope_mib_per_min": round(statistics.linear_regression(*zip(*points)).slope, 2)}
     return out
 
@@ -152,7 +156,8 @@ def main() -> None:
             emit(f"{tool}_{what}", load, images=k, wall_s=round(wall[what], 2), cpu_s=round(cpu[what], 1),
                  images_per_s=round(k / wall[what], 1), peak_rss_mib=round(peak),
                  master=args.master if tool == "spark" else None,
-                 rss_second_half=flatness(series) if what == "full" else None)
+                 rss_streaming=flatness(series) if what == "full" else None)
+            (OUT / "logs" / f"spark-{tool}-{what}-rss.json").write_text(json.dumps(series))
         if "startup" in wall:
             emit(f"{tool}_marginal", None, images=n - 16, images_per_s=round((n - 16) / (wall["full"] - wall[
                 "startup"]), 1), images_per_cpu_s=round((n - 16) / (cpu["full"] - cpu["startup"]), 1))
