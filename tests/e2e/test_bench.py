@@ -130,3 +130,19 @@ def test_fullscale_fails_a_run_whose_stage_reaches_four_gib() -> None:
     rows[1]["peak_rss_mib"] = 4096.0
     said = over_memory_budget(rows, "fullscale-1")
     assert said.startswith("fullscale: evaluate peaked at 4096 MiB") and "fullscale-1-evaluate.log" in said
+
+
+def test_spark_bench_reads_memory_growth_while_the_images_stream_not_at_start_up_or_exit() -> None:
+    from bench.spark import flatness
+
+    def run(rss_at) -> list[tuple[float, dict[str, float]]]:  # 100 s sampled once a second
+        return [(float(t), {"python": rss_at(t), "total": rss_at(t) + 100}) for t in range(101)]
+
+    # start-up climbs to 1,000 MiB, the streaming holds it, the exit frees it: flat
+    flat = flatness(run(lambda t: min(50 * t, 1000) if t <= 95 else 200))
+    assert flat["python"] == {"from_mib": 1000, "to_mib": 1000, "max_mib": 1000, "slope_mib_per_min": 0.0}
+    # 1 MiB a second more while streaming: 60 MiB/min, whatever the exit does
+    leak = flatness(run(lambda t: 500 + t if t <= 95 else 200))
+    assert leak["python"]["slope_mib_per_min"] == pytest.approx(60.0)
+    assert leak["total"]["to_mib"] == 500 + 90 + 100
+    assert flatness([(0.0, {"python": 1.0})]) == {}
