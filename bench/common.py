@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -92,6 +93,14 @@ def emit(figure: str, load_before: float | None = None, **fields) -> dict:
     row = {"figure": figure, **fields, "loadavg_1m_before": load_before, "command": command(), "machine": machine()}
     print(json.dumps(row), flush=True)
     return row
+
+
+def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
+    """The slope of a least-squares line through (seconds, MiB) samples, in MiB a minute: how a long-running
+    process's memory moves (0.0 with fewer than two samples)."""
+    if len(samples) < 2:
+        return 0.0
+    return statistics.linear_regression([t / 60 for t, _ in samples], [r for _, r in samples]).slope
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import OUT, SCRATCH, emit, loadavg, stage_env, tiny_model  # noqa: E402
+from bench.common import OUT, SCRATCH, emit, loadavg, slope_mib_per_min, stage_env, tiny_model  # noqa: E402
 
 NAME = "cifake-load"
 BATCH = 64
@@ -244,8 +244,7 @@ def soak(server: Server, seconds: float, pool: list[Payload], clients: int = 4, 
     tally, wall = drive(server.url, clients, 100_000, seconds, pool, on_tick=tick)
     samples.append((time.monotonic() - t0, server.rss_mib()))
     half = [s for s in samples if s[0] >= seconds / 2] or samples[-2:]
-    slope = statistics.linear_regression([t / 60 for t, _ in half], [r for _, r in half]).slope if len(half) > 1 \
-        else 0.0
+    slope = slope_mib_per_min(half)
     return {**load_figures(tally, wall), "clients": clients, "rss_first_mib": round(samples[0][1]),
             "rss_last_mib": round(samples[-1][1]), "rss_max_mib": round(max(r for _, r in samples)),
             "rss_slope_second_half_mib_per_min": round(slope, 2), "rss_samples": len(samples),

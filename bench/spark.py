@@ -25,7 +25,6 @@ import csv
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import OUT, SCRATCH, emit, loadavg, sample_data, stage_env, tiny_model  # noqa: E402
+from bench.common import OUT, SCRATCH, emit, loadavg, sample_data, slope_mib_per_min, stage_env, tiny_model  # noqa: E402
 
 NAME = "cifake-bench"
 
@@ -122,11 +121,11 @@ def flatness(series: list[tuple[float, dict[str, float]]]) -> dict:
         return {}
     out = {}
     for kind in ("python", "java", "total"):
-        points = [(t / 60, r[kind]) for t, r in half if kind in r]
+        points = [(t, r[kind]) for t, r in half if kind in r]
         if len(points) >= 3:
             out[kind] = {"from_mib": round(points[0][1]), "to_mib": round(points[-1][1]),
                          "max_mib": round(max(r for _, r in points)),
-                         "slope_mib_per_min": round(statistics.linear_regression(*zip(*points)).slope, 2)}
+                         "slope_mib_per_min": round(slope_mib_per_min(points), 2)}
     return out
 
 
