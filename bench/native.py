@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ORDERS = ("pipeline", "tf-first", "ov-first")
 THREADS = ("main", "thread", "concurrent", "reload")
-SMOKE = [("ov-first", "concurrent"), ("pipeline", "reload")]  # two orders, two arrangements: ~10 s
+SMOKE = [("ov-first", "concurrent"), ("pipeline", "reload")]  # two orders, two arrangements
 
 
 def child(order: str, threads: str, smoke: bool) -> None:

@@ -27,8 +27,9 @@ EXPECTED = {
     "spark": {"predict_full"},  # with SMOKE_ARGS: the Spark tool's answers are test_score_spark's to check
     "throughput": {"matmul", "features", "attack", "head_fit"},
 }
-# The Spark tool's smoke run cost 81 s of the suite (a JVM, a Python worker importing TensorFlow) to re-check what
-# tests/use/test_score_spark.py checks on every label, against predict, on a messier folder: the smoke runs predict.
+# The Spark tool's smoke run started a JVM and a Python worker importing TensorFlow to re-check what
+# tests/use/test_score_spark.py checks on every label, against predict, on a messier folder: the smoke runs predict
+# (its cost: bench/README.md#the-test-suite).
 SMOKE_ARGS = {"spark": ["--tools", "predict"]}
 
 
@@ -55,7 +56,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("bench-scratch")
 
 
-# load's smoke run starts `mlflow models serve` (~40 s); the others ~5-15 s.
+# load's smoke run starts `mlflow models serve`: the slow one.
 @pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s == "load" else [])
                                     for s in sorted(EXPECTED)])
 def test_benchmark_runs_at_its_smallest_size(script: str, scratch: Path) -> None:

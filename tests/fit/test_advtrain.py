@@ -324,7 +324,7 @@ def test_train_and_advtrain_choose_on_validation_and_evaluate_lets_the_baseline_
     version = f"models:/{info['registered_model']}/{info['version']}"
     assert serving.load_with_threshold(version)[1] == summary["threshold"]
 
-    # evaluate on this workspace (sharing its train and advtrain saves the suite their 10 s again): the baseline
+    # evaluate on this workspace (sharing its train and advtrain instead of running them again): the baseline
     # model, and what was compiled and converted from it, are gone before the defended one loads. Held through the
     # defended model's passes, they raised evaluate's peak (bench/README.md#the-default-run).
     loaded, gone_before_each = [], []

@@ -294,9 +294,9 @@ def test_tune_stage_with_two_workers_logs_every_trial_under_one_parent(tmp_path:
     from pipeline.data import preprocess, sample
     from tests.conftest import PARAMS_FILE, tmp_overrides
 
-    # Trials long enough (150 epochs, no pruning, no early stop: ~2.5 s each) that the second process, which starts
-    # TensorFlow first, gets some: at 60 epochs (~1 s) the first finished all ten before the second started, once in
-    # five runs of the suite on a 2-core Zen 3.
+    # Trials long enough (150 epochs, no pruning, no early stop) that the second process, which starts TensorFlow
+    # first, gets some: at 60 epochs the first once finished all ten before the second started
+    # (bench/README.md#the-test-suite).
     overrides = tmp_overrides(tmp_path) + ["tune.n_trials=10", "tune.epochs=150", "tune.pruner=none",
                                            "tune.patience=null", "tune.workers=2",
                                            f"tune.storage=journal:///{tmp_path}/optuna/study.log"]
